@@ -1,0 +1,97 @@
+"""The ``amodal`` command."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from amodal.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    changes = {}
+    for item in args.set or []:
+        name, _, value = item.partition("=")
+        field_type = type(getattr(Settings(), name, None))
+        if name not in Settings.__dataclass_fields__:
+            raise SystemExit(f"amodal: unknown setting {name!r}")
+        changes[name] = field_type(value) if field_type is not bool else value.lower() in ("1", "true", "yes")
+    return Settings(**changes)
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    value = args.models or os.environ.get("AMODAL_MODEL_DIR")
+    if not value:
+        raise SystemExit("amodal: no model folder: pass --models DIR or set AMODAL_MODEL_DIR")
+    return Path(value)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from amodal.models.registry import ModelSet
+    from amodal.runner import run_local
+
+    settings = _settings(args)
+    images, annotations = Path(args.images), Path(args.annotations)
+    for path, what in ((images, "--images folder"), (annotations, "--annotations file")):
+        if not path.exists():
+            raise SystemExit(f"amodal: {what} not found: {path}")
+    outcomes = run_local(images, annotations, Path(args.out), ModelSet(_model_dir(args), settings), settings,
+                         progress=not args.quiet)
+    counts = collections.Counter(o.status for o in outcomes)
+    print(json.dumps({"rows": len(outcomes), **counts, "manifest": str(Path(args.out) / "manifest.jsonl")}))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    target = Path(args.dir)
+    if args.action == "tiny":
+        from amodal.models.tiny import write_tiny_models
+
+        written = write_tiny_models(target)
+        print(f"wrote {len(written)} tiny random-weight models into {target} (their results are noise)")
+    else:
+        from amodal.models.download import download_models
+
+        download_models(target, which=args.only, sam_variant=args.sam_variant)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amodal", description="Open-world amodal appearance completion.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the whole method in one process, results in a local folder")
+    run.add_argument("--images", required=True, help="folder the annotation paths are relative to")
+    run.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
+    run.add_argument("--out", required=True, help="output folder (results and manifest.jsonl)")
+    run.add_argument("--models", help="model folder (default: $AMODAL_MODEL_DIR)")
+    run.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a setting (repeatable)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="fetch or write model checkpoints")
+    msub = models.add_subparsers(dest="action", required=True)
+    tiny = msub.add_parser("tiny", help="write tiny random-weight checkpoints in the published formats")
+    tiny.add_argument("dir")
+    dl = msub.add_parser("download", help="fetch the published checkpoints")
+    dl.add_argument("dir")
+    dl.add_argument("--only", nargs="+", help="fetch only these models")
+    dl.add_argument("--sam-variant", default="vit_h", choices=["vit_h", "vit_l", "vit_b"])
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

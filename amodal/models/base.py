@@ -1,0 +1,104 @@
+"""The interfaces the method needs from its models.
+
+Images are ``uint8`` RGB arrays of shape ``(H, W, 3)``; masks are ``bool`` arrays of shape
+``(H, W)``; boxes are ``(x0, y0, x1, y1)`` float pixel coordinates. Every adapter in
+``amodal.models`` implements one of these protocols, and test doubles implement the same ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A model file is not in the model folder."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"model checkpoint not found: {path}\n"
+            f"fetch the published checkpoints with `amodal models download DIR` "
+            f"(or write tiny test ones with `amodal models tiny DIR`) and pass --models DIR"
+        )
+        self.path = path
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One box found for one text label."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    score: float
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The visible mask a grounding model found for a query (``None`` if nothing matched)."""
+
+    mask: np.ndarray | None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class InpaintRequest:
+    """One inpainting call: a 512x512 (or any square) window and what to paint in it.
+
+    ``window`` is where the window lies in the input image's coordinates (it may reach outside
+    the image); models ignore it, it is carried for logging and for geometry-aware test doubles.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    prompt: str
+    seed: int
+    window: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+class Grounder(Protocol):
+    """Maps a text query to the visible (modal) mask of the target."""
+
+    name: str
+
+    def ground(self, image: np.ndarray, query: str) -> Grounding: ...
+
+
+class Tagger(Protocol):
+    """Names the things in an image."""
+
+    name: str
+
+    def tag(self, image: np.ndarray) -> list[str]: ...
+
+
+class Detector(Protocol):
+    """Open-vocabulary box detection."""
+
+    def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]: ...
+
+
+class BoxSegmenter(Protocol):
+    """Turns boxes into masks (SAM)."""
+
+    def segment(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> list[np.ndarray]: ...
+
+
+class PromptChooser(Protocol):
+    """Picks the class that best describes the visible target among candidates (CLIP)."""
+
+    def choose(self, image: np.ndarray, visible: np.ndarray, candidates: Sequence[str]) -> str: ...
+
+
+class OcclusionModel(Protocol):
+    """Pairwise occlusion order."""
+
+    def occluders_of(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+        """Return ``P(other_i occludes target)`` for each mask in ``others``, shape ``(N,)`` float."""
+        ...
+
+
+class Inpainter(Protocol):
+    """Repaints masked pixels; called with a batch of requests from any number of jobs."""
+
+    def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]: ...

@@ -1,0 +1,119 @@
+"""The model folder: where each checkpoint lives, and one lazily loaded set of models per process.
+
+A stage worker touches only the models of its stage, so each model loads on first use and stays
+resident after that.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from amodal.models.base import MissingCheckpointError
+from amodal.models.runtime import resolve_device, resolve_dtype
+from amodal.settings import Settings
+
+# Paths inside a model folder; the names are those of the published checkpoints.
+SAM_FILES = {
+    "vit_h": "sam/sam_vit_h_4b8939.pth",
+    "vit_l": "sam/sam_vit_l_0b3195.pth",
+    "vit_b": "sam/sam_vit_b_01ec64.pth",
+}
+GROUNDING_DINO_DIR = "grounding-dino-tiny"
+CLIP_DIR = "clip-vit-base-patch32"
+SD_INPAINT_DIR = "stable-diffusion-2-inpainting"
+INSTAORDER_FILE = "instaorder/InstaOrder_InstaOrderNet_od.pth.tar"
+LISA_DIR = "LISA-13B-llama2-v1"
+RAM_PLUS_FILE = "ram/ram_plus_swin_large_14m.pth"
+
+
+def require(path: Path) -> Path:
+    """Return ``path`` if it exists, else raise the one clear missing-checkpoint error."""
+    if not path.exists():
+        raise MissingCheckpointError(str(path))
+    return path
+
+
+class ModelSet:
+    """The models of one process, loaded once on first use."""
+
+    def __init__(self, model_dir: str | Path, settings: Settings | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.settings = settings or Settings()
+        self.device = resolve_device(self.settings.device)
+        self.dtype = resolve_dtype(self.settings.dtype, self.device)
+
+    def path(self, relative: str) -> Path:
+        return require(self.model_dir / relative)
+
+    @functools.cached_property
+    def segmenter(self):
+        from amodal.models.sam import SamSegmenter
+
+        return SamSegmenter.from_checkpoint(
+            self.path(SAM_FILES[self.settings.sam_variant]), device=self.device, dtype=self.dtype
+        )
+
+    @functools.cached_property
+    def detector(self):
+        from amodal.models.grounding_dino import GroundingDino
+
+        s = self.settings
+        return GroundingDino.from_pretrained(
+            self.path(GROUNDING_DINO_DIR), device=self.device, dtype=self.dtype,
+            box_threshold=s.box_threshold, text_threshold=s.text_threshold,
+        )
+
+    @functools.cached_property
+    def clip(self):
+        from amodal.models.clip import Clip
+
+        return Clip.from_pretrained(self.path(CLIP_DIR), device=self.device, dtype=self.dtype)
+
+    @functools.cached_property
+    def prompt_chooser(self):
+        from amodal.models.clip import ClipPromptChooser
+
+        return ClipPromptChooser(self.clip)
+
+    @functools.cached_property
+    def tagger(self):
+        if self.settings.tagger == "clip":
+            from amodal.models.clip import ClipTagger
+
+            return ClipTagger(self.clip)
+        if self.settings.tagger == "ram_plus":
+            from amodal.models.ram_plus import RamPlusTagger
+
+            return RamPlusTagger.from_checkpoint(
+                self.path(RAM_PLUS_FILE), device=self.device, dtype=self.dtype,
+                threshold=self.settings.tag_threshold,
+            )
+        raise ValueError(f"unknown tagger {self.settings.tagger!r}")
+
+    @functools.cached_property
+    def grounder(self):
+        if self.settings.grounder == "gdino_sam":
+            from amodal.models.grounding import GdinoSamGrounder
+
+            return GdinoSamGrounder(self.detector, self.segmenter)
+        if self.settings.grounder == "lisa":
+            from amodal.models.lisa import LisaGrounder
+
+            return LisaGrounder.from_pretrained(self.path(LISA_DIR), device=self.device, dtype=self.dtype)
+        raise ValueError(f"unknown grounder {self.settings.grounder!r}")
+
+    @functools.cached_property
+    def occlusion(self):
+        from amodal.models.instaorder import InstaOrder
+
+        return InstaOrder.from_checkpoint(self.path(INSTAORDER_FILE), device=self.device, dtype=self.dtype)
+
+    @functools.cached_property
+    def inpainter(self):
+        from amodal.models.sd_inpaint import StableDiffusionInpainter
+
+        s = self.settings
+        return StableDiffusionInpainter.from_pretrained(
+            self.path(SD_INPAINT_DIR), device=self.device, dtype=self.dtype,
+            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+        )

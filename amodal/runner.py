@@ -1,0 +1,122 @@
+"""The embedded default: the whole method in one process over an annotation file (``amodal run``)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from amodal.annotations import Row, read_annotations, resolve_input, validate_query
+from amodal.canvas import neutral_background
+from amodal.images import InvalidInput, load_image
+from amodal.settings import Settings
+from amodal.state import JobState, job_id
+from amodal.steps import Context, run_step
+from amodal.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+LOCAL_DATASET = "local"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One manifest line: what became of one input row."""
+
+    line: int
+    image: str
+    query: str
+    job_id: str | None
+    status: str
+    message: str
+    result: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def load_background(settings: Settings) -> np.ndarray:
+    if not settings.background:
+        return neutral_background()
+    path = Path(settings.background)
+    return load_image(path.read_bytes(), max_pixels=settings.max_pixels, min_side=1)
+
+
+def prepare_job(row: Row, images: Path, dataset: str, settings: Settings, result_root: str) -> JobState:
+    """Validate a row and make its job; bad rows raise :class:`InvalidInput`."""
+    if row.error:
+        raise InvalidInput(row.error)
+    query = validate_query(row.query, settings.max_query_chars)
+    image_key = resolve_input(images, row.image).relative_to(images).as_posix()
+    mask_key = resolve_input(images, row.visible_mask).relative_to(images).as_posix() if row.visible_mask else None
+    jid = job_id(dataset, image_key, query, mask_key, settings)
+    prefix = f"{result_root}/{jid}" if result_root else jid
+    return JobState(job_id=jid, dataset=dataset, image_key=image_key, query=query, mask_key=mask_key,
+                    settings=settings.to_dict(), result_prefix=prefix)
+
+
+def run_job(state: JobState, ctx: Context) -> JobState:
+    """Drive one job through every step in this process."""
+    while state.stage != "done":
+        run_step(state, ctx)
+    return state
+
+
+class LocalRunner:
+    """Runs rows one after another with one resident set of models; results in a local folder."""
+
+    def __init__(self, images: Path, out: Path, models, settings: Settings) -> None:
+        self.images = images.resolve()
+        self.out = out
+        self.settings = settings
+        self.store = LocalStorage(out)
+        self.ctx = Context(store=self.store, inputs=LocalStorage(self.images), models=models,
+                           background=load_background(settings))
+
+    def run_row(self, row: Row, seen: dict[str, int]) -> Outcome:
+        try:
+            state = prepare_job(row, self.images, LOCAL_DATASET, self.settings, "")
+        except InvalidInput as exc:
+            return Outcome(row.line, row.image, row.query, None, "invalid", str(exc), None)
+        if state.job_id in seen:
+            return Outcome(row.line, row.image, row.query, state.job_id, "invalid",
+                           f"duplicate of line {seen[state.job_id]} (same image, query and mask)", None)
+        seen[state.job_id] = row.line
+        record_key = f"{state.result_prefix}/job.json"
+        if self.store.exists(record_key):  # finished by an earlier run over the same folder
+            record = json.loads(self.store.get(record_key))
+            return self._outcome(row, state.job_id, record["status"], record["message"], state.result_prefix)
+        try:
+            run_job(state, self.ctx)
+        except Exception as exc:  # noqa: BLE001 - one row's failure must not stop the others
+            log.exception("job %s (line %d) failed", state.job_id, row.line)
+            return Outcome(row.line, row.image, row.query, state.job_id, "failed", f"{type(exc).__name__}: {exc}", None)
+        return self._outcome(row, state.job_id, state.status, state.message, state.result_prefix)
+
+    def _outcome(self, row: Row, jid: str, status: str, message: str, prefix: str) -> Outcome:
+        has_images = status in ("completed", "unoccluded")
+        return Outcome(row.line, row.image, row.query, jid, status, message,
+                       str(self.out / prefix) if has_images else None)
+
+    def run(self, rows: list[Row], progress: bool = True) -> Iterator[Outcome]:
+        seen: dict[str, int] = {}
+        for row in tqdm(rows, desc="amodal run", unit="row", disable=not progress):
+            yield self.run_row(row, seen)
+
+
+def run_local(images: Path, annotations: Path, out: Path, models, settings: Settings,
+              progress: bool = True) -> list[Outcome]:
+    """Run every row of ``annotations``; write ``manifest.jsonl`` (one line per row) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_annotations(annotations)
+    runner = LocalRunner(images, out, models, settings)
+    outcomes = []
+    with open(out / "manifest.jsonl", "w") as manifest:
+        for outcome in runner.run(rows, progress):
+            manifest.write(outcome.to_json() + "\n")
+            manifest.flush()
+            outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,68 @@
+"""Scene decomposition (step 2) and occluder aggregation (step 4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from amodal.geometry import background_segments, iou, union
+from amodal.models.base import BoxSegmenter, Detector, OcclusionModel
+from amodal.settings import Settings
+
+
+@dataclass
+class Instances:
+    labels: list[str]
+    masks: list[np.ndarray]
+
+
+def candidate_classes(tags: Sequence[str], query: str) -> list[str]:
+    """Tags plus the query, in order, without repeats (the classes G-DINO looks for)."""
+    seen: dict[str, None] = {}
+    for c in [*tags, query]:
+        c = c.strip()
+        if c and c.lower() != "background":
+            seen.setdefault(c, None)
+    return list(seen)
+
+
+def segment_scene(
+    image: np.ndarray, classes: Sequence[str], detector: Detector, segmenter: BoxSegmenter, settings: Settings
+) -> Instances:
+    """Every instance G-DINO + SAM find for ``classes``, then the leftover background segments."""
+    detections = detector.detect(image, classes)
+    masks = segmenter.segment(image, [d.box for d in detections]) if detections else []
+    labels = [d.label for d in detections]
+    kept = [(label, m) for label, m in zip(labels, masks) if m.any()]
+    labels, masks = [k[0] for k in kept], [k[1] for k in kept]
+    covered = union(masks, image.shape[:2])
+    background = background_segments(covered, settings.background_erode_radius, settings.background_min_area)
+    labels += [f"background_{k}" for k in range(len(background))]
+    return Instances(labels, masks + background)
+
+
+def occluder_mask(
+    image: np.ndarray, target: np.ndarray, scene: Instances, model: OcclusionModel, settings: Settings
+) -> np.ndarray:
+    """Union of the instances the occlusion model puts over the target, minus the target itself.
+
+    Instances that are the target itself (IoU >= ``same_instance_iou``) are not asked about: only
+    the 2(N-1) pairs that involve the target are evaluated.
+    """
+    others = [m for m in scene.masks if iou(m, target) < settings.same_instance_iou]
+    out = np.zeros(target.shape, bool)
+    if others:
+        probs = model.occluders_of(image, target, others)
+        for m, p in zip(others, probs):
+            if p > settings.occlusion_threshold:
+                out |= m
+    return out & ~target
+
+
+def best_match(scene: Instances, visible: np.ndarray) -> np.ndarray:
+    """The instance that best overlaps the visible mask, joined with it; the visible mask if none does."""
+    scores = [iou(m, visible) for m in scene.masks]
+    if not scores or max(scores) == 0:
+        return visible.copy()
+    return scene.masks[int(np.argmax(scores))] | visible

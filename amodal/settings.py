@@ -1,0 +1,70 @@
+"""Pipeline settings. Defaults are the paper's (see DESIGN.md, "The method, step by step")."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Scene (step 2)
+    tag_threshold: float = 0.6
+    box_threshold: float = 0.35
+    text_threshold: float = 0.35
+    background_erode_radius: int = 2
+    background_min_area: int = 100
+    same_instance_iou: float = 0.8  # an instance this close to the target is the target itself
+    # Occlusion (step 4)
+    occlusion_threshold: float = 0.5
+    border_margin: int = 10
+    min_target_fraction: float = 0.01
+    # Completion loop (step 5)
+    canvas_scale: int = 6
+    crop_margin: int = 60
+    truncation_extra: int = 150
+    max_passes: int = 3
+    edge_strip: int = 5
+    inpaint_size: int = 512
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    background: str = ""  # clean background image for mixed context; "" = a generated neutral grey
+    # Output (step 6)
+    feather: int = 5
+    visible_shrink: int = 10
+    # Ways in and backends
+    grounder: str = "gdino_sam"  # "gdino_sam" | "lisa"
+    tagger: str = "clip"  # "clip" | "ram_plus"
+    sam_variant: str = "vit_h"
+    # Input limits
+    max_pixels: int = 40_000_000
+    min_side: int = 16
+    max_query_chars: int = 512
+    # Runtime (does not change results)
+    device: str = "auto"
+    dtype: str = "auto"  # "auto" -> float16 on CUDA, float32 on CPU
+    inpaint_batch_size: int = 8
+
+    RUNTIME_FIELDS = ("device", "dtype", "inpaint_batch_size")
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Settings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return cls(**data)
+
+    def result_fingerprint(self) -> str:
+        """Hash of the settings that change a job's result (part of the job id)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

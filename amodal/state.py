@@ -1,0 +1,74 @@
+"""The job record: a small JSON-serialisable state machine kept with the job's artifacts."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from amodal.settings import Settings
+
+# Stages in the order a job moves through them; the completion loop returns from
+# ``occlusion`` to ``inpaint`` and from ``inpaint`` to ``segment``.
+STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize", "done")
+OUTCOMES = ("completed", "unoccluded", "no_target", "invalid", "failed")
+
+
+def job_id(dataset: str, image_key: str, query: str, mask_key: str | None, settings: Settings) -> str:
+    """Content hash of what defines a job: the same input submitted twice is one job."""
+    blob = json.dumps([dataset, image_key, query, mask_key, settings.result_fingerprint()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass
+class JobState:
+    job_id: str
+    dataset: str
+    image_key: str  # in the input storage
+    query: str
+    settings: dict
+    mask_key: str | None = None  # a given visible mask, in the input storage
+    result_prefix: str = ""  # where the result folder goes in the artifact storage
+    stage: str = "ground"
+    version: int = 0  # bumped by every step; a task for an older version is a stale redelivery
+    passes: int = 0  # inpainting passes done
+    status: str | None = None  # one of OUTCOMES once known
+    message: str = ""
+    image_size: tuple[int, int] | None = None  # (height, width)
+    tags: list[str] = field(default_factory=list)
+    prompt: str = ""
+    truncated: list[str] = field(default_factory=list)
+    window: dict | None = None
+    backends: dict[str, str] = field(default_factory=dict)
+    grounder_text: str = ""
+    attempts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def key_prefix(self) -> str:
+        return f"jobs/{self.job_id}"
+
+    def key(self, name: str) -> str:
+        """Deterministic artifact key of this job."""
+        return f"{self.key_prefix}/{name}"
+
+    @property
+    def state_key(self) -> str:
+        return self.key("state.json")
+
+    def job_settings(self) -> Settings:
+        return Settings.from_dict(self.settings)
+
+    def finish(self, status: str, message: str = "") -> None:
+        """Record the outcome; the job goes to ``finalize`` to write it."""
+        assert status in OUTCOMES, status
+        self.status, self.message, self.stage = status, message, "finalize"
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "JobState":
+        raw = json.loads(data)
+        if raw.get("image_size") is not None:
+            raw["image_size"] = tuple(raw["image_size"])
+        return cls(**raw)

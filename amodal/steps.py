@@ -1,0 +1,256 @@
+"""The method as step functions over a :class:`JobState` (DESIGN.md steps 1-6).
+
+Each step reads the job's artifacts, does its work, writes new artifacts under keys that depend
+only on the job and the pass (so a repeated step rewrites the same keys with the same content),
+and moves ``state.stage`` on. :func:`run_step` is the one way to run a step; the local runner calls
+it in a loop, the stage workers call it once per message.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from amodal import artifacts as art
+from amodal.canvas import Window, fit_background, place_window
+from amodal.composite import compose_rgba
+from amodal.geometry import dilate, edge_strips, near_sides, resize_image, resize_mask
+from amodal.images import InvalidInput, encode_png, load_image, load_mask
+from amodal.models.base import InpaintRequest
+from amodal.scene import Instances, best_match, candidate_classes, occluder_mask, segment_scene
+from amodal.state import JobState
+from amodal.storage import ObjectNotFound, Storage
+
+RESULT_FILES = ("amodal_completion.png", "amodal_mask.png", "visible_mask.png", "offsets.json", "prompt.txt")
+
+
+@dataclass
+class Context:
+    """What steps need besides the job: storages, models and the clean background."""
+
+    store: Storage  # artifacts and results
+    inputs: Storage  # where jobs' images and given masks live
+    models: Any  # amodal.models.registry.ModelSet or stand-ins with the same attributes
+    background: np.ndarray
+
+
+def _pass_key(state: JobState, name: str, n: int | None = None) -> str:
+    return state.key(f"p{state.passes if n is None else n}/{name}")
+
+
+def _read_input(ctx: Context, key: str, what: str) -> bytes:
+    try:
+        return ctx.inputs.get(key)
+    except ObjectNotFound:
+        raise InvalidInput(f"{what} not found: {key}") from None
+
+
+def ground(state: JobState, ctx: Context) -> None:
+    """Step 1: the visible mask, given with the job or found from the query."""
+    s = state.job_settings()
+    image = load_image(_read_input(ctx, state.image_key, "image"), max_pixels=s.max_pixels, min_side=s.min_side)
+    state.image_size = image.shape[:2]
+    if state.mask_key:
+        visible = load_mask(_read_input(ctx, state.mask_key, "visible mask"), image.shape[:2])
+        state.backends["ground"] = "given"
+    else:
+        grounder = ctx.models.grounder
+        found = grounder.ground(image, state.query)
+        visible, state.grounder_text = found.mask, found.text
+        state.backends["ground"] = grounder.name
+    if visible is None or not visible.any():
+        state.finish("no_target", f"nothing in the image matched the query {state.query!r}")
+        return
+    art.put_rgb(ctx.store, state.key("image.png"), image)
+    art.put_mask(ctx.store, state.key("visible.png"), visible)
+    fraction = float(visible.mean())
+    if fraction < s.min_target_fraction:
+        state.finish("unoccluded", f"not completed: the target covers {fraction:.2%} of the image, "
+                                   f"under the {s.min_target_fraction:.0%} minimum; result is its visible cut-out")
+        return
+    state.stage = "segment"
+
+
+def _scene(image: np.ndarray, state: JobState, ctx: Context) -> Instances:
+    return segment_scene(image, candidate_classes(state.tags, state.query),
+                         ctx.models.detector, ctx.models.segmenter, state.job_settings())
+
+
+def segment(state: JobState, ctx: Context) -> None:
+    """Step 2 on the image (first visit: tags, scene, prompt), or on the last inpainted window."""
+    if state.passes == 0:
+        image = art.get_rgb(ctx.store, state.key("image.png"))
+        visible = art.get_mask(ctx.store, state.key("visible.png"))
+        tagger = ctx.models.tagger
+        state.tags = list(tagger.tag(image))
+        state.backends["tag"] = tagger.name
+        scene = _scene(image, state, ctx)
+        choice = ctx.models.prompt_chooser.choose(image, visible, candidate_classes(state.tags, state.query))
+        state.prompt = f"a {choice}"
+    else:
+        window = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
+        visible = art.get_mask(ctx.store, state.key("window/visible.png"))
+        scene = _scene(window, state, ctx)
+        art.put_mask(ctx.store, _pass_key(state, "amodal.png"), best_match(scene, visible))
+    shape = visible.shape if state.passes == 0 else window.shape[:2]
+    art.put_instances(ctx.store, _pass_key(state, "scene.npz"), scene.labels, scene.masks, shape)
+    state.stage = "occlusion"
+
+
+def occlusion(state: JobState, ctx: Context) -> None:
+    """Step 4, and the loop's decision: finish, or plan the next inpainting pass."""
+    s = state.job_settings()
+    scene = Instances(*art.get_instances(ctx.store, _pass_key(state, "scene.npz")))
+    if state.passes == 0:
+        image = art.get_rgb(ctx.store, state.key("image.png"))
+        visible = art.get_mask(ctx.store, state.key("visible.png"))
+        occluders = occluder_mask(image, visible, scene, ctx.models.occlusion, s)
+        state.truncated = near_sides(visible, s.border_margin)
+        if not occluders.any() and not state.truncated:
+            state.finish("unoccluded", "nothing hides the target")
+            return
+        _plan_first_pass(state, ctx, image, visible, occluders)
+        return
+    window = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
+    amodal = art.get_mask(ctx.store, _pass_key(state, "amodal.png"))
+    occluders = occluder_mask(window, amodal, scene, ctx.models.occlusion, s)
+    occluders |= edge_strips(amodal.shape, near_sides(amodal, s.border_margin), s.edge_strip)
+    if not occluders.any():
+        state.finish("completed", f"complete after {state.passes} pass(es)")
+        return
+    if state.passes >= s.max_passes:
+        state.finish("completed", f"stopped at the limit of {s.max_passes} pass(es)")
+        return
+    unfilled = art.get_mask(ctx.store, _pass_key(state, "unfilled.png"))
+    first = art.get_mask(ctx.store, state.key("window/first_mask.png"))
+    mask = dilate(occluders | unfilled, 3) & first
+    if not mask.any():
+        state.finish("completed", f"complete after {state.passes} pass(es): nothing left to repaint")
+        return
+    art.put_mask(ctx.store, _pass_key(state, "inpaint_mask.png"), mask)
+    state.stage = "inpaint"
+
+
+def _plan_first_pass(state: JobState, ctx: Context, image: np.ndarray, visible: np.ndarray,
+                     occluders: np.ndarray) -> None:
+    """Canvas, window, first inpaint mask and the mixed-context input of pass 1."""
+    s = state.job_settings()
+    window = place_window(visible, state.truncated, scale=s.canvas_scale, margin=s.crop_margin,
+                          extra=s.truncation_extra)
+    state.window = window.to_dict()
+    original = window.crop(image, 255)
+    visible_w = window.crop(visible, False)
+    unfilled = window.outside_image()
+    mask = dilate(window.crop(occluders, False) | unfilled, 5, iterations=3)
+    mixed = np.where(visible_w[..., None], original, fit_background(ctx.background, window.size))
+    art.put_rgb(ctx.store, state.key("window/original.png"), original)
+    art.put_mask(ctx.store, state.key("window/visible.png"), visible_w)
+    art.put_mask(ctx.store, state.key("window/first_mask.png"), mask)
+    art.put_mask(ctx.store, _pass_key(state, "unfilled.png"), unfilled)
+    art.put_mask(ctx.store, _pass_key(state, "inpaint_mask.png"), mask)
+    art.put_rgb(ctx.store, _pass_key(state, "window.png"), mixed)
+    state.stage = "inpaint"
+
+
+def inpaint(states: Sequence[JobState], ctx: Context) -> None:
+    """Step 5's diffusion pass for a batch of jobs, in one inpainter call."""
+    inputs, requests = [], []
+    for state in states:
+        s = state.job_settings()
+        image = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
+        mask = art.get_mask(ctx.store, _pass_key(state, "inpaint_mask.png"))
+        size = (s.inpaint_size, s.inpaint_size)
+        box = Window.from_dict(state.window).image_box
+        inputs.append((image, mask))
+        requests.append(InpaintRequest(resize_image(image, size), resize_mask(mask, size), state.prompt,
+                                       seed=s.seed + state.passes, window=box))
+    outputs = ctx.models.inpainter.inpaint(requests)
+    for state, (image, mask), out in zip(states, inputs, outputs):
+        side = image.shape[0]
+        painted = np.where(mask[..., None], resize_image(out, (side, side)), image)
+        unfilled = art.get_mask(ctx.store, _pass_key(state, "unfilled.png")) & ~mask
+        state.passes += 1
+        art.put_rgb(ctx.store, _pass_key(state, "window.png"), painted)
+        art.put_mask(ctx.store, _pass_key(state, "unfilled.png"), unfilled)
+        state.backends["inpaint"] = getattr(ctx.models.inpainter, "name", type(ctx.models.inpainter).__name__)
+        state.stage = "segment"
+
+
+def finalize(state: JobState, ctx: Context) -> None:
+    """Step 6: write the result folder (images only for jobs that found their target)."""
+    s = state.job_settings()
+    prefix = state.result_prefix
+    summary: dict = {}
+    if state.status == "completed":
+        window = Window.from_dict(state.window)
+        rgba, box = compose_rgba(
+            art.get_rgb(ctx.store, _pass_key(state, "window.png")),
+            art.get_rgb(ctx.store, state.key("window/original.png")),
+            art.get_mask(ctx.store, state.key("window/visible.png")),
+            art.get_mask(ctx.store, _pass_key(state, "amodal.png")),
+            feather=s.feather, shrink=s.visible_shrink,
+        )
+        visible = art.get_mask(ctx.store, state.key("window/visible.png"))
+        amodal = art.get_mask(ctx.store, _pass_key(state, "amodal.png"))
+        ox, oy = window.offset
+        summary = _write_images(ctx.store, prefix, state.prompt, rgba, amodal, visible, box, ox, oy)
+    elif state.status == "unoccluded":
+        image = art.get_rgb(ctx.store, state.key("image.png"))
+        visible = art.get_mask(ctx.store, state.key("visible.png"))
+        rgba, box = compose_rgba(image, image, visible, visible, feather=s.feather, shrink=0)
+        summary = _write_images(ctx.store, prefix, state.prompt, rgba, visible, visible, box, 0, 0)
+    ctx.store.put(f"{prefix}/job.json", json.dumps(job_record(state, summary), indent=2).encode())
+    _clean_artifacts(state, ctx.store)
+    state.stage = "done"
+
+
+def _write_images(store: Storage, prefix: str, prompt: str, rgba: np.ndarray, amodal: np.ndarray,
+                  visible: np.ndarray, box: tuple[int, int, int, int], ox: int, oy: int) -> dict:
+    """The result images, cropped to ``box``; ``(ox, oy)`` is the arrays' origin in the input image."""
+    x0, y0, x1, y1 = box
+    offsets = {"x": ox + x0, "y": oy + y0, "width": x1 - x0, "height": y1 - y0}
+    store.put(f"{prefix}/amodal_completion.png", encode_png(rgba))
+    store.put(f"{prefix}/amodal_mask.png", encode_png(np.where(amodal[y0:y1, x0:x1], 255, 0).astype(np.uint8)))
+    store.put(f"{prefix}/visible_mask.png", encode_png(np.where(visible[y0:y1, x0:x1], 255, 0).astype(np.uint8)))
+    store.put(f"{prefix}/offsets.json", json.dumps(offsets).encode())
+    store.put(f"{prefix}/prompt.txt", prompt.encode())
+    return {"offsets": offsets}
+
+
+def job_record(state: JobState, extra: dict) -> dict:
+    """What ``job.json`` says about a job: its outcome, how it got there, and its settings."""
+    return {
+        "job_id": state.job_id, "dataset": state.dataset, "image": state.image_key, "query": state.query,
+        "visible_mask": state.mask_key, "status": state.status, "message": state.message,
+        "prompt": state.prompt, "tags": state.tags, "backends": state.backends,
+        "grounder_text": state.grounder_text, "passes": state.passes, "truncated": state.truncated,
+        "image_size": state.image_size, "settings": state.settings, **extra,
+    }
+
+
+def _clean_artifacts(state: JobState, store: Storage) -> None:
+    """Drop the job's working arrays; its state record stays (the job's proof of completion)."""
+    for key in list(store.list(state.key_prefix + "/")):
+        if key != state.state_key:
+            store.delete(key)
+
+
+STEPS: dict[str, Callable[[JobState, Context], None]] = {
+    "ground": ground,
+    "segment": segment,
+    "occlusion": occlusion,
+    "inpaint": lambda state, ctx: inpaint([state], ctx),
+    "finalize": finalize,
+}
+
+
+def run_step(state: JobState, ctx: Context) -> None:
+    """Run the job's current step; bad input ends the job as ``invalid`` instead of raising."""
+    stage = state.stage
+    try:
+        STEPS[stage](state, ctx)
+    except InvalidInput as exc:
+        state.finish("invalid", str(exc))
+    state.version += 1

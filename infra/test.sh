@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the test suite. Starts what the tests need and is not running: Redis on 127.0.0.1:6379.
+# (The tests start their own S3 server, worker processes and Flower.) Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && break; sleep 0.1; done
+fi
+set +e
+.venv/bin/python -m pytest -ra "$@"
+rc=$?
+[ "$rc" -eq 5 ] && { echo "no tests ran"; exit 1; }
+exit "$rc"

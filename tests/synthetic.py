@@ -1,0 +1,193 @@
+"""Synthetic scenes with ground truth, and oracle stand-ins for the models.
+
+Objects are flat-coloured discs and rectangles painted far to near over a plain background, so the
+full (amodal) mask, the depth order, the occlusions and the border truncation of every object are
+known. The oracles find objects by colour, which also works on inpainted windows, and the oracle
+inpainter paints the named object's true shape where it is asked to: running the real loop with them
+must recover each object's full mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from amodal.geometry import bbox
+from amodal.models.base import Detection, Grounding, InpaintRequest
+
+BACKGROUND = (236, 236, 236)
+COLOUR_TOLERANCE = 40
+
+
+@dataclass(frozen=True)
+class Shape:
+    label: str
+    colour: tuple[int, int, int]
+    kind: str  # "disc" | "rect"
+    cx: float
+    cy: float
+    rx: float  # radius, or half width
+    ry: float  # radius, or half height
+    depth: float  # smaller is nearer
+
+    def mask(self, x0: float, y0: float, width: int, height: int, scale: float = 1.0) -> np.ndarray:
+        """The full shape on a grid of ``width`` x ``height`` pixels of size ``scale`` from (x0, y0)."""
+        xs = x0 + (np.arange(width) + 0.5) * scale
+        ys = y0 + (np.arange(height) + 0.5) * scale
+        gx, gy = np.meshgrid(xs, ys)
+        if self.kind == "disc":
+            return ((gx - self.cx) / self.rx) ** 2 + ((gy - self.cy) / self.ry) ** 2 <= 1.0
+        return (np.abs(gx - self.cx) <= self.rx) & (np.abs(gy - self.cy) <= self.ry)
+
+
+@dataclass
+class Scene:
+    width: int
+    height: int
+    shapes: list[Shape] = field(default_factory=list)
+
+    def render(self) -> np.ndarray:
+        image = np.empty((self.height, self.width, 3), np.uint8)
+        image[:] = BACKGROUND
+        for s in sorted(self.shapes, key=lambda s: -s.depth):
+            image[s.mask(0, 0, self.width, self.height)] = s.colour
+        return image
+
+    def shape(self, label: str) -> Shape:
+        return next(s for s in self.shapes if s.label == label)
+
+    def visible(self, label: str) -> np.ndarray:
+        target = self.shape(label)
+        mask = target.mask(0, 0, self.width, self.height)
+        for s in self.shapes:
+            if s.depth < target.depth:
+                mask &= ~s.mask(0, 0, self.width, self.height)
+        return mask
+
+
+def colour_mask(image: np.ndarray, colour: Sequence[int]) -> np.ndarray:
+    return np.abs(image.astype(int) - np.array(colour)).max(axis=2) < COLOUR_TOLERANCE
+
+
+class Oracle:
+    """Every model of the method, answered from the scene's ground truth."""
+
+    name = "oracle"
+
+    def __init__(self, scene: Scene) -> None:
+        self.scene = scene
+        self.calls: dict[str, int] = {}
+
+    # models used by the method, under the names ModelSet gives them
+    @property
+    def grounder(self): return self
+    @property
+    def tagger(self): return self
+    @property
+    def detector(self): return self
+    @property
+    def segmenter(self): return self
+    @property
+    def prompt_chooser(self): return self
+    @property
+    def occlusion(self): return self
+    @property
+    def inpainter(self): return self
+
+    def _count(self, what: str) -> None:
+        self.calls[what] = self.calls.get(what, 0) + 1
+
+    def _present(self, image: np.ndarray) -> list[Shape]:
+        return [s for s in self.scene.shapes if colour_mask(image, s.colour).any()]
+
+    def ground(self, image: np.ndarray, query: str) -> Grounding:
+        self._count("ground")
+        match = [s for s in self.scene.shapes if s.label == query]
+        return Grounding(colour_mask(image, match[0].colour) if match else None, "")
+
+    def tag(self, image: np.ndarray) -> list[str]:
+        self._count("tag")
+        return [s.label for s in self._present(image)]
+
+    def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
+        self._count("detect")
+        out = []
+        for s in self._present(image):
+            if s.label in labels:
+                x0, y0, x1, y1 = bbox(colour_mask(image, s.colour))
+                out.append(Detection(s.label, (float(x0), float(y0), float(x1), float(y1)), 0.9))
+        self._last = {d.box: d.label for d in out}
+        self._last_image = image
+        return out
+
+    def segment(self, image: np.ndarray, boxes) -> list[np.ndarray]:
+        self._count("segment")
+        masks = []
+        for box in boxes:
+            s = self.scene.shape(self._last[tuple(box)])
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            inside = np.zeros(image.shape[:2], bool)
+            inside[y0:y1, x0:x1] = True
+            masks.append(colour_mask(image, s.colour) & inside)
+        return masks
+
+    def choose(self, image: np.ndarray, visible: np.ndarray, candidates: Sequence[str]) -> str:
+        self._count("choose")
+        for s in self._present(np.where(visible[..., None], image, 0)):
+            if s.label in candidates:
+                return s.label
+        return candidates[0]
+
+    def _which(self, image: np.ndarray, mask: np.ndarray) -> Shape | None:
+        pixels = image[mask]
+        best, count = None, 0
+        for s in self.scene.shapes:
+            n = int(colour_mask(pixels[None], s.colour).sum())
+            if n > count:
+                best, count = s, n
+        return best if count > 0.5 * len(pixels) else None
+
+    def occluders_of(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+        self._count("occlusion")
+        t = self._which(image, target)
+        probs = []
+        for m in others:
+            o = self._which(image, m)
+            probs.append(1.0 if (o is not None and t is not None and o.depth < t.depth) else 0.0)
+        return np.array(probs)
+
+    def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]:
+        """Paint the prompted object's true shape (else plain background) into the masked pixels."""
+        self._count("inpaint")
+        out = []
+        for r in requests:
+            target = self.scene.shape(r.prompt.removeprefix("a "))
+            x0, y0, x1, _ = r.window
+            size = r.image.shape[0]
+            full = target.mask(x0, y0, size, size, scale=(x1 - x0) / size)
+            painted = r.image.copy()
+            painted[r.mask] = BACKGROUND
+            painted[r.mask & full] = target.colour
+            out.append(painted)
+        return out
+
+
+def occluded_scene() -> Scene:
+    """A red disc half hidden by a nearer blue rectangle, nothing at the borders."""
+    return Scene(240, 200, [
+        Shape("ball", (220, 40, 40), "disc", 100, 100, 45, 45, depth=2),
+        Shape("box", (40, 60, 200), "rect", 150, 110, 30, 60, depth=1),
+    ])
+
+
+def truncated_scene() -> Scene:
+    """A green disc cut by the left border, and an unrelated yellow rectangle behind nothing."""
+    return Scene(240, 200, [
+        Shape("melon", (40, 170, 60), "disc", 15, 90, 50, 50, depth=2),
+        Shape("book", (230, 200, 40), "rect", 190, 150, 25, 20, depth=3),
+    ])
+
+
+def unoccluded_scene() -> Scene:
+    return Scene(240, 200, [Shape("ball", (220, 40, 40), "disc", 120, 100, 40, 40, depth=1)])

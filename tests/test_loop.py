@@ -1,0 +1,140 @@
+"""The real completion loop on synthetic scenes with oracle models: amodal masks match the truth."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from amodal.canvas import neutral_background
+from amodal.geometry import iou
+from amodal.images import decode_png, encode_png
+from amodal.runner import run_job
+from amodal.settings import Settings
+from amodal.state import JobState
+from amodal.steps import Context
+from amodal.storage import LocalStorage
+from tests.synthetic import Oracle, Scene, Shape, occluded_scene, truncated_scene, unoccluded_scene
+
+
+def run_scene(tmp_path, scene: Scene, query: str, settings: Settings | None = None, given_mask: bool = False):
+    settings = settings or Settings()
+    inputs = LocalStorage(tmp_path / "in")
+    inputs.put("scene.png", encode_png(scene.render()))
+    if given_mask:
+        inputs.put("mask.png", encode_png(np.where(scene.visible(query), 255, 0).astype(np.uint8)))
+    store = LocalStorage(tmp_path / "out")
+    oracle = Oracle(scene)
+    ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background(256))
+    state = JobState(job_id="j1", dataset="d", image_key="scene.png", query=query, settings=settings.to_dict(),
+                     mask_key="mask.png" if given_mask else None, result_prefix="results/d/j1")
+    run_job(state, ctx)
+    return state, store, oracle
+
+
+def read_result(store: LocalStorage, prefix: str):
+    rgba = decode_png(store.get(f"{prefix}/amodal_completion.png"))
+    amodal = decode_png(store.get(f"{prefix}/amodal_mask.png")) > 127
+    visible = decode_png(store.get(f"{prefix}/visible_mask.png")) > 127
+    offsets = json.loads(store.get(f"{prefix}/offsets.json"))
+    record = json.loads(store.get(f"{prefix}/job.json"))
+    return rgba, amodal, visible, offsets, record
+
+
+def truth_in_result_frame(scene: Scene, label: str, offsets: dict) -> np.ndarray:
+    return scene.shape(label).mask(offsets["x"], offsets["y"], offsets["width"], offsets["height"])
+
+
+@pytest.mark.parametrize("scene_fn,label,passes", [(occluded_scene, "ball", 1), (truncated_scene, "melon", 1)])
+def test_loop_recovers_full_mask(tmp_path, scene_fn, label, passes):
+    scene = scene_fn()
+    state, store, oracle = run_scene(tmp_path, scene, label)
+    assert state.status == "completed", state.message
+    assert state.passes >= passes
+    rgba, amodal, visible, offsets, record = read_result(store, state.result_prefix)
+    truth = truth_in_result_frame(scene, label, offsets)
+    assert iou(amodal, truth) >= 0.95
+    # visible region is much smaller than the amodal one: something was really completed
+    assert visible.sum() < 0.9 * amodal.sum()
+    assert rgba.shape == amodal.shape + (4,) and rgba.dtype == np.uint8
+    np.testing.assert_array_equal(rgba[..., 3], np.where(amodal, 255, 0))
+    # the completed pixels carry the object's colour
+    colour = np.array(scene.shape(label).colour)
+    hidden = amodal & ~visible
+    assert np.abs(rgba[hidden][:, :3].astype(int) - colour).max(axis=1).mean() < 30
+    assert record["status"] == "completed" and record["prompt"] == f"a {label}"
+    assert (tmp_path / "out" / state.result_prefix / "prompt.txt").read_text() == f"a {label}"
+
+
+def test_truncated_target_extends_beyond_border(tmp_path):
+    scene = truncated_scene()
+    state, store, _ = run_scene(tmp_path, scene, "melon")
+    _, amodal, _, offsets, _ = read_result(store, state.result_prefix)
+    assert state.truncated == ["left"]
+    assert offsets["x"] < 0  # the result reaches left of the input image
+    assert offsets["x"] + offsets["width"] > 0
+
+
+def test_unoccluded_target_gives_visible_cutout(tmp_path):
+    scene = unoccluded_scene()
+    state, store, oracle = run_scene(tmp_path, scene, "ball")
+    assert state.status == "unoccluded"
+    assert "inpaint" not in oracle.calls
+    rgba, amodal, visible, offsets, _ = read_result(store, state.result_prefix)
+    np.testing.assert_array_equal(amodal, visible)
+    truth = truth_in_result_frame(scene, "ball", offsets)
+    assert iou(amodal, truth) >= 0.99
+    np.testing.assert_array_equal(rgba[..., 3] > 0, amodal)
+
+
+def test_given_mask_skips_grounding(tmp_path):
+    state, store, oracle = run_scene(tmp_path, occluded_scene(), "ball", given_mask=True)
+    assert state.status == "completed"
+    assert "ground" not in oracle.calls
+    assert state.backends["ground"] == "given"
+
+
+def test_no_target(tmp_path):
+    state, store, _ = run_scene(tmp_path, occluded_scene(), "giraffe")
+    assert state.status == "no_target"
+    record = json.loads(store.get(f"{state.result_prefix}/job.json"))
+    assert record["status"] == "no_target" and "giraffe" in record["message"]
+    assert not store.exists(f"{state.result_prefix}/amodal_completion.png")
+
+
+def test_tiny_target_is_not_completed(tmp_path):
+    scene = Scene(400, 400, [Shape("ball", (220, 40, 40), "disc", 200, 200, 10, 10, depth=1)])
+    state, _, oracle = run_scene(tmp_path, scene, "ball")
+    assert state.status == "unoccluded" and "minimum" in state.message
+    assert "tag" not in oracle.calls
+
+
+def test_pass_limit_is_respected(tmp_path):
+    """An occluder the oracle never removes (the inpainter paints nothing) stops at max_passes."""
+    scene = occluded_scene()
+    settings = Settings(max_passes=2)
+
+    class Stubborn(Oracle):
+        def inpaint(self, requests):
+            self._count("inpaint")
+            return [r.image for r in requests]
+
+        def occluders_of(self, image, target, others):
+            return np.ones(len(others))
+
+    inputs = LocalStorage(tmp_path / "in")
+    inputs.put("scene.png", encode_png(scene.render()))
+    store = LocalStorage(tmp_path / "out")
+    oracle = Stubborn(scene)
+    ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background(256))
+    state = JobState(job_id="j2", dataset="d", image_key="scene.png", query="ball", settings=settings.to_dict(),
+                     result_prefix="r/j2")
+    run_job(state, ctx)
+    assert state.status == "completed" and state.passes == 2 and oracle.calls["inpaint"] == 2
+    assert "limit" in state.message
+
+
+def test_artifacts_cleaned_but_state_kept(tmp_path):
+    state, store, _ = run_scene(tmp_path, occluded_scene(), "ball")
+    leftovers = list(store.list("jobs/j1/"))
+    assert leftovers == []  # the local loop keeps no state record; workers write one
