@@ -60,6 +60,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producer import Client
+
+    report = Client(settings=_settings(args)).submit_dataset(args.images, args.annotations, args.dataset,
+                                                             progress=not args.quiet)
+    print(json.dumps({"rows": report.rows, "enqueued": report.enqueued, "finished": report.finished,
+                      "invalid": len(report.invalid)}))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from producer import Client
+    from producer.status import show_status
+
+    client = Client()
+    if args.manifest:
+        for line in client.manifest(args.dataset):
+            print(json.dumps(line))
+        return 0
+    print(json.dumps(show_status(client, args.dataset, wait=args.wait, interval=args.interval)))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run_worker
+
+    run_worker(args.stage, gpu=args.gpu, concurrency=args.concurrency, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from producer.flower import run_flower
+
+    run_flower(args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amodal", description="Open-world amodal appearance completion.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -83,6 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--only", nargs="+", help="fetch only these models")
     dl.add_argument("--sam-variant", default="vit_h", choices=["vit_h", "vit_l", "vit_b"])
     models.set_defaults(func=cmd_models)
+
+    submit = sub.add_parser("submit", help="enqueue one job per (image, query) row")
+    submit.add_argument("--images", required=True, help="local folder or s3://bucket/prefix")
+    submit.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
+    submit.add_argument("--dataset", required=True, help="dataset name (results/<dataset>/...)")
+    submit.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a setting (repeatable)")
+    submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="counts per state of a submitted dataset")
+    status.add_argument("--dataset", required=True)
+    status.add_argument("--wait", action="store_true", help="refresh until no row is pending")
+    status.add_argument("--manifest", action="store_true", help="print one JSON line per input row")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.set_defaults(func=cmd_status)
+
+    worker = sub.add_parser("worker", help="run one stage worker")
+    worker.add_argument("--stage", required=True, choices=["ground", "segment", "occlusion", "inpaint", "finalize"])
+    worker.add_argument("--gpu", type=int, help="GPU index (sets CUDA_VISIBLE_DEVICES before torch loads)")
+    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (each holds its models)")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=cmd_worker)
+
+    flower = sub.add_parser("flower", help="Flower on the same broker (basic auth from FLOWER_BASIC_AUTH)")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.set_defaults(func=cmd_flower)
     return parser
 
 

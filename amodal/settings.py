@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 
@@ -68,3 +69,8 @@ class Settings:
         relevant = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def settings_from_env() -> Settings:
+    """Defaults with the overrides in ``AMODAL_SETTINGS`` (a JSON object), for producers and workers."""
+    return Settings.from_dict(json.loads(os.environ.get("AMODAL_SETTINGS", "{}")))

@@ -20,6 +20,10 @@ def job_id(dataset: str, image_key: str, query: str, mask_key: str | None, setti
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def state_key(job: str, version: int) -> str:
+    return f"jobs/{job}/state/{version:05d}.json"
+
+
 @dataclass
 class JobState:
     job_id: str
@@ -28,6 +32,7 @@ class JobState:
     query: str
     settings: dict
     mask_key: str | None = None  # a given visible mask, in the input storage
+    inputs: str = ""  # storage URL the image and mask keys are in; "" = the artifact storage
     result_prefix: str = ""  # where the result folder goes in the artifact storage
     stage: str = "ground"
     version: int = 0  # bumped by every step; a task for an older version is a stale redelivery
@@ -53,7 +58,8 @@ class JobState:
 
     @property
     def state_key(self) -> str:
-        return self.key("state.json")
+        """Where this version of the state is kept (each version is written once)."""
+        return state_key(self.job_id, self.version)
 
     def job_settings(self) -> Settings:
         return Settings.from_dict(self.settings)

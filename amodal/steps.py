@@ -231,9 +231,10 @@ def job_record(state: JobState, extra: dict) -> dict:
 
 
 def _clean_artifacts(state: JobState, store: Storage) -> None:
-    """Drop the job's working arrays; its state record stays (the job's proof of completion)."""
+    """Drop the job's working arrays; its state records stay (small, and the job's history)."""
+    keep = state.key("state/")
     for key in list(store.list(state.key_prefix + "/")):
-        if key != state.state_key:
+        if not key.startswith(keep):
             store.delete(key)
 
 
@@ -244,6 +245,13 @@ STEPS: dict[str, Callable[[JobState, Context], None]] = {
     "inpaint": lambda state, ctx: inpaint([state], ctx),
     "finalize": finalize,
 }
+
+
+def run_inpaint(states: Sequence[JobState], ctx: Context) -> None:
+    """Run the inpaint step of several jobs in one batch."""
+    inpaint(states, ctx)
+    for state in states:
+        state.version += 1
 
 
 def run_step(state: JobState, ctx: Context) -> None:

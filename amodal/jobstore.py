@@ -1,0 +1,74 @@
+"""Jobs kept in storage: versioned state records, outcomes, dataset rows. No broker needed.
+
+Every state version is written once, create-only: the writer that creates version ``n + 1`` owns
+the step from ``n``, so two workers racing on one job (a duplicated or redelivered message) leave
+one history and one outcome. Outcomes are indexed as empty marker objects
+``outcomes/<dataset>/<status>/<job_id>`` so counting a dataset is a listing, not a read per job.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+from amodal.state import OUTCOMES, JobState, state_key
+from amodal.storage import ObjectNotFound, Storage
+
+
+def load_state(store: Storage, job: str, version: int) -> JobState | None:
+    try:
+        return JobState.from_json(store.get(state_key(job, version)))
+    except ObjectNotFound:
+        return None
+
+
+def latest_state(store: Storage, job: str) -> JobState | None:
+    keys = sorted(store.list(f"jobs/{job}/state/"))
+    return JobState.from_json(store.get(keys[-1])) if keys else None
+
+
+def commit_state(store: Storage, state: JobState) -> bool:
+    """Write ``state`` at its version; False if that version exists already (someone else won)."""
+    return store.put_if_absent(state.state_key, state.to_json())
+
+
+def record_outcome(store: Storage, state: JobState) -> None:
+    store.put(f"outcomes/{state.dataset}/{state.status}/{state.job_id}", b"")
+
+
+def outcome_counts(store: Storage, dataset: str) -> dict[str, set[str]]:
+    """Job ids per outcome status, from the marker listing."""
+    found: dict[str, set[str]] = {s: set() for s in OUTCOMES}
+    for key in store.list(f"outcomes/{dataset}/"):
+        _, _, status, job = key.split("/", 3)
+        if status in found:
+            found[status].add(job)
+    return found
+
+
+def result_prefix(dataset: str, job: str) -> str:
+    return f"results/{dataset}/{job}"
+
+
+def read_record(store: Storage, dataset: str, job: str) -> dict | None:
+    """The job's ``job.json`` (its outcome), or None while it has none."""
+    try:
+        return json.loads(store.get(f"{result_prefix(dataset, job)}/job.json"))
+    except ObjectNotFound:
+        return None
+
+
+def rows_key(dataset: str) -> str:
+    return f"datasets/{dataset}/rows.jsonl"
+
+
+def write_rows(store: Storage, dataset: str, rows: list[dict]) -> None:
+    store.put(rows_key(dataset), "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def read_rows(store: Storage, dataset: str) -> Iterator[dict]:
+    try:
+        data = store.get(rows_key(dataset))
+    except ObjectNotFound:
+        raise KeyError(f"no dataset named {dataset!r} was submitted to this storage") from None
+    for line in data.decode().splitlines():
+        yield json.loads(line)

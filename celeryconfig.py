@@ -1,0 +1,68 @@
+"""Celery settings for every amodal process (producer, stage workers, Flower).
+
+Each value is chosen so that a job is never lost and never done twice in effect: messages are
+acknowledged only after their step is written, and every step is idempotent (see ``tasks.stage``).
+"""
+import os
+
+from kombu import Queue
+
+STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
+
+broker_url = os.environ.get("AMODAL_BROKER_URL", "redis://127.0.0.1:6379/0")
+# Keep retrying the broker at start-up and after a Redis restart instead of exiting.
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+
+# JSON only: no pickle on the wire, and messages stay readable (ids and keys, never pixels).
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# Job state lives in storage, not in a result backend: no results to store or expire in Redis.
+task_ignore_result = True
+result_backend = None
+
+# One queue per stage, so each worker pool takes only the work its models can do.
+task_queues = [Queue(name) for name in STAGES]
+task_default_queue = "finalize"
+task_routes = {f"amodal.{name}": {"queue": name} for name in STAGES}
+
+# At-least-once delivery: ack after the step is written, and hand the message back if the worker
+# process dies mid-task (OOM, preemption, SIGKILL). Steps are idempotent, so a redelivery is safe.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# One message in hand per process: a slow GPU step does not hoard messages other workers could take.
+# (The inpaint worker raises its own prefetch to its batch size to fill a diffusion batch.)
+worker_prefetch_multiplier = 1
+
+# The longest step (an inpaint batch of 8 at 50 steps on a busy GPU) takes well under 5 minutes;
+# the hard limit kills a hung step, and Redis hands an unacknowledged message to another worker
+# after the visibility timeout, which must outlast the longest step, or a running task would be
+# delivered twice. 15 minutes keeps recovery after a lost worker within minutes, not the
+# default hour.
+TASK_TIME_LIMIT = int(os.environ.get("AMODAL_TASK_TIME_LIMIT", "600"))
+task_time_limit = TASK_TIME_LIMIT
+task_soft_time_limit = TASK_TIME_LIMIT - 30
+broker_transport_options = {
+    "visibility_timeout": int(os.environ.get("AMODAL_VISIBILITY_TIMEOUT", str(TASK_TIME_LIMIT + 300))),
+    # Survive short Redis outages without dropping the connection for good.
+    "retry_on_timeout": True,
+    "health_check_interval": 10,
+}
+
+# Events for Flower: task lifecycle and worker heartbeats.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# A worker process loads and warms its models after the fork, before it reports up: give it time.
+worker_proc_alive_timeout = float(os.environ.get("AMODAL_WARMUP_TIMEOUT", "900"))
+
+# Workers hold large models: never recycle a process for memory leaks of small objects, and let a
+# SIGTERM finish (or hand back) the task in hand before the process exits.
+worker_max_tasks_per_child = None
+worker_cancel_long_running_tasks_on_connection_loss = True
+# On SIGTERM, give the task in hand a minute to finish; after that it is handed back to the queue.
+worker_soft_shutdown_timeout = 60.0
+worker_hijack_root_logger = False

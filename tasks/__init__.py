@@ -1,0 +1,1 @@
+"""Celery tasks, one module per stage: load the job's state, run its step through `amodal`, route it on."""

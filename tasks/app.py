@@ -1,0 +1,11 @@
+"""The Celery application, configured from ``celeryconfig.py``."""
+from celery import Celery
+
+app = Celery("amodal")
+app.config_from_object("celeryconfig")
+app.conf.include = ["tasks.ground", "tasks.segment", "tasks.occlusion", "tasks.inpaint", "tasks.finalize"]
+
+
+def send_stage(stage: str, job_id: str, version: int, countdown: float | None = None, **kwargs) -> None:
+    """Enqueue the step ``stage`` of a job at ``version`` (by task name: no task import needed)."""
+    app.send_task(f"amodal.{stage}", args=[job_id, version], kwargs=kwargs, queue=stage, countdown=countdown)

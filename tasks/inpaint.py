@@ -1,0 +1,54 @@
+"""The ``inpaint`` stage: requests from many jobs go through one diffusion call.
+
+Batching is celery-batches' ``Batches`` task: the worker buffers up to ``AMODAL_INPAINT_BATCH``
+messages (its prefetch is raised to match) or waits ``AMODAL_INPAINT_FLUSH`` seconds, then runs
+them together. Messages are acknowledged when the batch returns, so a worker lost mid-batch hands
+every one of them back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+from celery_batches import Batches, SimpleRequest
+
+from amodal.steps import run_inpaint
+from tasks.app import app, send_stage
+from tasks.stage import MAX_ATTEMPTS, advance, claim, context, fail
+
+log = logging.getLogger(__name__)
+BATCH_SIZE = int(os.environ.get("AMODAL_INPAINT_BATCH", "8"))
+FLUSH_SECONDS = float(os.environ.get("AMODAL_INPAINT_FLUSH", "0.5"))
+
+
+@app.task(name="amodal.inpaint", base=Batches, flush_every=BATCH_SIZE, flush_interval=FLUSH_SECONDS,
+          acks_late=True)
+def inpaint(requests: list[SimpleRequest]) -> int:
+    """Run every live request; jobs with different settings go in separate diffusion calls."""
+    groups = defaultdict(list)
+    for request in requests:
+        job_id, version = request.args[:2]
+        state = claim(job_id, version, "inpaint")
+        if state is not None:
+            attempt = request.kwargs.get("attempt", 1)
+            groups[state.job_settings().result_fingerprint()].append((state, attempt))
+    for group in groups.values():
+        states = [s for s, _ in group]
+        try:
+            run_inpaint(states, context(states[0]))
+        except Exception as exc:  # noqa: BLE001 - each job is retried or failed on its own
+            log.exception("inpaint batch of %d failed", len(states))
+            for state, attempt in group:
+                _retry_or_fail(state.job_id, state.version, attempt, exc)
+            continue
+        for state in states:
+            advance(state)
+    return sum(len(g) for g in groups.values())
+
+
+def _retry_or_fail(job_id: str, version: int, attempt: int, exc: Exception) -> None:
+    if attempt >= MAX_ATTEMPTS:
+        fail(job_id, version, f"{type(exc).__name__}: {exc}")
+    else:
+        send_stage("inpaint", job_id, version, countdown=min(5 * 2 ** attempt, 300), attempt=attempt + 1)

@@ -1,0 +1,143 @@
+"""What every stage task does: load the state its message names, run the step, commit, route on.
+
+A message is ``(job_id, version)``. The step from ``version`` is done once: whoever creates state
+``version + 1`` (a create-only write) owns it and sends the next message. A redelivered or
+duplicated message finds ``version + 1`` present and only makes sure the job has moved on (the
+sender may have died between committing and sending), so nothing is lost and nothing runs twice
+in effect.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from celery import Task
+
+from amodal.canvas import neutral_background
+from amodal.images import load_image
+from amodal.jobstore import commit_state, load_state, record_outcome
+from amodal.settings import Settings
+from amodal.state import JobState
+from amodal.steps import Context, run_step
+from amodal.storage import Storage, open_storage
+from tasks.app import send_stage
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = int(os.environ.get("AMODAL_MAX_ATTEMPTS", "4"))
+
+
+@functools.cache
+def store() -> Storage:
+    url = os.environ.get("AMODAL_STORAGE_URL")
+    if not url:
+        raise RuntimeError("AMODAL_STORAGE_URL is not set (file:///path or s3://bucket/prefix)")
+    return open_storage(url)
+
+
+@functools.cache
+def inputs(url: str) -> Storage:
+    return open_storage(url) if url else store()
+
+
+@functools.cache
+def _models(settings_json: str):
+    from amodal.models.registry import ModelSet  # torch loads here, in the worker process only
+
+    model_dir = os.environ.get("AMODAL_MODEL_DIR")
+    if not model_dir:
+        raise RuntimeError("AMODAL_MODEL_DIR is not set")
+    return ModelSet(Path(model_dir), Settings.from_dict(json.loads(settings_json)))
+
+
+def models_for(settings: Settings):
+    """The resident models for these settings (one set per distinct settings, normally one)."""
+    return _models(json.dumps(settings.to_dict(), sort_keys=True))
+
+
+@functools.cache
+def _background(path: str) -> np.ndarray:
+    return load_image(Path(path).read_bytes(), max_pixels=10**8, min_side=1) if path else neutral_background()
+
+
+def context(state: JobState) -> Context:
+    settings = state.job_settings()
+    return Context(store=store(), inputs=inputs(state.inputs), models=models_for(settings),
+                   background=_background(settings.background))
+
+
+def claim(job_id: str, version: int, stage: str) -> JobState | None:
+    """The state to work on, or None if this message is stale (its step is done, or unknown)."""
+    state = load_state(store(), job_id, version)
+    if state is None or state.stage != stage:
+        log.warning("ignoring %s message for job %s v%d: no such state", stage, job_id, version)
+        return None
+    after = load_state(store(), job_id, version + 1)
+    if after is None:
+        return state
+    log.info("job %s v%d: %s already done", job_id, version, stage)
+    if after.stage == "done":
+        record_outcome(store(), after)
+    elif load_state(store(), job_id, version + 2) is None:
+        send_stage(after.stage, job_id, after.version)  # the committer may have died before sending
+    return None
+
+
+def advance(state: JobState) -> None:
+    """Commit the state a step produced and route the job on; a lost race does nothing."""
+    if not commit_state(store(), state):
+        log.info("job %s v%d was committed by another worker", state.job_id, state.version)
+        return
+    if state.stage == "done":
+        record_outcome(store(), state)
+    else:
+        send_stage(state.stage, state.job_id, state.version)
+
+
+def handle(stage: str, job_id: str, version: int) -> str:
+    state = claim(job_id, version, stage)
+    if state is None:
+        return "stale"
+    run_step(state, context(state))
+    advance(state)
+    return state.stage
+
+
+def fail(job_id: str, version: int, message: str) -> None:
+    """Retries exhausted: end the job as ``failed`` with its reason (finalize runs here, no models)."""
+    state = load_state(store(), job_id, version)
+    if state is None or load_state(store(), job_id, version + 1) is not None:
+        return
+    state.finish("failed", message)
+    run_step(state, context(state))
+    advance(state)
+
+
+class StageTask(Task):
+    """Retries any error with exponential backoff, then records the job as failed."""
+
+    autoretry_for = (Exception,)
+    max_retries = MAX_ATTEMPTS - 1
+    retry_backoff = 5
+    retry_backoff_max = 300
+    retry_jitter = True
+    acks_late = True
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        job_id, version = args[:2]
+        log.error("job %s v%d failed for good at %s: %s", job_id, version, self.name, exc)
+        fail(job_id, version, f"{type(exc).__name__}: {exc}")
+
+
+def stage_task(stage: str):
+    """The Celery task of a one-job-per-message stage."""
+    from tasks.app import app
+
+    @app.task(name=f"amodal.{stage}", base=StageTask, bind=True)
+    def run(self: Task, job_id: str, version: int) -> str:
+        return handle(stage, job_id, version)
+
+    return run

@@ -1,0 +1,1 @@
+"""Stage worker entry points: GPU pinning, model warm-up, batching, health."""

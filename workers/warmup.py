@@ -1,0 +1,46 @@
+"""Load a stage's models in each worker process and run them once before it takes work."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+from celery.signals import worker_process_init
+
+from amodal.models.base import InpaintRequest
+
+log = logging.getLogger(__name__)
+
+
+def warm(stage: str, models, size: int = 512) -> None:
+    """Touch every model of ``stage`` (loading it) and run it once on a synthetic image."""
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    mask = np.zeros((256, 256), bool)
+    mask[64:192, 64:192] = True
+    if stage == "ground":
+        models.grounder.ground(image, "object")
+    elif stage == "segment":
+        models.tagger.tag(image)
+        models.detector.detect(image, ["object"])
+        models.segmenter.segment(image, [(64.0, 64.0, 192.0, 192.0)])
+        models.prompt_chooser.choose(image, mask, ["object"])
+    elif stage == "occlusion":
+        models.occlusion.occluders_of(image, mask, [np.roll(mask, 40, axis=1)])
+    elif stage == "inpaint":
+        big = np.resize(image, (size, size, 3))
+        models.inpainter.inpaint([InpaintRequest(big, np.resize(mask, (size, size)), "an object", seed=0)])
+
+
+@worker_process_init.connect
+def _warm_this_process(**_) -> None:
+    stage = os.environ.get("AMODAL_WORKER_STAGE", "")
+    if stage in ("", "finalize"):
+        return
+    from amodal.settings import settings_from_env
+    from tasks.stage import models_for
+
+    settings = settings_from_env()
+    start = time.perf_counter()
+    warm(stage, models_for(settings), settings.inpaint_size)
+    log.warning("%s worker ready: models loaded and warmed in %.1f s", stage, time.perf_counter() - start)
