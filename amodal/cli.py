@@ -150,10 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from amodal.images import InvalidInput
+    from amodal.models.base import MissingCheckpointError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (InvalidInput, MissingCheckpointError) as exc:
+        print(f"amodal: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from amodal.annotations import Row, read_annotations, resolve_input, validate_query
 from amodal.canvas import neutral_background
 from amodal.images import InvalidInput, load_image
+from amodal.models.base import MissingCheckpointError
 from amodal.settings import Settings
 from amodal.state import JobState, job_id
 from amodal.steps import Context, run_step
@@ -51,7 +52,9 @@ def prepare_job(row: Row, images: Path, dataset: str, settings: Settings, result
         raise InvalidInput(row.error)
     query = validate_query(row.query, settings.max_query_chars)
     image_key = resolve_input(images, row.image).relative_to(images).as_posix()
-    mask_key = resolve_input(images, row.visible_mask).relative_to(images).as_posix() if row.visible_mask else None
+    mask_key = None
+    if row.visible_mask:
+        mask_key = resolve_input(images, row.visible_mask, "visible mask").relative_to(images).as_posix()
     jid = job_id(dataset, image_key, query, mask_key, settings)
     prefix = f"{result_root}/{jid}" if result_root else jid
     return JobState(job_id=jid, dataset=dataset, image_key=image_key, query=query, mask_key=mask_key,
@@ -91,6 +94,8 @@ class LocalRunner:
             return self._outcome(row, state.job_id, record["status"], record["message"], state.result_prefix)
         try:
             run_job(state, self.ctx)
+        except MissingCheckpointError:
+            raise  # no row can succeed: stop with the one clear message
         except Exception as exc:  # noqa: BLE001 - one row's failure must not stop the others
             log.exception("job %s (line %d) failed", state.job_id, row.line)
             return Outcome(row.line, row.image, row.query, state.job_id, "failed", f"{type(exc).__name__}: {exc}", None)

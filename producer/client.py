@@ -56,7 +56,7 @@ class Client:
             self.store.put(key, data)
         return key
 
-    def _input_key(self, images: str | Path, relative: str) -> tuple[str, str]:
+    def _input_key(self, images: str | Path, relative: str, what: str = "image") -> tuple[str, str]:
         """(storage URL, key) of one input file; local files are uploaded first."""
         if str(images).startswith("s3://"):
             source = open_storage(str(images))
@@ -64,10 +64,10 @@ class Client:
             if not source.exists(key):
                 fallback = PurePosixPath(relative).name
                 if not source.exists(fallback):
-                    raise InvalidInput(f"image not found: {relative}")
+                    raise InvalidInput(f"{what} not found: {relative}")
                 key = fallback
             return str(images), key
-        path = resolve_input(Path(images).resolve(), relative)
+        path = resolve_input(Path(images).resolve(), relative, what)
         return "", self._upload(path.read_bytes(), path.suffix)
 
     def _job_for(self, row: Row, images: str | Path, dataset: str) -> JobState:
@@ -75,7 +75,7 @@ class Client:
             raise InvalidInput(row.error)
         query = validate_query(row.query, self.settings.max_query_chars)
         inputs, image_key = self._input_key(images, row.image)
-        mask_key = self._input_key(images, row.visible_mask)[1] if row.visible_mask else None
+        mask_key = self._input_key(images, row.visible_mask, "visible mask")[1] if row.visible_mask else None
         jid = job_id(dataset, image_key, query, mask_key, self.settings)
         return JobState(job_id=jid, dataset=dataset, image_key=image_key, query=query, mask_key=mask_key,
                         inputs=inputs, settings=self.settings.to_dict(), result_prefix=result_prefix(dataset, jid))

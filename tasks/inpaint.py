@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from celery_batches import Batches, SimpleRequest
 
+from amodal.state import JobState
 from amodal.steps import run_inpaint
 from tasks.app import app, send_stage
 from tasks.stage import MAX_ATTEMPTS, advance, claim, context, fail
@@ -25,30 +26,34 @@ FLUSH_SECONDS = float(os.environ.get("AMODAL_INPAINT_FLUSH", "0.5"))
 @app.task(name="amodal.inpaint", base=Batches, flush_every=BATCH_SIZE, flush_interval=FLUSH_SECONDS,
           acks_late=True)
 def inpaint(requests: list[SimpleRequest]) -> int:
-    """Run every live request; jobs with different settings go in separate diffusion calls."""
-    groups = defaultdict(list)
+    """Run every live request; jobs with different settings go in separate diffusion calls.
+
+    A job on its second or later attempt runs alone, so a job that kills its worker cannot take
+    the jobs batched with it down again and again.
+    """
+    groups: dict[str, list[JobState]] = defaultdict(list)
     for request in requests:
         job_id, version = request.args[:2]
         state = claim(job_id, version, "inpaint")
         if state is not None:
-            attempt = request.kwargs.get("attempt", 1)
-            groups[state.job_settings().result_fingerprint()].append((state, attempt))
-    for group in groups.values():
-        states = [s for s, _ in group]
+            retry = state.attempts["inpaint"] > 1
+            groups[state.job_id if retry else state.job_settings().result_fingerprint()].append(state)
+    for states in groups.values():
         try:
             run_inpaint(states, context(states[0]))
         except Exception as exc:  # noqa: BLE001 - each job is retried or failed on its own
             log.exception("inpaint batch of %d failed", len(states))
-            for state, attempt in group:
-                _retry_or_fail(state.job_id, state.version, attempt, exc)
+            for state in states:
+                _retry_or_fail(state, exc)
             continue
         for state in states:
             advance(state)
     return sum(len(g) for g in groups.values())
 
 
-def _retry_or_fail(job_id: str, version: int, attempt: int, exc: Exception) -> None:
+def _retry_or_fail(state: JobState, exc: Exception) -> None:
+    attempt = state.attempts["inpaint"]
     if attempt >= MAX_ATTEMPTS:
-        fail(job_id, version, f"{type(exc).__name__}: {exc}")
+        fail(state.job_id, state.version, f"{type(exc).__name__}: {exc}")
     else:
-        send_stage("inpaint", job_id, version, countdown=min(5 * 2 ** attempt, 300), attempt=attempt + 1)
+        send_stage("inpaint", state.job_id, state.version, countdown=min(5 * 2 ** attempt, 300))

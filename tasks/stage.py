@@ -69,14 +69,32 @@ def context(state: JobState) -> Context:
                    background=_background(settings.background))
 
 
+def count_attempt(job_id: str, version: int) -> int:
+    """Register one more attempt at the step from ``version`` (create-only markers); its number."""
+    n = 1
+    while not store().put_if_absent(f"jobs/{job_id}/attempts/{version:05d}/{n:03d}", b""):
+        n += 1
+    return n
+
+
 def claim(job_id: str, version: int, stage: str) -> JobState | None:
-    """The state to work on, or None if this message is stale (its step is done, or unknown)."""
+    """The state to work on, or None if this message is stale (its step is done, or unknown).
+
+    Every delivery counts as an attempt, so a job that kills its worker each time (a poison job,
+    redelivered after every loss) ends as ``failed`` after ``MAX_ATTEMPTS`` instead of looping.
+    """
     state = load_state(store(), job_id, version)
     if state is None or state.stage != stage:
         log.warning("ignoring %s message for job %s v%d: no such state", stage, job_id, version)
         return None
     after = load_state(store(), job_id, version + 1)
     if after is None:
+        attempt = count_attempt(job_id, version)
+        if attempt > MAX_ATTEMPTS:
+            fail(job_id, version, f"gave up on the {stage} step after {MAX_ATTEMPTS} attempts "
+                                  "(each failed or lost its worker)")
+            return None
+        state.attempts[stage] = attempt
         return state
     log.info("job %s v%d: %s already done", job_id, version, stage)
     if after.stage == "done":

@@ -1,0 +1,104 @@
+"""Stable Diffusion 2 inpainting (``stabilityai/stable-diffusion-2-inpainting``) through diffusers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from amodal.models.base import InpaintRequest
+from amodal.models.tokenizers import BOS, EOS, tiny_clip_vocab, write_tiny_clip_tokenizer
+
+
+class StableDiffusionInpainter:
+    """Repaints a batch of requests in one pipeline call.
+
+    Each request's noise comes from its own generator seeded with ``request.seed`` and drawn on
+    the CPU (the same noise on every device), so a result depends on its request alone, not on
+    what else shares the batch, up to the rounding of batched kernels (a level or two of 255 in
+    fp32 and fp16, a few more in bf16).
+    """
+
+    def __init__(self, pipeline: StableDiffusionInpaintPipeline, num_inference_steps: int, guidance_scale: float) -> None:
+        self.pipeline = pipeline
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> "StableDiffusionInpainter":
+        pipeline = StableDiffusionInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, num_inference_steps, guidance_scale)
+
+    def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]:
+        """Return one uint8 RGB image per request, of the request's size (a multiple of 8)."""
+        if not requests:
+            return []
+        height, width = requests[0].image.shape[:2]
+        scale = self.pipeline.vae_scale_factor
+        for r in requests:
+            if r.image.shape != (height, width, 3) or r.mask.shape != (height, width):
+                raise ValueError(f"one batch needs one size: {r.image.shape} / {r.mask.shape} vs {(height, width)}")
+        if height % scale or width % scale:
+            raise ValueError(f"inpainting size {height}x{width} is not a multiple of {scale}")
+        images = self.pipeline(
+            prompt=[r.prompt for r in requests],
+            image=[Image.fromarray(r.image) for r in requests],
+            mask_image=[Image.fromarray(r.mask.astype(np.uint8) * 255) for r in requests],
+            height=height,
+            width=width,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+            output_type="np",
+        ).images
+        return list(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+
+
+def write_tiny(folder: Path) -> None:
+    """Write a tiny random-weight pipeline in the ``stable-diffusion-2-inpainting`` folder layout."""
+    folder = Path(folder)
+    write_tiny_clip_tokenizer(folder / "tokenizer", pad_token="!")
+    vocab = tiny_clip_vocab()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+            bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab["!"],
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=9, out_channels=4, layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64), attention_head_dim=(2, 4), cross_attention_dim=32,
+            use_linear_projection=True,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+            sample_size=512, scaling_factor=0.18215,
+        )
+    # The scheduler SD2 inpainting ships with.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    pipeline = StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=CLIPImageProcessor(),
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    (folder / "tokenizer" / "tokenizer.json").unlink()  # SD2's tokenizer folder has vocab.json + merges.txt only

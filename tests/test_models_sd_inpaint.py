@@ -1,0 +1,107 @@
+"""Stable Diffusion 2 inpainting on a tiny random-weight pipeline in the published folder layout."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amodal.models.base import InpaintRequest
+from amodal.models.sd_inpaint import StableDiffusionInpainter, write_tiny
+
+IMAGES = Path("/work/shared/paper-examples/images")
+SIZE = 512
+
+
+def square(name: str) -> np.ndarray:
+    image = Image.open(IMAGES / name).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return np.asarray(image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.BICUBIC))
+
+
+def box_mask(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stable-diffusion-2-inpainting")
+    write_tiny(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inpainter(folder) -> StableDiffusionInpainter:
+    return StableDiffusionInpainter.from_pretrained(
+        folder, device=torch.device("cpu"), dtype=torch.float32, num_inference_steps=2, guidance_scale=7.5
+    )
+
+
+@pytest.fixture(scope="module")
+def cat_request() -> InpaintRequest:
+    return InpaintRequest(square("cat-7875506_640_cat.jpg"), box_mask(120, 360, 200, 420), "a cat", seed=3)
+
+
+def test_tiny_pipeline_has_published_layout(folder):
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    assert index["scheduler"] == ["diffusers", "PNDMScheduler"]
+    for sub, files in {
+        "unet": ["config.json"], "vae": ["config.json"], "text_encoder": ["config.json"],
+        "scheduler": ["scheduler_config.json"], "feature_extractor": ["preprocessor_config.json"],
+        "tokenizer": ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"],
+    }.items():
+        assert index[sub][1] is not None
+        assert all((folder / sub / f).is_file() for f in files), sub
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert unet["in_channels"] == 9 and unet["out_channels"] == 4
+    assert unet["cross_attention_dim"] == text["hidden_size"]
+    assert vae["latent_channels"] == 4 and vae["scaling_factor"] == 0.18215
+    assert len(vae["block_out_channels"]) == 4  # three downsamplings: 8x
+
+
+def test_loads_with_sdpa_attention_and_no_safety_checker(inpainter):
+    pipeline = inpainter.pipeline
+    assert pipeline.safety_checker is None
+    assert pipeline.vae_scale_factor == 8
+    assert pipeline.tokenizer.pad_token == "!"
+    processors = {type(p).__name__ for p in pipeline.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}
+
+
+def test_inpaint_is_deterministic_and_independent_of_the_batch(inpainter, cat_request):
+    (single,) = inpainter.inpaint([cat_request])
+    assert single.shape == (SIZE, SIZE, 3) and single.dtype == np.uint8
+    assert single.std() > 1.0
+
+    (again,) = inpainter.inpaint([cat_request])
+    np.testing.assert_array_equal(again, single)
+
+    bird = InpaintRequest(square("bird-8951872_640_bird.jpg"), box_mask(0, 200, 0, 512), "a bird", seed=11)
+    batch = inpainter.inpaint([bird, cat_request])
+    assert len(batch) == 2 and all(b.shape == (SIZE, SIZE, 3) and b.dtype == np.uint8 for b in batch)
+    assert np.abs(batch[1].astype(int) - single).max() <= 2  # same request, other batch position
+    assert np.abs(batch[0].astype(int) - single).mean() > 5
+
+    (reseeded,) = inpainter.inpaint([dataclasses.replace(cat_request, seed=4)])
+    assert np.abs(reseeded.astype(int) - single).mean() > 1
+
+
+def test_inpaint_rejects_bad_batches(inpainter, cat_request):
+    assert inpainter.inpaint([]) == []
+    small = InpaintRequest(cat_request.image[:256, :256], cat_request.mask[:256, :256], "a cat", seed=0)
+    with pytest.raises(ValueError, match="one size"):
+        inpainter.inpaint([cat_request, small])
+    odd = InpaintRequest(cat_request.image[:100, :100], cat_request.mask[:100, :100], "a cat", seed=0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        inpainter.inpaint([odd])
