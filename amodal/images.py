@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "BMP", "GIF")
+FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")  # JPEG includes MPO (camera JPEGs)
+_FORMAT_NAMES = "a " + ", ".join(FORMATS[:-1]) + " or " + FORMATS[-1]
 _SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 # What Pillow raises on broken files, besides UnidentifiedImageError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
@@ -39,7 +40,7 @@ def _pillow_errors(what: str) -> Iterator[None]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"{what} too large: {exc}") from None
     except UnidentifiedImageError:
-        raise InvalidInput(f"{what} is not an image in a supported format ({', '.join(FORMATS)})") from None
+        raise InvalidInput(f"{what} file is not {_FORMAT_NAMES} image") from None
     except InvalidInput:
         raise
     except _DECODE_ERRORS as exc:
@@ -64,7 +65,7 @@ def _read(data: bytes, what: str, check_size: Callable[[tuple[int, int]], None])
 
 def _high_depth_grey(image: Image.Image) -> np.ndarray:
     """8-bit grey from a 16-bit ("I" taken as 16-bit samples, clipped) or float (0..1) image."""
-    values = np.asarray(image, dtype=np.float64)
+    values = np.asarray(image, dtype=np.float32)
     if image.mode == "F":
         scaled = np.nan_to_num(values) * 255.0
     else:
@@ -72,17 +73,12 @@ def _high_depth_grey(image: Image.Image) -> np.ndarray:
     return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
-def _over_white(rgba: np.ndarray) -> np.ndarray:
-    alpha = rgba[..., 3:].astype(np.uint32)
-    mixed = (rgba[..., :3].astype(np.uint32) * alpha + 255 * (255 - alpha) + 127) // 255
-    return mixed.astype(np.uint8)
-
-
 def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT or image.mode == "F":
         return np.repeat(_high_depth_grey(image)[..., None], 3, axis=2)
     if image.has_transparency_data:  # RGBA, LA, PA, or a palette / single colour marked transparent
-        return _over_white(np.asarray(image.convert("RGBA")))
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"))
     return np.array(image.convert("RGB"))
 
 

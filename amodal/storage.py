@@ -247,11 +247,6 @@ def _is_transient(exc: Exception) -> bool:
     return False
 
 
-def retry_seconds_from_env() -> float:
-    """The total time to keep retrying a storage call: ``AMODAL_STORAGE_RETRY_SECONDS`` or 300."""
-    return float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS))
-
-
 def make_s3_client(max_attempts: int = 5, connect_timeout: float = 10, read_timeout: float = 60):
     """An S3 client from the usual environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY, AWS_REGION or AWS_DEFAULT_REGION, or the shared config files).
@@ -290,7 +285,8 @@ class S3Storage(Storage):
         self.prefix = check_key(prefix) if prefix else ""
         self.client = client if client is not None else make_s3_client()
         self.page_size = page_size
-        self.retry_seconds = retry_seconds_from_env() if retry_seconds is None else retry_seconds
+        self.retry_seconds = (float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS))
+                              if retry_seconds is None else retry_seconds)
         self._conditional_writes = True  # until the server answers NotImplemented
         self._root = f"{self.prefix}/" if self.prefix else ""
 

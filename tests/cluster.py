@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 AMODAL = [sys.executable, "-m", "amodal.cli"]
 
 
-def cluster_env(redis_url: str, storage_url: str, models: Path, s3_env: dict, settings: dict) -> dict:
+def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) -> dict:
+    """This process's environment (S3 credentials included) plus the cluster's settings."""
     env = dict(os.environ)
-    env.update(s3_env)
     env.update({
         "AMODAL_BROKER_URL": redis_url, "AMODAL_STORAGE_URL": storage_url, "AMODAL_MODEL_DIR": str(models),
         "AMODAL_SETTINGS": json.dumps(settings), "PYTHONUNBUFFERED": "1", "AMODAL_INPAINT_FLUSH": "0.3",

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
+from typing import Iterator
 
+import boto3
 import pytest
+
+from tests.s3server import start_s3_server
 
 EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "paper-examples"
 REDIS_DB = int(os.environ.get("AMODAL_TEST_REDIS_DB", "11"))
@@ -27,22 +32,38 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """An S3 protocol server on loopback; yields the environment that reaches it."""
-    from tests.s3server import start_s3_server
-
+def s3_endpoint() -> Iterator[str]:
+    """URL of a moto S3 server (its own process) shared by the session."""
     endpoint, stop = start_s3_server()
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    yield env
+    yield endpoint
     stop()
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    for k, v in s3_server.items():
-        monkeypatch.setenv(k, v)
-    return s3_server
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The usual AWS environment, pointing at the test server; returns its URL."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_admin(s3_endpoint: str):
+    """A plain client of the test server, for setting up and inspecting buckets."""
+    return boto3.session.Session().client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                                          aws_access_key_id="testing", aws_secret_access_key="testing-secret")
+
+
+@pytest.fixture
+def s3_bucket(s3_env: str, s3_admin) -> str:
+    """A fresh, empty bucket on the test server."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    s3_admin.create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture

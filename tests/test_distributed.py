@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 
 import numpy as np
 import pytest
@@ -44,12 +43,8 @@ def synthetic_dataset(root, count: int = 12):
 
 
 @pytest.fixture
-def cluster(tmp_path, redis_url, s3_env, tiny_models):
-    bucket = f"amodal-{uuid.uuid4().hex[:8]}"
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    env = cluster_env(redis_url, f"s3://{bucket}/data", tiny_models, s3_env, SETTINGS)
+def cluster(tmp_path, redis_url, s3_bucket, tiny_models):
+    env = cluster_env(redis_url, f"s3://{s3_bucket}/data", tiny_models, SETTINGS)
     logs = tmp_path / "logs"
     logs.mkdir()
     c = Cluster(env, logs)
