@@ -159,7 +159,7 @@ def _rows(root: Path) -> list[tuple[bytes | dict | None, str, str, tuple[int, in
         (row("good.png"), ok, "", (48, 64)),
         (None, "", "", None),  # a blank line: no row, the numbering goes on
         (row("sub/good.png", "  red block  "), ok, "", (48, 64)),
-        (row("images_example/good.png"), ok, "", (48, 64)),  # the paper's folder prefix falls back
+        (row("images_example/good.png", "red square"), ok, "", (48, 64)),  # the paper's folder prefix falls back
         (row("exif6.jpg", "green quadrant"), ok, "", (64, 32)),
         (row("grey.png"), ok, "", (48, 64)),
         (row("palette.png", "red stripe"), ok, "", (20, 30)),
@@ -172,7 +172,7 @@ def _rows(root: Path) -> list[tuple[bytes | dict | None, str, str, tuple[int, in
         (row("good.png", visible_mask="mask255.png"), ok, "", (48, 64)),
         (row("good.png", visible_mask="mask01.png"), ok, "", (48, 64)),
         (row("good.png", visible_mask="mask_alpha.png"), ok, "", (48, 64)),
-        (row("good.png", visible_mask=None, note="extra keys are ignored"), ok, "", (48, 64)),
+        (row("good.png", "the red block", visible_mask=None, note="extra keys are ignored"), ok, "", (48, 64)),
         (row("missing.png"), bad, "image not found: missing.png", None),
         (row("../outside.png"), bad, "must not contain '..'", None),
         (row(str(root / "outside.png")), bad, "must be relative to the images folder", None),

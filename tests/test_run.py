@@ -1,0 +1,131 @@
+"""``amodal run``: one outcome per row, bad rows invalid with their reason, good rows with results."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from amodal.images import encode_png
+from amodal.runner import run_local
+from amodal.settings import Settings
+from amodal.state import OUTCOMES
+from tests.badinputs import LIMITS, write_bad_corpus
+from tests.synthetic import Oracle, occluded_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"num_inference_steps": 2, "max_passes": 2}
+
+
+def read_manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def check_result_folder(folder: Path) -> None:
+    rgba = Image.open(folder / "amodal_completion.png")
+    assert rgba.mode == "RGBA"
+    alpha = np.array(rgba)[..., 3]
+    amodal_mask = np.array(Image.open(folder / "amodal_mask.png")) > 127
+    visible = np.array(Image.open(folder / "visible_mask.png")) > 127
+    assert alpha.shape == amodal_mask.shape == visible.shape
+    np.testing.assert_array_equal(alpha > 0, amodal_mask)
+    assert amodal_mask.any()
+    offsets = json.loads((folder / "offsets.json").read_text())
+    assert (offsets["height"], offsets["width"]) == alpha.shape
+    record = json.loads((folder / "job.json").read_text())
+    assert record["status"] in ("completed", "unoccluded")
+    assert (folder / "prompt.txt").exists()
+
+
+def amodal_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amodal.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_bad_corpus_each_row_its_own_outcome(tmp_path):
+    """Orchestration with stand-in models: every bad row is invalid with its reason, the rest go on."""
+    annotations, expected = write_bad_corpus(tmp_path)
+    out = tmp_path / "out"
+    outcomes = run_local(tmp_path / "images", annotations, out, Oracle(occluded_scene()), Settings(**LIMITS),
+                         progress=False)
+    manifest = read_manifest(out)
+    assert [m["line"] for m in manifest] == [e["line"] for e in expected] == [o.line for o in outcomes]
+    for row, want in zip(manifest, expected):
+        if want["kind"] == "invalid":
+            assert row["status"] == "invalid", (row, want)
+            assert want["message"] in row["message"], (row, want)
+            assert row["result"] is None
+        else:
+            assert row["status"] in OUTCOMES and row["status"] != "invalid", (row, want)
+    folders = [m["result"] for m in manifest if m["result"]]
+    assert len(folders) == len(set(folders))
+
+
+def test_duplicate_rows_and_rerun(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    scene = occluded_scene()
+    (images / "a.png").write_bytes(encode_png(scene.render()))
+    rows = [{"image": "a.png", "query": "ball"}, {"image": "a.png", "query": "box"},
+            {"image": "a.png", "query": "ball"}]
+    annotations = tmp_path / "rows.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    run_local(images, annotations, out, Oracle(scene), Settings(), progress=False)
+    first = read_manifest(out)
+    assert first[0]["status"] == "completed" and first[1]["status"] == "unoccluded"
+    assert first[2]["status"] == "invalid" and "duplicate of line 1" in first[2]["message"]
+    assert first[0]["result"] != first[1]["result"]
+    for m in first[:2]:
+        check_result_folder(Path(m["result"]))
+    # a second run over the same folder reuses the finished results without running the models
+    oracle = Oracle(scene)
+    run_local(images, annotations, out, oracle, Settings(), progress=False)
+    assert read_manifest(out) == first
+    assert oracle.calls == {}
+
+
+def test_cli_run_paper_examples_with_tiny_models(tmp_path, tiny_models, paper_examples):
+    out = tmp_path / "out"
+    res = amodal_cli("run", "--images", str(paper_examples / "images"), "--annotations",
+                     str(paper_examples / "example_annotation.json"), "--out", str(out), "--models",
+                     str(tiny_models), "-q", *[f"--set={k}={v}" for k, v in TINY.items()])
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == 7
+    manifest = read_manifest(out)
+    assert [m["line"] for m in manifest] == list(range(1, 8))
+    assert all(m["status"] in OUTCOMES and m["status"] != "failed" for m in manifest), manifest
+    assert all(m["status"] != "invalid" for m in manifest), manifest
+    for m in manifest:
+        if m["result"]:
+            check_result_folder(Path(m["result"]))
+            record = json.loads((Path(m["result"]) / "job.json").read_text())
+            assert record["backends"]["ground"] == "gdino_sam"
+
+
+def test_cli_run_bad_corpus_with_tiny_models(tmp_path, tiny_models):
+    annotations, expected = write_bad_corpus(tmp_path)
+    out = tmp_path / "out"
+    sets = [f"--set={k}={v}" for k, v in {**LIMITS, **TINY}.items()]
+    res = amodal_cli("run", "--images", str(tmp_path / "images"), "--annotations", str(annotations), "--out",
+                     str(out), "--models", str(tiny_models), "-q", *sets)
+    assert res.returncode == 0, res.stderr
+    manifest = read_manifest(out)
+    assert len(manifest) == len(expected)
+    for row, want in zip(manifest, expected):
+        assert row["status"] != "failed", row
+        assert (row["status"] == "invalid") == (want["kind"] == "invalid"), (row, want)
+        if row["result"]:
+            check_result_folder(Path(row["result"]))
+
+
+def test_cli_missing_models_is_one_clear_error(tmp_path, paper_examples):
+    res = amodal_cli("run", "--images", str(paper_examples / "images"), "--annotations",
+                     str(paper_examples / "example_annotation.json"), "--out", str(tmp_path / "o"),
+                     "--models", str(tmp_path / "nothing"))
+    assert res.returncode == 2
+    assert "amodal models download" in res.stderr and "Traceback" not in res.stderr
