@@ -1,0 +1,223 @@
+"""Grounding DINO: open-vocabulary boxes for text labels, through ``transformers``.
+
+Reads a folder in the layout of ``IDEA-Research/grounding-dino-tiny`` (``config.json``,
+``model.safetensors``, ``preprocessor_config.json`` and a BERT WordPiece tokenizer), or that hub id.
+Labels are lowercased, joined as Grounding DINO expects (``"cat. dog."``), and split into several
+prompts where they would not fit the text encoder's ``max_text_len`` tokens. Each box's phrase (its
+tokens above the text threshold) is mapped back to the given label it shares the most words with.
+"""
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    BertTokenizer,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessor,
+    GroundingDinoProcessor,
+)
+
+from amodal.models.base import Detection
+from amodal.models.registry import require
+
+
+def normalize_label(label: str) -> str:
+    """Lowercase, no dots (the label separator), single spaces."""
+    return " ".join(label.lower().replace(".", " ").split())
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text))
+
+
+def match_label(phrase: str, labels: Sequence[str]) -> int | None:
+    """Index of the label whose words best match the phrase's (Jaccard; ties: the first label).
+
+    ``labels`` are written the way the tokenizer decodes them. ``None`` when no label shares a word.
+    """
+    said = _words(phrase)
+    best, best_score = None, 0.0
+    for i, label in enumerate(labels):
+        words = _words(label)
+        score = len(said & words) / len(said | words) if words else 0.0
+        if score > best_score:
+            best, best_score = i, score
+    return best
+
+
+def chunk_labels(token_counts: Sequence[int], max_tokens: int) -> list[range]:
+    """Split consecutive labels into runs whose prompt fits ``max_tokens``.
+
+    A label costs its tokens plus its ``"."``; each prompt adds ``[CLS]`` and ``[SEP]``. A label too
+    long to fit alone gets a run of its own (the tokenizer then truncates it).
+    """
+    chunks: list[range] = []
+    start, used = 0, 2
+    for i, count in enumerate(token_counts):
+        if i > start and used + count + 1 > max_tokens:
+            chunks.append(range(start, i))
+            start, used = i, 2
+        used += count + 1
+    if start < len(token_counts):
+        chunks.append(range(start, len(token_counts)))
+    return chunks
+
+
+def _clamp(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box
+    w, h = float(width), float(height)
+    return (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
+
+
+class GroundingDino:
+    """Boxes for text labels, scored and thresholded as in Grounding DINO."""
+
+    def __init__(
+        self,
+        model: GroundingDinoForObjectDetection,
+        processor: GroundingDinoProcessor,
+        device: torch.device,
+        dtype: torch.dtype,
+        box_threshold: float,
+        text_threshold: float,
+    ) -> None:
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        box_threshold: float,
+        text_threshold: float,
+    ) -> GroundingDino:
+        if isinstance(path_or_id, Path):
+            require(path_or_id)
+        model = GroundingDinoForObjectDetection.from_pretrained(path_or_id, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(path_or_id)
+        return cls(model, processor, device, dtype, box_threshold, text_threshold)
+
+    @property
+    def max_text_len(self) -> int:
+        return self.model.config.max_text_len
+
+    def prompts(self, labels: Sequence[str]) -> list[list[str]]:
+        """The normalized, de-duplicated labels, grouped into prompts that fit the text encoder."""
+        unique = list(dict.fromkeys(n for n in map(normalize_label, labels) if n))
+        tokenizer = self.processor.tokenizer
+        counts = [len(ids) for ids in tokenizer(unique, add_special_tokens=False)["input_ids"]] if unique else []
+        return [unique[c.start:c.stop] for c in chunk_labels(counts, self.max_text_len)]
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
+        """Boxes for ``labels`` in a uint8 RGB image, best first, each with the given label it matched."""
+        by_normal = {}
+        for label in labels:
+            by_normal.setdefault(normalize_label(label), label)
+        height, width = image.shape[:2]
+        pixels = self.processor.image_processor(Image.fromarray(image), return_tensors="pt")
+        pixels = {k: v.to(self.device) for k, v in pixels.items()}
+        pixels["pixel_values"] = pixels["pixel_values"].to(self.dtype)
+        detections = []
+        for prompt in self.prompts(labels):
+            text = self.processor.tokenizer(
+                ". ".join(prompt) + ".", truncation=True, max_length=self.max_text_len, return_tensors="pt"
+            ).to(self.device)
+            outputs = self.model(**pixels, **text)
+            outputs.logits = outputs.logits.float()
+            outputs.pred_boxes = outputs.pred_boxes.float()
+            result = self.processor.post_process_grounded_object_detection(
+                outputs,
+                text["input_ids"],
+                threshold=self.box_threshold,
+                text_threshold=self.text_threshold,
+                target_sizes=[(height, width)],
+            )[0]
+            decoded = self._as_decoded(prompt)
+            for score, box, phrase in zip(result["scores"].tolist(), result["boxes"].tolist(), result["text_labels"]):
+                index = match_label(self._strip_special(phrase), decoded)
+                if index is None:
+                    continue
+                detections.append(Detection(label=by_normal[prompt[index]], box=_clamp(box, width, height), score=score))
+        return sorted(detections, key=lambda d: -d.score)
+
+    def _as_decoded(self, labels: Sequence[str]) -> list[str]:
+        """Labels as the tokenizer gives them back (accents stripped, unknown pieces as [UNK])."""
+        tokenizer = self.processor.tokenizer
+        ids = tokenizer(list(labels), add_special_tokens=False)["input_ids"]
+        return [self._strip_special(tokenizer.decode(i)) for i in ids]
+
+    def _strip_special(self, phrase: str) -> str:
+        for token in self.processor.tokenizer.all_special_tokens:
+            phrase = phrase.replace(token, " ")
+        return phrase
+
+
+def tiny_vocabulary() -> list[str]:
+    """A WordPiece vocabulary laid out like ``bert-base-uncased`` where Grounding DINO needs it.
+
+    The model hard-codes the ids of ``[CLS]`` (101), ``[SEP]`` (102), ``.`` (1012) and ``?`` (1029),
+    so the special tokens and the ASCII characters sit at bert-base-uncased's ids; then ``##`` pieces
+    for letters and digits, so every lowercase word tokenizes, and a few whole words.
+    """
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [f"[unused{i}]" for i in range(99, 994)]
+    vocab += [c for c in map(chr, range(33, 127)) if not c.isupper()]
+    vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
+    vocab += ["the", "cat", "dog", "person", "background", "mammal", "tree", "car"]
+    return vocab
+
+
+def write_tiny(folder: Path) -> None:
+    """Write a tiny random-weight Grounding DINO in the ``grounding-dino-tiny`` folder layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocabulary()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    GroundingDinoImageProcessor(size={"shortest_edge": 160, "longest_edge": 256}).save_pretrained(folder)
+    config = GroundingDinoConfig(
+        backbone_config={
+            "model_type": "swin",
+            "embed_dim": 16,
+            "depths": [1, 1, 1, 1],
+            "num_heads": [1, 1, 1, 1],
+            "window_size": 7,
+            "out_features": ["stage2", "stage3", "stage4"],
+            "out_indices": [2, 3, 4],
+        },
+        text_config={
+            "model_type": "bert",
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,  # the box-head weight tying needs at least two
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=30,
+    )
+    with torch.random.fork_rng(devices=[]):  # same weights on every write
+        torch.manual_seed(0)
+        model = GroundingDinoForObjectDetection(config)
+    model.save_pretrained(folder)

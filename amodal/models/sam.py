@@ -1,0 +1,217 @@
+"""SAM (Segment Anything): boxes to masks, built with the ``segment_anything`` package.
+
+The published checkpoints (``sam_vit_{h,l,b}_*.pth``) are plain state dicts. The image encoder's
+architecture is read from the tensors themselves, so one loader reads all three and the tiny test
+checkpoint:
+
+- embed dim and patch size: ``image_encoder.patch_embed.proj.weight`` ``[embed, 3, patch, patch]``;
+- input size: the ``pos_embed`` grid ``[1, grid, grid, embed]`` times the patch size;
+- depth: the number of ``image_encoder.blocks.N`` blocks;
+- heads: embed dim / head dim, the head dim being the width of the ``rel_pos_h`` tables
+  (1280/80 = 16 for ViT-H, 1024/64 = 16 for ViT-L, 768/64 = 12 for ViT-B, as published);
+- global-attention blocks: those whose ``rel_pos_h`` spans the whole grid (``2 * grid - 1`` rows);
+  the window size comes from the other blocks' tables (``2 * window - 1`` rows).
+
+The prompt encoder and mask decoder are the published ones (256-d prompts, two-way transformer of
+depth 2). The image encoder runs in the requested precision; prompt encoding and mask decoding run
+in float32 (they are small, and the masks are thresholded logits).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from amodal.models.registry import require
+
+PROMPT_DIM = 256
+DECODER_BATCH = 32  # boxes per mask-decoder call; bounds the (boxes x 256 x 64 x 64) activations
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class SamArchitecture:
+    """The image encoder's shape; everything else is the published SAM."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int
+    patch_size: int = 16
+    img_size: int = 1024
+
+
+def _tensor(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"not a SAM checkpoint: missing {key}")
+    tensor = state[key]
+    if tensor.ndim != ndim:
+        raise ValueError(f"not a SAM checkpoint: {key} has shape {tuple(tensor.shape)}, expected {ndim} dims")
+    return tensor
+
+
+def infer_architecture(state: Mapping[str, torch.Tensor]) -> SamArchitecture:
+    """Read the image encoder's architecture from a SAM state dict (rules in the module docstring)."""
+    embed_dim, _, patch_size, _ = _tensor(state, "image_encoder.patch_embed.proj.weight", 4).shape
+    grid = _tensor(state, "image_encoder.pos_embed", 4).shape[1]
+    block_ids = {int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
+    if not block_ids:
+        raise ValueError("not a SAM checkpoint: no image_encoder.blocks.N.* keys")
+    depth = max(block_ids) + 1
+    tables = [_tensor(state, f"image_encoder.blocks.{i}.attn.rel_pos_h", 2) for i in range(depth)]
+    head_dim = tables[0].shape[1]
+    global_ids = tuple(i for i, t in enumerate(tables) if t.shape[0] == 2 * grid - 1)
+    window_rows = {t.shape[0] for i, t in enumerate(tables) if i not in global_ids}
+    if len(window_rows) > 1:
+        raise ValueError(f"not a SAM checkpoint: rel_pos_h tables of several window sizes {sorted(window_rows)}")
+    window_size = (window_rows.pop() + 1) // 2 if window_rows else 0
+    return SamArchitecture(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=embed_dim // head_dim,
+        global_attn_indexes=global_ids,
+        window_size=window_size,
+        patch_size=patch_size,
+        img_size=grid * patch_size,
+    )
+
+
+def build_sam(arch: SamArchitecture) -> Sam:
+    """An untrained SAM of the given encoder architecture and the published prompt/mask parts."""
+    grid = arch.img_size // arch.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=arch.img_size,
+            patch_size=arch.patch_size,
+            embed_dim=arch.embed_dim,
+            depth=arch.depth,
+            num_heads=arch.num_heads,
+            mlp_ratio=4,
+            out_chans=PROMPT_DIM,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=arch.window_size,
+            global_attn_indexes=arch.global_attn_indexes,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(arch.img_size, arch.img_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=PROMPT_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+
+
+def load_sam(state: Mapping[str, torch.Tensor]) -> Sam:
+    """Build SAM from a state dict; a key of the wrong shape, missing or unknown is named in the error."""
+    model = build_sam(infer_architecture(state))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"not a SAM checkpoint: {err}") from None
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class SamEmbedding:
+    """One encoded image: its features and the sizes that map boxes in and masks out."""
+
+    features: torch.Tensor  # (1, 256, grid, grid), float32
+    input_size: tuple[int, int]  # the resized image inside the square model input
+    original_size: tuple[int, int]
+
+
+class SamSegmenter:
+    """Boxes to masks: one encoder pass per image, all of its boxes decoded together."""
+
+    def __init__(self, model: Sam, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.model = model.to(device).eval()
+        self.model.image_encoder.to(dtype)
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype) -> SamSegmenter:
+        state = torch.load(require(Path(path)), map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path}: not a SAM checkpoint (expected a state dict)")
+        try:
+            return cls(load_sam(state), device=device, dtype=dtype)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[np.ndarray]) -> list[SamEmbedding]:
+        """Encode uint8 RGB images in one batched image-encoder call."""
+        if not images:
+            return []
+        inputs, sizes = [], []
+        for image in images:
+            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+            inputs.append(self.model.preprocess(resized.permute(2, 0, 1).float()))
+            sizes.append((tuple(resized.shape[:2]), tuple(image.shape[:2])))
+        features = self.model.image_encoder(torch.stack(inputs).to(self.dtype)).float()
+        return [
+            SamEmbedding(features=f[None], input_size=input_size, original_size=original_size)
+            for f, (input_size, original_size) in zip(features, sizes)
+        ]
+
+    @torch.inference_mode()
+    def decode(self, embedding: SamEmbedding, boxes: Sequence[Box]) -> list[np.ndarray]:
+        """One bool mask at the original image's size per ``(x0, y0, x1, y1)`` box."""
+        if not boxes:
+            return []
+        scaled = self.transform.apply_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), embedding.original_size)
+        scaled = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
+        masks: list[np.ndarray] = []
+        for chunk in scaled.split(DECODER_BATCH):
+            sparse, dense = self.model.prompt_encoder(points=None, boxes=chunk, masks=None)
+            low_res, _ = self.model.mask_decoder(
+                image_embeddings=embedding.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            logits = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
+            masks.extend((logits[:, 0] > self.model.mask_threshold).cpu().numpy())
+        return masks
+
+    def segment(self, image: np.ndarray, boxes: Sequence[Box]) -> list[np.ndarray]:
+        if not boxes:
+            return []
+        return self.decode(self.encode([image])[0], boxes)
+
+
+def write_tiny(path: Path) -> None:
+    """Write a tiny random-weight SAM state dict (32-d encoder, 2 blocks, the second global)."""
+    arch = SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # same weights on every write
+        torch.manual_seed(0)
+        model = build_sam(arch)
+        # The published init zeroes these; random values exercise them.
+        model.image_encoder.pos_embed.normal_(std=0.02)
+        for block in model.image_encoder.blocks:
+            block.attn.rel_pos_h.normal_(std=0.02)
+            block.attn.rel_pos_w.normal_(std=0.02)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)

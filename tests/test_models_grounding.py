@@ -1,0 +1,103 @@
+"""The Grounding DINO + SAM grounder: box choice with stand-ins, then the tiny real models."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amodal.models import grounding_dino, sam
+from amodal.models.base import Detection, Grounding
+from amodal.models.grounding import GdinoSamGrounder
+from amodal.models.registry import GROUNDING_DINO_DIR, SAM_FILES
+
+PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+CPU = torch.device("cpu")
+IMAGE = np.zeros((40, 60, 3), np.uint8)
+
+
+class StubDetector:
+    def __init__(self, detections: list[Detection]) -> None:
+        self.detections = detections
+        self.calls: list[list[str]] = []
+
+    def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
+        self.calls.append(list(labels))
+        return self.detections
+
+
+class BoxFiller:
+    """Masks exactly the box (or nothing, when ``empty``)."""
+
+    def __init__(self, empty: bool = False) -> None:
+        self.empty = empty
+        self.calls: list[list[tuple]] = []
+
+    def segment(self, image: np.ndarray, boxes: Sequence[tuple]) -> list[np.ndarray]:
+        self.calls.append(list(boxes))
+        masks = []
+        for x0, y0, x1, y1 in boxes:
+            mask = np.zeros(image.shape[:2], bool)
+            if not self.empty:
+                mask[int(y0):int(y1), int(x0):int(x1)] = True
+            masks.append(mask)
+        return masks
+
+
+def test_the_highest_scoring_box_is_segmented():
+    detector = StubDetector([
+        Detection("cat", (0.0, 0.0, 10.0, 10.0), 0.4),
+        Detection("cat", (20.0, 5.0, 50.0, 30.0), 0.9),
+        Detection("cat", (1.0, 1.0, 5.0, 5.0), 0.6),
+    ])
+    segmenter = BoxFiller()
+    grounder = GdinoSamGrounder(detector, segmenter)
+    result = grounder.ground(IMAGE, "cat")
+    assert grounder.name == "gdino_sam"
+    assert detector.calls == [["cat"]]
+    assert segmenter.calls == [[(20.0, 5.0, 50.0, 30.0)]]
+    expected = np.zeros((40, 60), bool)
+    expected[5:30, 20:50] = True
+    assert result.text == "" and np.array_equal(result.mask, expected)
+
+
+def test_no_box_means_no_mask_and_no_segmentation():
+    segmenter = BoxFiller()
+    assert GdinoSamGrounder(StubDetector([]), segmenter).ground(IMAGE, "cat") == Grounding(mask=None)
+    assert segmenter.calls == []
+
+
+def test_an_empty_mask_means_no_mask():
+    detector = StubDetector([Detection("cat", (0.0, 0.0, 10.0, 10.0), 0.9)])
+    assert GdinoSamGrounder(detector, BoxFiller(empty=True)).ground(IMAGE, "cat").mask is None
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    grounding_dino.write_tiny(root / GROUNDING_DINO_DIR)
+    sam.write_tiny(root / SAM_FILES["vit_h"])
+    detector = grounding_dino.GroundingDino.from_pretrained(
+        root / GROUNDING_DINO_DIR, device=CPU, dtype=torch.float32, box_threshold=0.0, text_threshold=0.3
+    )
+    segmenter = sam.SamSegmenter.from_checkpoint(root / SAM_FILES["vit_h"], device=CPU, dtype=torch.float32)
+    return detector, segmenter
+
+
+def test_tiny_models_ground_the_best_box(models):
+    detector, segmenter = models
+    image = np.asarray(Image.open(PHOTO).convert("RGB"))
+    result = GdinoSamGrounder(detector, segmenter).ground(image, "cat")
+    best = detector.detect(image, ["cat"])[0]
+    expected = segmenter.segment(image, [best.box])[0]
+    assert expected.any(), "the tiny SAM is written with a fixed seed; its mask here is not empty"
+    assert result.mask.dtype == np.bool_ and result.mask.shape == image.shape[:2]
+    assert np.array_equal(result.mask, expected)
+    detector.text_threshold = 1.0  # no phrase can name the query any more
+    try:
+        assert GdinoSamGrounder(detector, segmenter).ground(image, "cat") == Grounding(mask=None)
+    finally:
+        detector.text_threshold = 0.3

@@ -1,0 +1,163 @@
+"""Grounding DINO adapter: tiny random-weight model in the grounding-dino-tiny folder layout.
+
+Random weights give random boxes, so these tests check the plumbing; thresholds are lowered so
+that boxes exist at all.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amodal.models.base import Detection, MissingCheckpointError
+from amodal.models.grounding_dino import (
+    GroundingDino,
+    chunk_labels,
+    match_label,
+    normalize_label,
+    write_tiny,
+)
+from amodal.models.registry import GROUNDING_DINO_DIR
+
+PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+CPU = torch.device("cpu")
+LABELS = ["cat", "Dog", "tabby cat", "background"]
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.asarray(Image.open(PHOTO).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / GROUNDING_DINO_DIR
+    write_tiny(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector(folder) -> GroundingDino:
+    return GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=0.0, text_threshold=0.3)
+
+
+@pytest.fixture(scope="module")
+def detections(detector, image) -> list[Detection]:
+    return detector.detect(image, LABELS)
+
+
+def test_tiny_folder_has_the_published_layout(folder):
+    for name in ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json", "vocab.txt"]:
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "grounding-dino"
+    assert config["backbone_config"]["model_type"] == "swin"
+    assert config["text_config"]["model_type"] == "bert"
+    assert config["max_text_len"] == 256
+    vocab = (folder / "vocab.txt").read_text().splitlines()
+    # Grounding DINO hard-codes these bert-base-uncased ids.
+    assert [vocab[i] for i in (0, 100, 101, 102, 1012, 1029)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", ".", "?"]
+
+
+def test_tokenizer_covers_any_lowercase_word(detector):
+    tokenizer = detector.processor.tokenizer
+    ids = tokenizer("Zebra crossing. quokka?")["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert ids[0] == 101 and ids[-1] == 102 and 1012 in ids and 1029 in ids
+    assert tokenizer.decode(tokenizer("zebra crossing", add_special_tokens=False)["input_ids"]) == "zebra crossing"
+
+
+def test_detections_are_well_formed(detections, image):
+    height, width = image.shape[:2]
+    assert detections, "box threshold 0 must keep boxes"
+    for d in detections:
+        assert isinstance(d, Detection)
+        assert d.label in LABELS
+        assert all(isinstance(v, float) for v in d.box)
+        x0, y0, x1, y1 = d.box
+        assert 0.0 <= x0 <= x1 <= width and 0.0 <= y0 <= y1 <= height
+        assert 0.0 <= d.score <= 1.0
+    scores = [d.score for d in detections]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_detect_is_deterministic(detector, image, detections):
+    assert detector.detect(image, LABELS) == detections
+
+
+def test_box_threshold_filters(folder, image, detections):
+    cut = float(np.median([d.score for d in detections]))
+    strict = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=cut, text_threshold=0.3)
+    kept = strict.detect(image, LABELS)
+    assert len(kept) < len(detections)
+    assert all(d.score > cut for d in kept)
+
+
+def test_boxes_without_a_matching_phrase_are_dropped(folder, image):
+    # No token can pass a text threshold of 1, so no phrase names any label.
+    mute = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=0.0, text_threshold=1.0)
+    assert mute.detect(image, LABELS) == []
+
+
+def test_labels_are_returned_as_given_once_per_normal_form(detector, image):
+    found = detector.detect(image, ["Cat", "cat.", "CAT"])
+    assert found and {d.label for d in found} == {"Cat"}
+    assert detector.detect(image, []) == []
+    assert detector.detect(image, [" ", "."]) == []
+
+
+def test_long_label_lists_are_split_to_fit_the_text_encoder(detector, image):
+    words = ["cat", "dog", "tree", "car", "person", "the", "mammal"]
+    labels = [f"{a} {b}ish" for a in words for b in ["red", "green", "blue", "small", "large", "striped", "spotted"]]
+    labels = labels + [f"{w}zz" for w in labels]
+    prompts = detector.prompts(labels)
+    assert len(prompts) > 1
+    assert [label for p in prompts for label in p] == [normalize_label(x) for x in labels]
+    tokenizer = detector.processor.tokenizer
+    for p in prompts:
+        assert len(tokenizer(". ".join(p) + ".")["input_ids"]) <= 256
+    found = detector.detect(image, labels)
+    assert found and all(d.label in labels for d in found)
+
+
+def test_bfloat16_model_detects(folder, image):
+    half = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.bfloat16, box_threshold=0.0, text_threshold=0.3)
+    assert half.model.dtype == torch.bfloat16
+    found = half.detect(image, LABELS)
+    assert found and all(d.label in LABELS and 0.0 <= d.score <= 1.0 for d in found)
+
+
+def test_missing_folder_raises_missing_checkpoint_error(tmp_path):
+    with pytest.raises(MissingCheckpointError):
+        GroundingDino.from_pretrained(
+            tmp_path / GROUNDING_DINO_DIR, device=CPU, dtype=torch.float32, box_threshold=0.35, text_threshold=0.35
+        )
+
+
+def test_normalize_label():
+    assert normalize_label("  Tabby   Cat. ") == "tabby cat"
+    assert normalize_label("st.bernard") == "st bernard"
+
+
+def test_match_label():
+    labels = ["cat", "tabby cat", "traffic light", "dog"]
+    assert match_label("cat", labels) == 0
+    assert match_label("tabby cat", labels) == 1
+    assert match_label("light", labels) == 2  # a part of one label
+    assert match_label("cat. dog.", labels) == 0  # spans two labels: the first best one
+    assert match_label("tree", labels) is None
+    assert match_label("", labels) is None
+
+
+def test_chunk_labels():
+    assert chunk_labels([100, 100, 100], 256) == [range(0, 2), range(2, 3)]
+    assert chunk_labels([1] * 10, 256) == [range(0, 10)]
+    assert chunk_labels([300, 1], 256) == [range(0, 1), range(1, 2)]
+    assert chunk_labels([], 256) == []
+    # A prompt of n labels of c tokens is 2 + n * (c + 1) tokens.
+    assert chunk_labels([126, 126], 256) == [range(0, 2)]
+    assert chunk_labels([126, 127], 256) == [range(0, 1), range(1, 2)]

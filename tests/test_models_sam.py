@@ -1,0 +1,124 @@
+"""SAM adapter: tiny random-weight checkpoint in the published state-dict format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import sam_model_registry
+
+from amodal.models.base import MissingCheckpointError
+from amodal.models.registry import SAM_FILES
+from amodal.models.sam import SamArchitecture, SamSegmenter, infer_architecture, write_tiny
+
+PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+CPU = torch.device("cpu")
+BOXES = [(60.0, 40.0, 420.0, 380.0), (300.0, 10.0, 630.0, 200.0), (0.0, 0.0, 640.0, 388.0)]
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.asarray(Image.open(PHOTO).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / SAM_FILES["vit_h"]
+    write_tiny(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter(checkpoint) -> SamSegmenter:
+    return SamSegmenter.from_checkpoint(checkpoint, device=CPU, dtype=torch.float32)
+
+
+def test_tiny_checkpoint_is_a_plain_published_style_state_dict(checkpoint):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["image_encoder.patch_embed.proj.weight"].shape == (32, 3, 16, 16)
+    assert state["image_encoder.pos_embed"].shape == (1, 64, 64, 32)
+    assert state["image_encoder.blocks.0.attn.rel_pos_h"].shape == (27, 16)  # 14x14 window
+    assert state["image_encoder.blocks.1.attn.rel_pos_h"].shape == (127, 16)  # global
+    assert "image_encoder.blocks.2.norm1.weight" not in state
+    assert state["mask_decoder.iou_token.weight"].shape == (1, 256)
+    assert any(k.startswith("prompt_encoder.") for k in state)
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("vit_b", SamArchitecture(768, 12, 12, (2, 5, 8, 11), 14)),
+        ("vit_l", SamArchitecture(1024, 24, 16, (5, 11, 17, 23), 14)),
+        ("vit_h", SamArchitecture(1280, 32, 16, (7, 15, 23, 31), 14)),
+    ],
+)
+def test_architecture_of_the_published_models_is_inferred(variant, expected):
+    with torch.device("meta"):  # shapes only, no memory
+        state = sam_model_registry[variant]().state_dict()
+    assert infer_architecture(state) == expected
+
+
+def test_tiny_architecture_is_inferred(checkpoint):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert infer_architecture(state) == SamArchitecture(32, 2, 2, (1,), 14)
+
+
+@pytest.fixture(scope="module")
+def masks(segmenter, image) -> list[np.ndarray]:
+    return segmenter.segment(image, BOXES)
+
+
+def test_segment_gives_one_bool_mask_per_box_at_image_size(masks, image):
+    assert len(masks) == len(BOXES)
+    for mask in masks:
+        assert mask.dtype == np.bool_
+        assert mask.shape == image.shape[:2]
+    assert any(m.any() for m in masks)
+    assert not np.array_equal(masks[0], masks[1])  # the box prompt changes the mask
+
+
+def test_segment_is_deterministic_and_independent_of_box_batching(segmenter, image, masks):
+    assert all(np.array_equal(a, b) for a, b in zip(masks, segmenter.segment(image, BOXES)))
+    assert np.array_equal(segmenter.segment(image, BOXES[1:2])[0], masks[1])
+
+
+def test_batched_encoding_matches_single_encoding(segmenter, image):
+    other = np.ascontiguousarray(image[:300, :200])
+    batched = segmenter.encode([image, other])
+    single = segmenter.encode([other])[0]
+    assert batched[1].original_size == (300, 200) and batched[1].input_size == (1024, 683)
+    assert batched[0].features.shape == (1, 256, 64, 64)
+    torch.testing.assert_close(batched[1].features, single.features, atol=1e-4, rtol=1e-4)
+    box = [(20.0, 30.0, 180.0, 280.0)]
+    assert np.array_equal(segmenter.decode(batched[1], box)[0], segmenter.decode(single, box)[0])
+
+
+def test_no_boxes_gives_no_masks(segmenter, image):
+    assert segmenter.segment(image, []) == []
+
+
+def test_bfloat16_encoder_gives_bool_masks_close_to_float32(checkpoint, image, masks):
+    half = SamSegmenter.from_checkpoint(checkpoint, device=CPU, dtype=torch.bfloat16)
+    assert half.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
+    for low, full in zip(half.segment(image, BOXES), masks):
+        assert low.dtype == np.bool_ and low.shape == full.shape
+        assert (low == full).mean() > 0.95
+
+
+def test_missing_checkpoint_raises_missing_checkpoint_error(tmp_path):
+    with pytest.raises(MissingCheckpointError):
+        SamSegmenter.from_checkpoint(tmp_path / SAM_FILES["vit_h"], device=CPU, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "key", ["mask_decoder.iou_token.weight", "image_encoder.blocks.0.attn.qkv.weight", "image_encoder.pos_embed"]
+)
+def test_wrong_tensor_shape_names_the_key(checkpoint, tmp_path, key):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
+    broken = tmp_path / "broken.pth"
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        SamSegmenter.from_checkpoint(broken, device=CPU, dtype=torch.float32)
