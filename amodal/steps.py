@@ -107,6 +107,7 @@ def occlusion(state: JobState, ctx: Context) -> None:
         image = art.get_rgb(ctx.store, state.key("image.png"))
         visible = art.get_mask(ctx.store, state.key("visible.png"))
         occluders = occluder_mask(image, visible, scene, ctx.models.occlusion, s)
+        state.backends["occlusion"] = ctx.models.occlusion.name
         state.truncated = near_sides(visible, s.border_margin)
         if not occluders.any() and not state.truncated:
             state.finish("unoccluded", "nothing hides the target")
@@ -174,7 +175,7 @@ def inpaint(states: Sequence[JobState], ctx: Context) -> None:
         state.passes += 1
         art.put_rgb(ctx.store, _pass_key(state, "window.png"), painted)
         art.put_mask(ctx.store, _pass_key(state, "unfilled.png"), unfilled)
-        state.backends["inpaint"] = getattr(ctx.models.inpainter, "name", type(ctx.models.inpainter).__name__)
+        state.backends["inpaint"] = ctx.models.inpainter.name
         state.stage = "segment"
 
 

@@ -1,19 +1,16 @@
-"""Real stage worker processes for tests: started with `amodal worker`, stopped with SIGTERM."""
+"""Environment and command helpers for tests that run real worker processes."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from celeryconfig import STAGES
+from workers.launch import AMODAL, WorkerGroup
+from workers.placement import Slot
 
 ROOT = Path(__file__).resolve().parents[1]
-AMODAL = [sys.executable, "-m", "amodal.cli"]
+ONE_GPU = [Slot(s, 0) for s in ("ground", "segment", "occlusion", "inpaint")] + [Slot("finalize", None)]
 
 
 def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) -> dict:
@@ -27,53 +24,16 @@ def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) 
     return env
 
 
-@dataclass
-class Cluster:
-    env: dict
-    logs: Path
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    def start(self, stage: str, *extra: str) -> subprocess.Popen:
-        log = open(self.logs / f"{stage}.log", "ab")
-        proc = subprocess.Popen([*AMODAL, "worker", "--stage", stage, "--gpu", "0", "--loglevel", "info", *extra],
-                                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs[stage] = proc
-        return proc
-
-    def start_all(self) -> None:
-        for stage in STAGES:
-            self.start(stage)
-
-    def wait_ready(self, stages=STAGES, timeout: float = 300) -> None:
-        """Until each worker's log says it is ready (models warmed, consuming)."""
-        deadline = time.monotonic() + timeout
-        for stage in stages:
-            while "ready." not in self.log(stage):
-                if self.procs[stage].poll() is not None:
-                    raise RuntimeError(f"{stage} worker exited:\n{self.log(stage)[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{stage} worker not ready:\n{self.log(stage)[-3000:]}")
-                time.sleep(0.5)
-
-    def log(self, stage: str) -> str:
-        path = self.logs / f"{stage}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def kill(self, stage: str, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group of a worker (the parent and its pool children)."""
-        os.killpg(self.procs[stage].pid, sig)
-        self.procs[stage].wait(timeout=60)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+def start_workers(env: dict, logs: Path, slots=ONE_GPU) -> WorkerGroup:
+    group = WorkerGroup(env, logs)
+    for slot in slots:
+        group.start(slot)
+    try:
+        group.wait_ready()
+    except Exception:
+        group.stop()
+        raise
+    return group
 
 
 def amodal(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

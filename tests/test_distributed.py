@@ -11,7 +11,7 @@ from PIL import Image
 from amodal.images import encode_png
 from amodal.state import OUTCOMES
 from amodal.storage import open_storage
-from tests.cluster import Cluster, amodal, cluster_env
+from tests.cluster import amodal, cluster_env, start_workers
 from tests.synthetic import Scene, Shape, occluded_scene, truncated_scene
 
 pytestmark = pytest.mark.slow
@@ -45,15 +45,11 @@ def synthetic_dataset(root, count: int = 12):
 @pytest.fixture
 def cluster(tmp_path, redis_url, s3_bucket, tiny_models):
     env = cluster_env(redis_url, f"s3://{s3_bucket}/data", tiny_models, SETTINGS)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    c = Cluster(env, logs)
-    c.start_all()
+    group = start_workers(env, tmp_path / "logs")
     try:
-        c.wait_ready()
-        yield c
+        yield group
     finally:
-        c.stop()
+        group.stop()
 
 
 def check_result(store, line):
@@ -74,6 +70,7 @@ def check_result(store, line):
 
 def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     env = cluster.env
+    assert len(cluster.procs) == 5
     images, annotations = synthetic_dataset(tmp_path)
     store = open_storage(env["AMODAL_STORAGE_URL"])
     submitted = {}

@@ -38,9 +38,9 @@ def segmenter(checkpoint) -> SamSegmenter:
 def test_tiny_checkpoint_is_a_plain_published_style_state_dict(checkpoint):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["image_encoder.patch_embed.proj.weight"].shape == (32, 3, 16, 16)
-    assert state["image_encoder.pos_embed"].shape == (1, 64, 64, 32)
-    assert state["image_encoder.blocks.0.attn.rel_pos_h"].shape == (27, 16)  # 14x14 window
-    assert state["image_encoder.blocks.1.attn.rel_pos_h"].shape == (127, 16)  # global
+    assert state["image_encoder.pos_embed"].shape == (1, 16, 16, 32)  # 256 px input
+    assert state["image_encoder.blocks.0.attn.rel_pos_h"].shape == (15, 16)  # 8x8 window
+    assert state["image_encoder.blocks.1.attn.rel_pos_h"].shape == (31, 16)  # global
     assert "image_encoder.blocks.2.norm1.weight" not in state
     assert state["mask_decoder.iou_token.weight"].shape == (1, 256)
     assert any(k.startswith("prompt_encoder.") for k in state)
@@ -62,7 +62,7 @@ def test_architecture_of_the_published_models_is_inferred(variant, expected):
 
 def test_tiny_architecture_is_inferred(checkpoint):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    assert infer_architecture(state) == SamArchitecture(32, 2, 2, (1,), 14)
+    assert infer_architecture(state) == SamArchitecture(32, 2, 2, (1,), 8, img_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_batched_encoding_matches_single_encoding(segmenter, image):
     other = np.ascontiguousarray(image[:300, :200])
     batched = segmenter.encode([image, other])
     single = segmenter.encode([other])[0]
-    assert batched[1].original_size == (300, 200) and batched[1].input_size == (1024, 683)
-    assert batched[0].features.shape == (1, 256, 64, 64)
+    assert batched[1].original_size == (300, 200) and batched[1].input_size == (256, 171)
+    assert batched[0].features.shape == (1, 256, 16, 16)
     torch.testing.assert_close(batched[1].features, single.features, atol=1e-4, rtol=1e-4)
     box = [(20.0, 30.0, 180.0, 280.0)]
     assert np.array_equal(segmenter.decode(batched[1], box)[0], segmenter.decode(single, box)[0])

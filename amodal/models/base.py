@@ -93,6 +93,8 @@ class PromptChooser(Protocol):
 class OcclusionModel(Protocol):
     """Pairwise occlusion order."""
 
+    name: str
+
     def occluders_of(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
         """Return ``P(other_i occludes target)`` for each mask in ``others``, shape ``(N,)`` float."""
         ...
@@ -100,5 +102,7 @@ class OcclusionModel(Protocol):
 
 class Inpainter(Protocol):
     """Repaints masked pixels; called with a batch of requests from any number of jobs."""
+
+    name: str
 
     def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]: ...

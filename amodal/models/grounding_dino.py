@@ -215,7 +215,7 @@ def write_tiny(folder: Path) -> None:
         decoder_ffn_dim=64,
         encoder_attention_heads=2,
         decoder_attention_heads=2,
-        num_queries=30,
+        num_queries=5,
     )
     with torch.random.fork_rng(devices=[]):  # same weights on every write
         torch.manual_seed(0)

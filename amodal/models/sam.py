@@ -202,8 +202,8 @@ class SamSegmenter:
 
 
 def write_tiny(path: Path) -> None:
-    """Write a tiny random-weight SAM state dict (32-d encoder, 2 blocks, the second global)."""
-    arch = SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)
+    """Write a tiny random-weight SAM state dict (32-d encoder at 256 px, 2 blocks, the second global)."""
+    arch = SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=8, img_size=256)
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # same weights on every write
         torch.manual_seed(0)
         model = build_sam(arch)

@@ -23,6 +23,8 @@ class StableDiffusionInpainter:
     fp32 and fp16, a few more in bf16).
     """
 
+    name = "sd2_inpaint"
+
     def __init__(self, pipeline: StableDiffusionInpaintPipeline, num_inference_steps: int, guidance_scale: float) -> None:
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps

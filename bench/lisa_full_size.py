@@ -1,0 +1,160 @@
+"""Time and peak GPU memory of one LISA-13B grounding at full size, with random weights.
+
+Builds LISA-13B's arithmetic directly on the GPU (no checkpoint file): LLaMA-2-13B (hidden 5120,
+40 layers, 40 heads, MLP 13824, 32000 + 3 added tokens), CLIP ViT-L/14 at 224 px and SAM ViT-H,
+in bfloat16 (SAM's prompt encoder and mask decoder in float32, as the adapter runs them). One photo
+goes through ``LisaGrounder.ground`` with a fixed number of new tokens, the last one ``[SEG]``, so
+every stage runs: CLIP, the prompt's prefill, the decoding steps, SAM's encoder and mask decoder.
+Random weights would not say ``[SEG]``: a hook on LLaMA's output layer picks the tokens, after the
+layer has computed its logits. The tokenizer is the tiny test one (the real LLaMA tokenizer cannot be
+downloaded here); it spells the prompt in more tokens than LLaMA's does, and the JSON records how many.
+
+    python bench/lisa_full_size.py [--new-tokens 32] [--repeats 3] [--image PHOTO]
+
+Writes ``bench/results/lisa_full_size.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM, LlamaTokenizer
+
+from amodal.models.lisa import LisaGrounder, encode_prompt, prompt_text
+from amodal.models.lisa_checkpoint import LisaExtras, config_dict, llama_config
+from amodal.models.lisa_tiny import write_tiny_tokenizer
+from amodal.models.sam import PROMPT_DIM, SamArchitecture, build_sam
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "lisa_full_size.json"
+PHOTO = ROOT.parent / "shared" / "paper-examples" / "images" / "cat-7875506_640_cat.jpg"
+QUERY = "what is the mammal in this image?"
+LLAMA_2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40}
+VOCAB_SIZE = 32003  # LLaMA's 32000 and [SEG], <im_start>, <im_end>
+CLIP_VIT_L_14 = CLIPVisionConfig(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=224, patch_size=14, projection_dim=768,
+)
+SAM_VIT_H = SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), window_size=14)
+
+
+def build(device: torch.device, dtype: torch.dtype, new_tokens: int, tokenizer_dir: Path) -> LisaGrounder:
+    """A random-weight full-size LISA, initialised on the GPU."""
+    write_tiny_tokenizer(tokenizer_dir)
+    config = config_dict(vocab_size=VOCAB_SIZE, mm_hidden_size=CLIP_VIT_L_14.hidden_size, **LLAMA_2_13B)
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(llama_config(config), dtype=dtype)
+        vision = CLIPVisionModel._from_config(CLIP_VIT_L_14, dtype=dtype)
+        extras = LisaExtras(build_sam(SAM_VIT_H), CLIP_VIT_L_14.hidden_size, config["hidden_size"], PROMPT_DIM)
+    return LisaGrounder(
+        llm, vision, extras, LlamaTokenizer.from_pretrained(tokenizer_dir), CLIPImageProcessorPil(),
+        device, dtype, max_new_tokens=new_tokens,
+    )
+
+
+@contextmanager
+def scripted(grounder: LisaGrounder, tokens: Sequence[int]) -> Iterator[None]:
+    """Make greedy decoding emit ``tokens`` (the output layer still computes its logits)."""
+    steps = iter(tokens)
+
+    def force(module, inputs, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[:, -1, next(steps)] = 1e4
+        return forced
+
+    handle = grounder.llm.lm_head.register_forward_hook(force)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated, the last one [SEG]")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image", type=Path, default=PHOTO)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/lisa_full_size.py needs a CUDA GPU; none is visible to torch on this machine")
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    image = np.asarray(Image.open(args.image).convert("RGB"))
+
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        grounder, build_s = timed(lambda: build(device, dtype, args.new_tokens, Path(tokenizer_dir)))
+    word = grounder.tokenizer.convert_tokens_to_ids("▁the")
+    script = [word] * (args.new_tokens - 1) + [grounder.seg_token_id]
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+
+    with scripted(grounder, script):  # warm-up
+        grounder.ground(image, QUERY)
+    torch.cuda.reset_peak_memory_stats()
+    ground_s = []
+    for _ in range(args.repeats):
+        with scripted(grounder, script):
+            grounding, seconds = timed(lambda: grounder.ground(image, QUERY))
+        ground_s.append(seconds)
+    with scripted(grounder, script):
+        generation, generate_s = timed(lambda: grounder.generate(image, QUERY))
+    _, mask_s = timed(lambda: grounder.mask_from_generation(image, generation))
+    _, sam_encoder_s = timed(lambda: grounder.sam.encode([image]))
+    _, clip_s = timed(lambda: grounder.image_features(image))
+
+    parameters = {
+        "llama": sum(p.numel() for p in grounder.llm.parameters()),
+        "clip_vision": sum(p.numel() for p in grounder.vision.parameters()),
+        "sam": sum(p.numel() for p in grounder.extras.visual_model.parameters()),
+        "projector_and_text_fcs": sum(
+            p.numel() for m in (grounder.extras.mm_projector, grounder.extras.text_hidden_fcs) for p in m.parameters()
+        ),
+    }
+    result = {
+        "device": torch.cuda.get_device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "image_hw": list(image.shape[:2]),
+        "query": QUERY,
+        "prompt_tokens": len(encode_prompt(grounder.tokenizer, prompt_text(QUERY))) - 1 + 256,
+        "new_tokens": len(generation.ids),
+        "parameters": parameters,
+        "build_s": round(build_s, 3),
+        "ground_s": [round(s, 4) for s in ground_s],
+        "ground_median_s": round(statistics.median(ground_s), 4),
+        "generate_s": round(generate_s, 4),
+        "mask_from_generation_s": round(mask_s, 4),
+        "sam_encoder_s": round(sam_encoder_s, 4),
+        "clip_features_s": round(clip_s, 4),
+        "weights_gib": round(weights_gib, 3),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "mask_pixels": int(grounding.mask.sum()) if grounding.mask is not None else 0,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

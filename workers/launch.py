@@ -1,0 +1,88 @@
+"""Start and supervise a host's stage workers (``amodal launch``), one process group each."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.placement import Slot
+
+AMODAL = [sys.executable, "-m", "amodal.cli"]
+
+
+def slot_name(slot: Slot) -> str:
+    return slot.stage if slot.gpu is None else f"{slot.stage}-gpu{slot.gpu}"
+
+
+@dataclass
+class WorkerGroup:
+    """Worker processes of one host; each writes its log to ``logs/<name>.log``."""
+
+    env: dict
+    logs: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    slots: dict[str, Slot] = field(default_factory=dict)
+
+    def start(self, slot: Slot, *extra: str) -> str:
+        name = slot_name(slot)
+        if name in self.procs:
+            name = f"{name}-{len([n for n in self.procs if n.startswith(name)])}"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [*AMODAL, "worker", *slot.args, "--loglevel", "info", *extra], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.slots[name] = slot
+        return name
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_ready(self, names=None, timeout: float = 600) -> None:
+        """Until each worker's log says its consumer is up (after its models are warm)."""
+        deadline = time.monotonic() + timeout
+        for name in names or list(self.procs):
+            while " ready." not in self.log(name):
+                if self.procs[name].poll() is not None:
+                    raise RuntimeError(f"worker {name} exited:\n{self.log(name)[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {name} not ready:\n{self.log(name)[-3000:]}")
+                time.sleep(0.5)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Signal a worker's whole process group (the parent and its pool children)."""
+        os.killpg(self.procs[name].pid, sig)
+
+    def stop(self, timeout: float = 90) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def supervise(self, poll: float = 5.0) -> None:
+        """Restart any worker that exits, until SIGTERM or SIGINT stops the whole group."""
+        stopping = False
+
+        def _stop(*_) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        while not stopping:
+            for name, proc in list(self.procs.items()):
+                if proc.poll() is not None:
+                    print(f"worker {name} exited with {proc.returncode}; restarting", file=sys.stderr)
+                    del self.procs[name]
+                    self.start(self.slots.pop(name))
+            time.sleep(poll)
+        self.stop()

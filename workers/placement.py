@@ -1,0 +1,70 @@
+"""Which stage workers go on which GPUs of a host, from the measured per-stage cost.
+
+Each GPU stage gets workers in proportion to its share of the GPU time one image needs (at least
+one each); workers are then placed heaviest first on the least-loaded GPU, never two of one stage on
+one GPU while another GPU has none of it. ``finalize`` runs on the CPU.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.main import GPU_STAGES
+
+# GPU seconds per image at the paper's settings (3 passes, 50 steps), estimated from per-model
+# timings on one H100 (SD2 inpainting at batch 8: 0.36 s a pass; SAM ViT-H in bf16: 0.04 s an
+# encoding, four per image); a plan made from a GPU benchmark record (--costs) replaces them.
+DEFAULT_COSTS = {"ground": 0.35, "segment": 0.30, "occlusion": 0.02, "inpaint": 1.10}
+
+
+@dataclass(frozen=True)
+class Slot:
+    stage: str
+    gpu: int | None  # None: CPU
+
+    @property
+    def args(self) -> list[str]:
+        return ["--stage", self.stage] + ([] if self.gpu is None else ["--gpu", str(self.gpu)])
+
+
+def worker_counts(gpus: int, costs: dict[str, float]) -> dict[str, int]:
+    """Workers per GPU stage: proportional to cost, at least one, at most one per GPU."""
+    total = sum(costs[s] for s in GPU_STAGES)
+    return {s: min(gpus, max(1, round(gpus * costs[s] / total))) for s in GPU_STAGES}
+
+
+def plan(gpus: int, costs: dict[str, float] | None = None, finalize_workers: int = 1) -> list[Slot]:
+    if gpus < 1:
+        raise ValueError("a plan needs at least one GPU")
+    costs = costs or DEFAULT_COSTS
+    counts = worker_counts(gpus, costs)
+    load = [0.0] * gpus
+    placed: list[Slot] = []
+    workers = sorted(((costs[s] / counts[s], s) for s in GPU_STAGES for _ in range(counts[s])), reverse=True)
+    for share, stage in workers:
+        taken = {slot.gpu for slot in placed if slot.stage == stage}
+        free = [g for g in range(gpus) if g not in taken] or list(range(gpus))
+        gpu = min(free, key=lambda g: (load[g], g))
+        load[gpu] += share
+        placed.append(Slot(stage, gpu))
+    placed += [Slot("finalize", None)] * finalize_workers
+    return placed
+
+
+def gpu_loads(slots: list[Slot], costs: dict[str, float]) -> dict[int, float]:
+    """Expected GPU seconds per image each GPU carries under a plan."""
+    counts: dict[str, int] = {}
+    for s in slots:
+        counts[s.stage] = counts.get(s.stage, 0) + 1
+    loads: dict[int, float] = {}
+    for s in slots:
+        if s.gpu is not None:
+            loads[s.gpu] = loads.get(s.gpu, 0.0) + costs[s.stage] / counts[s.stage]
+    return loads
+
+
+def costs_from_benchmark(path: Path) -> dict[str, float]:
+    """Per-image busy seconds per stage from a GPU benchmark record (``stage_seconds_per_image``)."""
+    record = json.loads(Path(path).read_text())
+    return {s: float(record["stage_seconds_per_image"][s]) for s in GPU_STAGES}
