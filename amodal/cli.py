@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     dl = msub.add_parser("download", help="fetch the published checkpoints")
     dl.add_argument("dir")
-    dl.add_argument("--only", nargs="+", help="fetch only these models")
+    dl.add_argument("--only", nargs="+", metavar="MODEL", help="fetch only these models (sam, grounding_dino, clip, "
+                    "sd_inpaint, instaorder, ram_plus, lisa); default: all, LISA-13B included (about 26 GB)")
     dl.add_argument("--sam-variant", default="vit_h", choices=["vit_h", "vit_l", "vit_b"])
     models.set_defaults(func=cmd_models)
 
@@ -152,13 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from amodal.images import InvalidInput
     from amodal.models.base import MissingCheckpointError
+    from amodal.models.download import DownloadError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (InvalidInput, MissingCheckpointError) as exc:
+    except (InvalidInput, MissingCheckpointError, DownloadError) as exc:
         print(f"amodal: {exc}", file=sys.stderr)
         return 2
 
