@@ -1,5 +1,7 @@
 """The model folder: where each checkpoint lives, and one lazily loaded set of models per process.
 
+Importing this module does not import torch (producers and the worker parent import it).
+
 A stage worker touches only the models of its stage, so each model loads on first use and stays
 resident after that.
 """
@@ -9,7 +11,6 @@ import functools
 from pathlib import Path
 
 from amodal.models.base import MissingCheckpointError
-from amodal.models.runtime import resolve_device, resolve_dtype
 from amodal.settings import Settings
 
 # Paths inside a model folder; the names are those of the published checkpoints.
@@ -37,6 +38,8 @@ class ModelSet:
     """The models of one process, loaded once on first use."""
 
     def __init__(self, model_dir: str | Path, settings: Settings | None = None) -> None:
+        from amodal.models.runtime import resolve_device, resolve_dtype  # torch, only where models run
+
         self.model_dir = Path(model_dir)
         self.settings = settings or Settings()
         self.device = resolve_device(self.settings.device)
