@@ -30,8 +30,9 @@ def candidate_classes(tags: Sequence[str], query: str) -> list[str]:
 def segment_scene(
     image: np.ndarray, classes: Sequence[str], detector: Detector, segmenter: BoxSegmenter, settings: Settings
 ) -> Instances:
-    """Every instance G-DINO + SAM find for ``classes``, then the leftover background segments."""
-    detections = detector.detect(image, classes)
+    """The instances G-DINO + SAM find for ``classes`` (at most ``max_instances``, best first), then
+    the leftover background segments."""
+    detections = sorted(detector.detect(image, classes), key=lambda d: -d.score)[: settings.max_instances]
     masks = segmenter.segment(image, [d.box for d in detections]) if detections else []
     labels = [d.label for d in detections]
     kept = [(label, m) for label, m in zip(labels, masks) if m.any()]

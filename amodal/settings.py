@@ -17,6 +17,7 @@ class Settings:
     background_erode_radius: int = 2
     background_min_area: int = 100
     same_instance_iou: float = 0.8  # an instance this close to the target is the target itself
+    max_instances: int = 32  # detections kept per scene, highest scores first (bounds the pairs)
     # Occlusion (step 4)
     occlusion_threshold: float = 0.5
     border_margin: int = 10
@@ -26,6 +27,7 @@ class Settings:
     crop_margin: int = 60
     truncation_extra: int = 150
     max_passes: int = 3
+    fixed_passes: int = 0  # > 0: exactly this many passes whatever the stop rules (benchmarks)
     edge_strip: int = 5
     inpaint_size: int = 512
     num_inference_steps: int = 50

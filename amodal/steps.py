@@ -8,6 +8,7 @@ it in a loop, the stage workers call it once per message.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -109,7 +110,7 @@ def occlusion(state: JobState, ctx: Context) -> None:
         occluders = occluder_mask(image, visible, scene, ctx.models.occlusion, s)
         state.backends["occlusion"] = ctx.models.occlusion.name
         state.truncated = near_sides(visible, s.border_margin)
-        if not occluders.any() and not state.truncated:
+        if not occluders.any() and not state.truncated and not s.fixed_passes:
             state.finish("unoccluded", "nothing hides the target")
             return
         _plan_first_pass(state, ctx, image, visible, occluders)
@@ -118,18 +119,24 @@ def occlusion(state: JobState, ctx: Context) -> None:
     amodal = art.get_mask(ctx.store, _pass_key(state, "amodal.png"))
     occluders = occluder_mask(window, amodal, scene, ctx.models.occlusion, s)
     occluders |= edge_strips(amodal.shape, near_sides(amodal, s.border_margin), s.edge_strip)
-    if not occluders.any():
+    if s.fixed_passes:
+        if state.passes >= s.fixed_passes:
+            state.finish("completed", f"stopped after the fixed {s.fixed_passes} pass(es)")
+            return
+    elif not occluders.any():
         state.finish("completed", f"complete after {state.passes} pass(es)")
         return
-    if state.passes >= s.max_passes:
+    elif state.passes >= s.max_passes:
         state.finish("completed", f"stopped at the limit of {s.max_passes} pass(es)")
         return
     unfilled = art.get_mask(ctx.store, _pass_key(state, "unfilled.png"))
     first = art.get_mask(ctx.store, state.key("window/first_mask.png"))
     mask = dilate(occluders | unfilled, 3) & first
     if not mask.any():
-        state.finish("completed", f"complete after {state.passes} pass(es): nothing left to repaint")
-        return
+        if not s.fixed_passes:
+            state.finish("completed", f"complete after {state.passes} pass(es): nothing left to repaint")
+            return
+        mask = first
     art.put_mask(ctx.store, _pass_key(state, "inpaint_mask.png"), mask)
     state.stage = "inpaint"
 
@@ -227,7 +234,7 @@ def job_record(state: JobState, extra: dict) -> dict:
         "visible_mask": state.mask_key, "status": state.status, "message": state.message,
         "prompt": state.prompt, "tags": state.tags, "backends": state.backends,
         "grounder_text": state.grounder_text, "passes": state.passes, "truncated": state.truncated,
-        "image_size": state.image_size, "settings": state.settings, **extra,
+        "image_size": state.image_size, "timings": state.timings, "settings": state.settings, **extra,
     }
 
 
@@ -249,17 +256,22 @@ STEPS: dict[str, Callable[[JobState, Context], None]] = {
 
 
 def run_inpaint(states: Sequence[JobState], ctx: Context) -> None:
-    """Run the inpaint step of several jobs in one batch."""
+    """Run the inpaint step of several jobs in one batch (each job is charged its share of the time)."""
+    start = time.perf_counter()
     inpaint(states, ctx)
+    share = (time.perf_counter() - start) / len(states)
     for state in states:
+        state.add_time("inpaint", share)
         state.version += 1
 
 
 def run_step(state: JobState, ctx: Context) -> None:
     """Run the job's current step; bad input ends the job as ``invalid`` instead of raising."""
     stage = state.stage
+    start = time.perf_counter()
     try:
         STEPS[stage](state, ctx)
     except InvalidInput as exc:
         state.finish("invalid", str(exc))
+    state.add_time(stage, time.perf_counter() - start)
     state.version += 1

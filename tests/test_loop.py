@@ -138,3 +138,38 @@ def test_artifacts_cleaned_but_state_kept(tmp_path):
     state, store, _ = run_scene(tmp_path, occluded_scene(), "ball")
     leftovers = list(store.list("jobs/j1/"))
     assert leftovers == []  # the local loop keeps no state record; workers write one
+
+
+def test_fixed_passes_overrides_the_stop_rules(tmp_path):
+    """Benchmarks fix the work: exactly N passes even when the object is complete after one."""
+    state, store, oracle = run_scene(tmp_path, occluded_scene(), "ball", Settings(fixed_passes=3))
+    assert state.status == "completed" and state.passes == 3 and oracle.calls["inpaint"] == 3
+    record = json.loads(store.get(f"{state.result_prefix}/job.json"))
+    assert set(record["timings"]) >= {"ground", "segment", "occlusion", "inpaint"}
+    assert all(t >= 0 for t in record["timings"].values())
+
+
+def test_unoccluded_target_is_still_inpainted_with_fixed_passes(tmp_path):
+    state, _, oracle = run_scene(tmp_path, unoccluded_scene(), "ball", Settings(fixed_passes=1))
+    assert state.status == "completed" and oracle.calls["inpaint"] == 1
+
+
+def test_max_instances_keeps_the_best_detections():
+    from amodal.models.base import Detection
+    from amodal.scene import segment_scene
+
+    class Many:
+        def detect(self, image, labels):
+            return [Detection("x", (0.0, 0.0, 4.0 + i, 4.0 + i), score=i / 10) for i in range(10)]
+
+        def segment(self, image, boxes):
+            out = []
+            for box in boxes:
+                m = np.zeros(image.shape[:2], bool)
+                m[: int(box[3]), : int(box[2])] = True
+                out.append(m)
+            return out
+
+    image = np.zeros((40, 40, 3), np.uint8)
+    scene = segment_scene(image, ["x"], Many(), Many(), Settings(max_instances=3, background_min_area=10**6))
+    assert [m.sum() for m in scene.masks] == [13 * 13, 12 * 12, 11 * 11]  # the three best scores
