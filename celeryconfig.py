@@ -7,7 +7,7 @@ import os
 
 from kombu import Queue
 
-STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
+from amodal.state import WORK_STAGES as STAGES
 
 broker_url = os.environ.get("AMODAL_BROKER_URL", "redis://127.0.0.1:6379/0")
 # Keep retrying the broker at start-up and after a Redis restart instead of exiting.
@@ -50,6 +50,13 @@ broker_transport_options = {
     "retry_on_timeout": True,
     "health_check_interval": 10,
 }
+
+if broker_url.startswith("filesystem://"):
+    # kombu's serverless transport over a shared folder: one host, no Redis (benchmarks on machines
+    # that cannot run a broker). No visibility timeout: a message taken by a lost worker is lost.
+    _folder = os.environ.get("AMODAL_BROKER_FOLDER", "/tmp/amodal-broker")
+    broker_transport_options = {"data_folder_in": _folder, "data_folder_out": _folder,
+                                "control_folder": os.path.join(_folder, "control"), "polling_interval": 0.05}
 
 # Events for Flower: task lifecycle and worker heartbeats.
 worker_send_task_events = True

@@ -11,6 +11,7 @@ from amodal.settings import Settings
 # Stages in the order a job moves through them; the completion loop returns from
 # ``occlusion`` to ``inpaint`` and from ``inpaint`` to ``segment``.
 STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize", "done")
+WORK_STAGES = STAGES[:-1]  # one queue and one worker kind each
 OUTCOMES = ("completed", "unoccluded", "no_target", "invalid", "failed")
 
 

@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers.main import GPU_STAGES
 from workers.placement import Slot
+from workers.warmup import WARM_MESSAGE
 
 AMODAL = [sys.executable, "-m", "amodal.cli"]
 
@@ -44,15 +46,20 @@ class WorkerGroup:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_ready(self, names=None, timeout: float = 600) -> None:
-        """Until each worker's log says its consumer is up (after its models are warm)."""
+        """Until each worker's log says its consumer is up and its models are warm."""
         deadline = time.monotonic() + timeout
         for name in names or list(self.procs):
-            while " ready." not in self.log(name):
+            while not self._ready(name):
                 if self.procs[name].poll() is not None:
                     raise RuntimeError(f"worker {name} exited:\n{self.log(name)[-3000:]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"worker {name} not ready:\n{self.log(name)[-3000:]}")
                 time.sleep(0.5)
+
+    def _ready(self, name: str) -> bool:
+        log = self.log(name)
+        warm = self.slots[name].stage not in GPU_STAGES or WARM_MESSAGE in log
+        return " ready." in log and warm
 
     def signal(self, name: str, sig: int) -> None:
         """Signal a worker's whole process group (the parent and its pool children)."""

@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 
-from celeryconfig import STAGES
+from amodal.state import WORK_STAGES as STAGES
 
 GPU_STAGES = ("ground", "segment", "occlusion", "inpaint")
 

@@ -11,6 +11,7 @@ from celery.signals import worker_process_init
 from amodal.models.base import InpaintRequest
 
 log = logging.getLogger(__name__)
+WARM_MESSAGE = "models loaded and warmed"
 
 
 def warm(stage: str, models, size: int = 512) -> None:
@@ -43,4 +44,4 @@ def _warm_this_process(**_) -> None:
     settings = settings_from_env()
     start = time.perf_counter()
     warm(stage, models_for(settings), settings.inpaint_size)
-    log.warning("%s worker ready: models loaded and warmed in %.1f s", stage, time.perf_counter() - start)
+    log.warning("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)

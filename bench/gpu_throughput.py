@@ -1,0 +1,222 @@
+"""Images per hour through the real distributed path vs. the reference implementation's way, in one run.
+
+On a GPU host: writes full-size random-weight models of every stage in the published formats (the
+arithmetic is the real one), starts one real worker process per stage on GPU 0 (finalize on the
+CPU), submits N synthetic images with the number of inpainting passes fixed (``fixed_passes``), and
+times them to their last outcome. In the same run, the reference-structured baseline: one process,
+one image at a time, SAM rebuilt from its checkpoint file on every call, SAM and G-DINO in fp32,
+diffusion with attention slicing at batch 1. Writes a JSON record under ``bench/results/``.
+
+The broker is kombu's filesystem transport (no Redis server needed on the host); storage is a local
+folder. Visible masks are given with the jobs, so grounding costs nothing here; LISA's cost per image
+is measured by ``bench/lisa_full_size.py``. ``--tiny`` runs the same path with tiny models on the
+CPU, to check the script.
+
+    python bench/gpu_throughput.py --images 48 --baseline-images 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amodal.images import encode_png  # noqa: E402
+from amodal.settings import Settings  # noqa: E402
+from workers.launch import WorkerGroup  # noqa: E402
+from workers.placement import plan  # noqa: E402
+
+UNET_TFLOP_PER_FORWARD = 0.80  # SD2 UNet, one 512 px sample (64x64 latent)
+STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
+
+
+def synthetic_images(folder: Path, count: int, size=(480, 640)) -> Path:
+    """``count`` noisy scenes, each with a target disc cut by the left border and half hidden."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    rows = []
+    for i in range(count):
+        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        cy, r = h // 2 + int(rng.integers(-40, 40)), 120
+        disc = (xx - 30) ** 2 + (yy - cy) ** 2 < r**2
+        box = (xx > 90) & (xx < 200) & (abs(yy - cy) < 160)
+        image[disc] = (200, 40, 40)
+        image[box] = (40, 60, 200)
+        (folder / f"img{i:04d}.png").write_bytes(encode_png(image))
+        (folder / f"img{i:04d}_mask.png").write_bytes(encode_png(disc & ~box))
+        rows.append({"image": f"img{i:04d}.png", "query": "red ball", "visible_mask": f"img{i:04d}_mask.png"})
+    annotations = folder / "rows.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return annotations
+
+
+class GpuMemory:
+    """Peak memory used on the card (all processes), polled with nvidia-smi."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.peak_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+                self.peak_mib = max(self.peak_mib, int(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(interval)
+
+    def __enter__(self) -> "GpuMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_distributed(work: Path, models: Path, images: Path, annotations: Path, settings: Settings,
+                    batch: int, count: int) -> dict:
+    from amodal.jobstore import latest_state
+    from producer import Client
+
+    broker, store = work / "broker", work / "store"
+    for folder in (broker, broker / "control", store):
+        folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, AMODAL_BROKER_URL="filesystem://", AMODAL_BROKER_FOLDER=str(broker),
+               AMODAL_STORAGE_URL=f"file://{store}", AMODAL_MODEL_DIR=str(models),
+               AMODAL_SETTINGS=json.dumps(settings.to_dict()), AMODAL_INPAINT_BATCH=str(batch),
+               AMODAL_INPAINT_FLUSH="2.0", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    os.environ.update({k: env[k] for k in ("AMODAL_BROKER_URL", "AMODAL_BROKER_FOLDER", "AMODAL_STORAGE_URL")})
+    group = WorkerGroup(env, work / "logs")
+    for slot in plan(1):
+        group.start(slot)
+    start = time.perf_counter()
+    try:
+        group.wait_ready(timeout=900)
+        warm = time.perf_counter() - start
+        client = Client(storage_url=env["AMODAL_STORAGE_URL"], settings=settings)
+        with GpuMemory() as memory:
+            t0 = time.perf_counter()
+            client.submit_dataset(images, annotations, "bench", progress=False)
+            while client.status("bench")["pending"]:
+                time.sleep(0.5)
+            wall = time.perf_counter() - t0
+        lines = list(client.manifest("bench"))
+    finally:
+        group.stop()
+    states = [latest_state(client.store, line["job_id"]) for line in lines]
+    statuses: dict[str, int] = {}
+    for state in states:
+        statuses[state.status] = statuses.get(state.status, 0) + 1
+    busy = {s: sum(state.timings.get(s, 0.0) for state in states) for s in STAGES}
+    return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
+            "statuses": statuses, "passes": sorted({state.passes for state in states}),
+            "stage_seconds_per_image": {s: busy[s] / count for s in STAGES},
+            "stage_busy_fraction": {s: busy[s] / wall for s in STAGES},
+            "warmup_seconds": warm, "peak_gpu_memory_gib": memory.peak_mib / 1024}
+
+
+def run_baseline(work: Path, models: Path, images: Path, annotations: Path, settings: Settings, count: int) -> dict:
+    """The reference implementation's way: one process, one image at a time, nothing batched."""
+    import torch
+
+    from amodal.models.registry import SAM_FILES, GROUNDING_DINO_DIR, ModelSet
+    from amodal.models.sam import SamSegmenter
+    from amodal.runner import run_local
+
+    class ReferenceModels(ModelSet):
+        @property
+        def segmenter(self):  # rebuilt from the checkpoint file on every call, fp32
+            return SamSegmenter.from_checkpoint(self.path(SAM_FILES["vit_h"]), device=self.device, dtype=torch.float32)
+
+        @property
+        def detector(self):
+            from amodal.models.grounding_dino import GroundingDino
+
+            if not hasattr(self, "_detector"):
+                self._detector = GroundingDino.from_pretrained(
+                    self.path(GROUNDING_DINO_DIR), device=self.device, dtype=torch.float32,
+                    box_threshold=self.settings.box_threshold, text_threshold=self.settings.text_threshold)
+            return self._detector
+
+    models_set = ReferenceModels(models, settings)
+    models_set.inpainter.pipeline.enable_attention_slicing()
+    rows = [json.loads(x) for x in annotations.read_text().splitlines()[:count]]
+    subset = work / "baseline_rows.jsonl"
+    subset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # warm the resident models once, as the reference keeps them loaded too
+    t0 = time.perf_counter()
+    outcomes = run_local(images, subset, work / "baseline_out", models_set, settings, progress=False)
+    wall = time.perf_counter() - t0
+    return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
+            "statuses": [o.status for o in outcomes]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--baseline-images", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="inpaint batch size")
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
+    ap.add_argument("--models", help="model folder (written there if empty)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_throughput.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    from amodal.models.tiny import write_tiny_models
+
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("gpu_throughput: no CUDA device (use --tiny to check the script on the CPU)")
+    work = Path(tempfile.mkdtemp(prefix="amodal-bench-"))
+    models = Path(args.models) if args.models else work / "models"
+    t0 = time.perf_counter()
+    if not (models / "sam").exists():
+        write_tiny_models(models, progress=False, full_size=not args.tiny)
+    write_seconds = time.perf_counter() - t0
+    settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
+                        inpaint_batch_size=args.batch)
+    images = work / "images"
+    annotations = synthetic_images(images, args.images)
+    record = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "models": "tiny random" if args.tiny else "full-size random (published configs)",
+        "broker": "kombu filesystem transport (local folder)", "storage": "local folder",
+        "grounding": "visible masks given with the jobs (LISA: bench/lisa_full_size.py)",
+        "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch, "image_size": "640x480"},
+        "model_write_seconds": write_seconds,
+    }
+    record["ours"] = run_distributed(work, models, images, annotations, settings, args.batch, args.images)
+    record["baseline"] = run_baseline(work, models, images, annotations, settings, args.baseline_images)
+    record["speedup"] = record["ours"]["images_per_hour"] / record["baseline"]["images_per_hour"]
+    unet_tflop = args.passes * args.steps * 2 * UNET_TFLOP_PER_FORWARD  # classifier-free guidance: 2 samples
+    inpaint_s = record["ours"]["stage_seconds_per_image"]["inpaint"]
+    record["unet_tflops_over_inpaint_busy_time"] = unet_tflop / inpaint_s if inpaint_s else None
+    record["arithmetic_floor_images_per_hour_at_280_tflops"] = 3600 * 280 / unet_tflop
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
