@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from amodal.storage import (PARTIAL_MARK, LocalStorage, ObjectNotFound, S3Storage, Storage,
                             make_s3_client, open_storage)
+from tests.s3server import start_s3_server
 
 
 @pytest.fixture(params=["local", "s3"])
