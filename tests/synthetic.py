@@ -8,12 +8,15 @@ must recover each object's full mask.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from amodal.geometry import bbox
+from amodal.images import encode_png
 from amodal.models.base import Detection, Grounding, InpaintRequest
 
 BACKGROUND = (236, 236, 236)
@@ -191,3 +194,28 @@ def truncated_scene() -> Scene:
 
 def unoccluded_scene() -> Scene:
     return Scene(240, 200, [Shape("ball", (220, 40, 40), "disc", 120, 100, 40, 40, depth=1)])
+
+
+def synthetic_dataset(root: Path, count: int = 12, given: int | None = None) -> tuple[Path, Path]:
+    """``count`` synthetic rows; the first ``given`` (default half) come with their visible mask,
+    the others are grounded from the query. Even rows are cut by the border (always completed)."""
+    images = root / "images"
+    images.mkdir()
+    rows = []
+    rng = np.random.default_rng(7)
+    for i in range(count):
+        base = occluded_scene() if i % 2 else truncated_scene()
+        dx, dy = rng.integers(-12, 12, 2)
+        scene = Scene(base.width, base.height, [
+            Shape(s.label, s.colour, s.kind, s.cx + dx, s.cy + dy, s.rx, s.ry, s.depth) for s in base.shapes])
+        target = scene.shapes[0].label
+        (images / f"scene{i:02d}.png").write_bytes(encode_png(scene.render()))
+        row = {"image": f"scene{i:02d}.png", "query": target}
+        if i < (count // 2 if given is None else given):
+            (images / f"scene{i:02d}_mask.png").write_bytes(
+                encode_png(np.where(scene.visible(target), 255, 0).astype(np.uint8)))
+            row["visible_mask"] = f"scene{i:02d}_mask.png"
+        rows.append(row)
+    annotations = root / "rows.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return images, annotations

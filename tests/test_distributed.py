@@ -8,38 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amodal.images import encode_png
 from amodal.state import OUTCOMES
 from amodal.storage import open_storage
 from tests.cluster import amodal, cluster_env, start_workers
-from tests.synthetic import Scene, Shape, occluded_scene, truncated_scene
+from tests.synthetic import synthetic_dataset
 
 pytestmark = pytest.mark.slow
 SETTINGS = {"num_inference_steps": 2, "max_passes": 2}
-
-
-def synthetic_dataset(root, count: int = 12):
-    """``count`` synthetic rows: half with a given visible mask, half grounded from the query."""
-    images = root / "images"
-    images.mkdir()
-    rows = []
-    rng = np.random.default_rng(7)
-    for i in range(count):
-        base = occluded_scene() if i % 2 else truncated_scene()
-        dx, dy = rng.integers(-12, 12, 2)
-        scene = Scene(base.width, base.height, [
-            Shape(s.label, s.colour, s.kind, s.cx + dx, s.cy + dy, s.rx, s.ry, s.depth) for s in base.shapes])
-        target = scene.shapes[0].label
-        (images / f"scene{i:02d}.png").write_bytes(encode_png(scene.render()))
-        row = {"image": f"scene{i:02d}.png", "query": target}
-        if i < count // 2:
-            (images / f"scene{i:02d}_mask.png").write_bytes(
-                encode_png(np.where(scene.visible(target), 255, 0).astype(np.uint8)))
-            row["visible_mask"] = f"scene{i:02d}_mask.png"
-        rows.append(row)
-    annotations = root / "rows.jsonl"
-    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return images, annotations
 
 
 @pytest.fixture
