@@ -36,16 +36,16 @@ task_reject_on_worker_lost = True
 # (The inpaint worker raises its own prefetch to its batch size to fill a diffusion batch.)
 worker_prefetch_multiplier = 1
 
-# The longest step (an inpaint batch of 8 at 50 steps on a busy GPU) takes well under 5 minutes;
-# the hard limit kills a hung step, and Redis hands an unacknowledged message to another worker
-# after the visibility timeout, which must outlast the longest step, or a running task would be
-# delivered twice. 15 minutes keeps recovery after a lost worker within minutes, not the
-# default hour.
-TASK_TIME_LIMIT = int(os.environ.get("AMODAL_TASK_TIME_LIMIT", "600"))
+# The longest step (an inpaint batch of 8 at 50 steps) takes seconds on an H100 and about a minute
+# on a small card; the hard limit kills a hung step. Redis hands an unacknowledged message to
+# another worker after the visibility timeout, which must outlast the longest step (or a running
+# task would be delivered twice) and is what a job waits after its worker is lost whole: 6 minutes
+# by default, not the transport's default hour.
+TASK_TIME_LIMIT = int(os.environ.get("AMODAL_TASK_TIME_LIMIT", "300"))
 task_time_limit = TASK_TIME_LIMIT
 task_soft_time_limit = TASK_TIME_LIMIT - 30
 broker_transport_options = {
-    "visibility_timeout": int(os.environ.get("AMODAL_VISIBILITY_TIMEOUT", str(TASK_TIME_LIMIT + 300))),
+    "visibility_timeout": int(os.environ.get("AMODAL_VISIBILITY_TIMEOUT", str(TASK_TIME_LIMIT + 60))),
     # Survive short Redis outages without dropping the connection for good.
     "retry_on_timeout": True,
     "health_check_interval": 10,
