@@ -90,6 +90,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from workers.launch import WorkerGroup
+    from workers.placement import costs_from_benchmark, gpu_loads, plan, DEFAULT_COSTS
+
+    costs = costs_from_benchmark(Path(args.costs)) if args.costs else DEFAULT_COSTS
+    slots = plan(args.gpus, costs, finalize_workers=args.finalize)
+    loads = gpu_loads(slots, costs)
+    for slot in slots:
+        where = "cpu" if slot.gpu is None else f"gpu {slot.gpu} (load {loads[slot.gpu]:.2f} s/image)"
+        print(f"{slot.stage:>10}  {where}")
+    if args.dry_run:
+        return 0
+    group = WorkerGroup(dict(os.environ), Path(args.logs))
+    for slot in slots:
+        group.start(slot)
+    group.supervise()
+    return 0
+
+
 def cmd_flower(args: argparse.Namespace) -> int:
     from producer.flower import run_flower
 
@@ -143,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, help="worker processes (each holds its models)")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=cmd_worker)
+
+    launch = sub.add_parser("launch", help="start and supervise this host's workers by the placement plan")
+    launch.add_argument("--gpus", type=int, required=True, help="GPUs on this host")
+    launch.add_argument("--costs", help="a bench/gpu_throughput.py record to plan from (default: estimates)")
+    launch.add_argument("--finalize", type=int, default=1, help="CPU finalize workers")
+    launch.add_argument("--logs", default="logs", help="folder for the workers' logs")
+    launch.add_argument("--dry-run", action="store_true", help="print the plan only")
+    launch.set_defaults(func=cmd_launch)
 
     flower = sub.add_parser("flower", help="Flower on the same broker (basic auth from FLOWER_BASIC_AUTH)")
     flower.add_argument("--port", type=int, default=5555)

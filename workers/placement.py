@@ -1,11 +1,13 @@
 """Which stage workers go on which GPUs of a host, from the measured per-stage cost.
 
-Each GPU stage gets workers in proportion to its share of the GPU time one image needs (at least
-one each); workers are then placed heaviest first on the least-loaded GPU, never two of one stage on
-one GPU while another GPU has none of it. ``finalize`` runs on the CPU.
+A stage with ``k`` workers gives each ``1/k`` of its per-image GPU time. For every choice of worker
+counts (1 to the number of GPUs per stage) the workers are placed heaviest first on the least-loaded
+GPU, never two of one stage on one GPU; the plan whose busiest GPU carries least wins (fewer workers
+on a tie), since the busiest GPU sets the host's images per hour. ``finalize`` runs on the CPU.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,28 +30,30 @@ class Slot:
         return ["--stage", self.stage] + ([] if self.gpu is None else ["--gpu", str(self.gpu)])
 
 
-def worker_counts(gpus: int, costs: dict[str, float]) -> dict[str, int]:
-    """Workers per GPU stage: proportional to cost, at least one, at most one per GPU."""
-    total = sum(costs[s] for s in GPU_STAGES)
-    return {s: min(gpus, max(1, round(gpus * costs[s] / total))) for s in GPU_STAGES}
+def _place(gpus: int, counts: dict[str, int], costs: dict[str, float]) -> tuple[float, list[Slot]]:
+    """Heaviest worker first onto the least-loaded GPU without that stage; (max load, slots)."""
+    load = [0.0] * gpus
+    placed: list[Slot] = []
+    workers = sorted(((costs[s] / counts[s], s) for s in GPU_STAGES for _ in range(counts[s])), reverse=True)
+    for share, stage in workers:
+        taken = {slot.gpu for slot in placed if slot.stage == stage}
+        gpu = min((g for g in range(gpus) if g not in taken), key=lambda g: (load[g], g))
+        load[gpu] += share
+        placed.append(Slot(stage, gpu))
+    return max(load), placed
 
 
 def plan(gpus: int, costs: dict[str, float] | None = None, finalize_workers: int = 1) -> list[Slot]:
     if gpus < 1:
         raise ValueError("a plan needs at least one GPU")
     costs = costs or DEFAULT_COSTS
-    counts = worker_counts(gpus, costs)
-    load = [0.0] * gpus
-    placed: list[Slot] = []
-    workers = sorted(((costs[s] / counts[s], s) for s in GPU_STAGES for _ in range(counts[s])), reverse=True)
-    for share, stage in workers:
-        taken = {slot.gpu for slot in placed if slot.stage == stage}
-        free = [g for g in range(gpus) if g not in taken] or list(range(gpus))
-        gpu = min(free, key=lambda g: (load[g], g))
-        load[gpu] += share
-        placed.append(Slot(stage, gpu))
-    placed += [Slot("finalize", None)] * finalize_workers
-    return placed
+    best: tuple[float, int, list[Slot]] | None = None
+    for choice in itertools.product(range(1, gpus + 1), repeat=len(GPU_STAGES)):
+        peak, slots = _place(gpus, dict(zip(GPU_STAGES, choice)), costs)
+        key = (round(peak, 9), len(slots), slots)
+        if best is None or key[:2] < best[:2]:
+            best = key
+    return best[2] + [Slot("finalize", None)] * finalize_workers
 
 
 def gpu_loads(slots: list[Slot], costs: dict[str, float]) -> dict[int, float]:
@@ -65,6 +69,6 @@ def gpu_loads(slots: list[Slot], costs: dict[str, float]) -> dict[int, float]:
 
 
 def costs_from_benchmark(path: Path) -> dict[str, float]:
-    """Per-image busy seconds per stage from a GPU benchmark record (``stage_seconds_per_image``)."""
+    """Per-image busy seconds per stage from a record of ``bench/gpu_throughput.py``."""
     record = json.loads(Path(path).read_text())
-    return {s: float(record["stage_seconds_per_image"][s]) for s in GPU_STAGES}
+    return {s: float(record["ours"]["stage_seconds_per_image"][s]) for s in GPU_STAGES}

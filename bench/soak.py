@@ -1,0 +1,117 @@
+"""Soak: many queued jobs with tiny models; throughput, peak RSS per worker, Redis keys before/after.
+
+Worker memory is bounded because each worker holds one set of models and one task (prefetch 1;
+the inpaint worker one batch), and job data lives in storage, never in the broker. Redis keys must
+not grow with the number of jobs: results are not stored in Redis (``task_ignore_result``), and a
+finished job leaves nothing there.
+
+    python bench/soak.py --jobs 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.s3server import start_s3_server  # noqa: E402  (moto: the S3 server available here)
+from tests.synthetic import synthetic_dataset  # noqa: E402
+
+SETTINGS = {"num_inference_steps": 1, "max_passes": 1, "max_instances": 4}
+
+
+class RssPeaks:
+    """Peak resident memory of each worker's process tree, sampled every second."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for name, proc in list(self.group.procs.items()):
+                try:
+                    root = psutil.Process(proc.pid)
+                    rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                except psutil.Error:
+                    continue
+                self.peaks[name] = max(self.peaks.get(name, 0), rss)
+
+    def __enter__(self) -> "RssPeaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=1000)
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/12")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
+    args = ap.parse_args()
+
+    import boto3
+    import redis
+
+    from amodal.models.tiny import write_tiny_models
+    from tests.cluster import cluster_env, start_workers
+
+    work = Path(tempfile.mkdtemp(prefix="amodal-soak-"))
+    models = work / "models"
+    write_tiny_models(models, progress=False)
+    images, annotations = synthetic_dataset(work, args.jobs, given=args.jobs)
+    endpoint, stop_s3 = start_s3_server()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="soak", AWS_SECRET_ACCESS_KEY="soak",
+                      AWS_DEFAULT_REGION="us-east-1")
+    bucket = f"soak-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    broker = redis.Redis.from_url(args.redis)
+    broker.flushdb()
+    env = cluster_env(args.redis, f"s3://{bucket}/data", models, SETTINGS)
+    os.environ.update(AMODAL_BROKER_URL=args.redis, AMODAL_STORAGE_URL=env["AMODAL_STORAGE_URL"])
+    from producer import Client
+
+    group = start_workers(env, work / "logs")
+    keys_idle = broker.dbsize()
+    client = Client()
+    try:
+        with RssPeaks(group) as rss:
+            t0 = time.perf_counter()
+            client.submit_dataset(images, annotations, "soak", progress=False)
+            keys_queued = broker.dbsize()
+            while (counts := client.status("soak"))["pending"]:
+                time.sleep(5)
+            wall = time.perf_counter() - t0
+            time.sleep(5)
+            keys_after = broker.dbsize()
+    finally:
+        group.stop()
+        stop_s3()
+    record = {
+        "jobs": args.jobs, "settings": SETTINGS, "cores": os.cpu_count(), "wall_seconds": wall,
+        "jobs_per_hour": 3600 * args.jobs / wall, "outcomes": counts,
+        "peak_rss_mib_per_worker": {k: v / 2**20 for k, v in rss.peaks.items()},
+        "redis_keys": {"workers_idle": keys_idle, "after_submit": keys_queued, "after_completion": keys_after},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
