@@ -36,7 +36,7 @@ task_reject_on_worker_lost = True
 # (The inpaint worker raises its own prefetch to its batch size to fill a diffusion batch.)
 worker_prefetch_multiplier = 1
 
-# The longest step (an inpaint batch of 8 at 50 steps) takes seconds on an H100 and about a minute
+# The longest step (an inpaint batch of 16 at 50 steps) takes seconds on an H100 and about a minute
 # on a small card; the hard limit kills a hung step. Redis hands an unacknowledged message to
 # another worker after the visibility timeout, which must outlast the longest step (or a running
 # task would be delivered twice) and is what a job waits after its worker is lost whole: 6 minutes

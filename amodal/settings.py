@@ -48,9 +48,8 @@ class Settings:
     # Runtime (does not change results)
     device: str = "auto"
     dtype: str = "auto"  # "auto" -> float16 on CUDA, float32 on CPU
-    inpaint_batch_size: int = 8
 
-    RUNTIME_FIELDS = ("device", "dtype", "inpaint_batch_size")
+    RUNTIME_FIELDS = ("device", "dtype")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -7,8 +7,8 @@ times them to their last outcome. In the same run, the reference-structured base
 one image at a time, SAM rebuilt from its checkpoint file on every call, SAM and G-DINO in fp32,
 diffusion with attention slicing at batch 1. Writes a JSON record under ``bench/results/``.
 
-The broker is kombu's filesystem transport (no Redis server needed on the host); storage is a local
-folder. Visible masks are given with the jobs, so grounding costs nothing here; LISA's cost per image
+The broker is a Redis server started here from ``--redis-server`` (a binary carried to the host),
+else kombu's filesystem transport (slow: it polls); storage is a local folder. Visible masks are given with the jobs, so grounding costs nothing here; LISA's cost per image
 is measured by ``bench/lisa_full_size.py``. ``--tiny`` runs the same path with tiny models on the
 CPU, to check the script.
 
@@ -90,18 +90,26 @@ class GpuMemory:
         self._thread.join()
 
 
+def start_redis(binary: str, port: int = 6390) -> subprocess.Popen:
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return proc
+
+
 def run_distributed(work: Path, models: Path, images: Path, annotations: Path, settings: Settings,
-                    batch: int, count: int) -> dict:
+                    batch: int, count: int, broker_url: str) -> dict:
     from amodal.jobstore import latest_state
     from producer import Client
 
     broker, store = work / "broker", work / "store"
     for folder in (broker, broker / "control", store):
         folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, AMODAL_BROKER_URL="filesystem://", AMODAL_BROKER_FOLDER=str(broker),
+    env = dict(os.environ, AMODAL_BROKER_URL=broker_url, AMODAL_BROKER_FOLDER=str(broker),
                AMODAL_STORAGE_URL=f"file://{store}", AMODAL_MODEL_DIR=str(models),
                AMODAL_SETTINGS=json.dumps(settings.to_dict()), AMODAL_INPAINT_BATCH=str(batch),
-               AMODAL_INPAINT_FLUSH="2.0", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+               AMODAL_INPAINT_FLUSH="2.0", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     os.environ.update({k: env[k] for k in ("AMODAL_BROKER_URL", "AMODAL_BROKER_FOLDER", "AMODAL_STORAGE_URL")})
     group = WorkerGroup(env, work / "logs")
     for slot in plan(1):
@@ -172,17 +180,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--baseline-images", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8, help="inpaint batch size")
+    ap.add_argument("--batch", type=int, default=16, help="inpaint batch size")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     ap.add_argument("--models", help="model folder (written there if empty)")
+    ap.add_argument("--redis-server", help="a redis-server binary to run the broker with")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_throughput.json"))
     args = ap.parse_args()
 
     import torch
 
     from amodal.models.tiny import write_tiny_models
+    from bench.fullsize import write_full_size_models
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("gpu_throughput: no CUDA device (use --tiny to check the script on the CPU)")
@@ -190,21 +200,31 @@ def main() -> None:
     models = Path(args.models) if args.models else work / "models"
     t0 = time.perf_counter()
     if not (models / "sam").exists():
-        write_tiny_models(models, progress=False, full_size=not args.tiny)
+        if args.tiny:
+            write_tiny_models(models, progress=False)
+        else:
+            write_full_size_models(models)
     write_seconds = time.perf_counter() - t0
-    settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
-                        inpaint_batch_size=args.batch)
+    settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps)
     images = work / "images"
     annotations = synthetic_images(images, args.images)
     record = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "models": "tiny random" if args.tiny else "full-size random (published configs)",
-        "broker": "kombu filesystem transport (local folder)", "storage": "local folder",
+        "broker": "Redis (carried binary)" if args.redis_server else "kombu filesystem transport (local folder)",
+        "storage": "local folder",
         "grounding": "visible masks given with the jobs (LISA: bench/lisa_full_size.py)",
         "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch, "image_size": "640x480"},
         "model_write_seconds": write_seconds,
     }
-    record["ours"] = run_distributed(work, models, images, annotations, settings, args.batch, args.images)
+    redis = start_redis(args.redis_server) if args.redis_server else None
+    try:
+        record["ours"] = run_distributed(work, models, images, annotations, settings, args.batch, args.images,
+                                         "redis://127.0.0.1:6390/0" if redis else "filesystem://")
+    finally:
+        if redis:
+            redis.terminate()
+    print(json.dumps(record, indent=2), flush=True)  # the distributed figures, before the slow baseline
     record["baseline"] = run_baseline(work, models, images, annotations, settings, args.baseline_images)
     record["speedup"] = record["ours"]["images_per_hour"] / record["baseline"]["images_per_hour"]
     unet_tflop = args.passes * args.steps * 2 * UNET_TFLOP_PER_FORWARD  # classifier-free guidance: 2 samples

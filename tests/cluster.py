@@ -19,7 +19,8 @@ def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) 
     env.update({
         "AMODAL_BROKER_URL": redis_url, "AMODAL_STORAGE_URL": storage_url, "AMODAL_MODEL_DIR": str(models),
         "AMODAL_SETTINGS": json.dumps(settings), "PYTHONUNBUFFERED": "1", "AMODAL_INPAINT_FLUSH": "0.3",
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     })
     return env
 

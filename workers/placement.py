@@ -14,10 +14,10 @@ from pathlib import Path
 
 from workers.main import GPU_STAGES
 
-# GPU seconds per image at the paper's settings (3 passes, 50 steps), estimated from per-model
-# timings on one H100 (SD2 inpainting at batch 8: 0.36 s a pass; SAM ViT-H in bf16: 0.04 s an
-# encoding, four per image); a plan made from a GPU benchmark record (--costs) replaces them.
-DEFAULT_COSTS = {"ground": 0.35, "segment": 0.30, "occlusion": 0.02, "inpaint": 1.10}
+# Busy GPU seconds per image at the paper's settings (3 passes, 50 steps), measured on one H100 with
+# every stage sharing it (bench/results/gpu_throughput.json; masks given: LISA adds about 1.5 s to
+# ground). A plan made from another benchmark record (--costs) replaces them.
+DEFAULT_COSTS = {"ground": 0.09, "segment": 2.89, "occlusion": 0.18, "inpaint": 3.35}
 
 
 @dataclass(frozen=True)

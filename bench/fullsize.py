@@ -1,0 +1,72 @@
+"""Full-size random-weight models in the published formats, for speed and memory measurements.
+
+Each model's tiny writer lays out its folder (tokenizers, scheduler, processor files); the weights
+and configs are then replaced by the published architectures, built on the GPU (fast random init)
+and saved in the published formats. Results from them are noise; their arithmetic is the real one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from amodal.models import clip, grounding_dino, instaorder, sam, sd_inpaint
+from amodal.models.registry import CLIP_DIR, GROUNDING_DINO_DIR, INSTAORDER_FILE, SAM_FILES, SD_INPAINT_DIR
+
+
+def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    model_dir = Path(model_dir)
+    torch.manual_seed(0)
+    with torch.device(device):
+        # SAM ViT-H: a plain fp32 state dict, as published
+        arch = sam.SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
+                                   window_size=14)
+        path = model_dir / SAM_FILES["vit_h"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in sam.build_sam(arch).state_dict().items()}, path)
+
+        # Grounding DINO Swin-T (transformers' defaults are grounding-dino-tiny), published preprocessing
+        folder = model_dir / GROUNDING_DINO_DIR
+        grounding_dino.write_tiny(folder)
+        GroundingDinoForObjectDetection(GroundingDinoConfig()).save_pretrained(folder)
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        pre["size"] = {"shortest_edge": 800, "longest_edge": 1333}
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+
+        # CLIP ViT-B/32 (transformers' defaults)
+        folder = model_dir / CLIP_DIR
+        clip.write_tiny(folder)
+        CLIPModel(CLIPConfig()).save_pretrained(folder)
+
+        # SD2 inpainting: UNet, VAE and the OpenCLIP ViT-H text tower, saved in fp16
+        folder = model_dir / SD_INPAINT_DIR
+        sd_inpaint.write_tiny(folder)
+        UNet2DConditionModel(
+            sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=1024, use_linear_projection=True,
+        ).half().save_pretrained(folder / "unet")
+        AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+            scaling_factor=0.18215,
+        ).half().save_pretrained(folder / "vae")
+        text = json.loads((folder / "text_encoder" / "config.json").read_text())
+        CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+            bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"],
+        )).half().save_pretrained(folder / "text_encoder")
+
+        # InstaOrder: ResNet-50 layout in the released tar format
+        net = instaorder.InstaOrderNet()
+        path = model_dir / INSTAORDER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"step": 0, "state_dict": {f"module.{k}": v.cpu() for k, v in net.state_dict().items()}}, path)
