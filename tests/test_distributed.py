@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from amodal.state import OUTCOMES
 from amodal.storage import open_storage
 from tests.cluster import amodal, cluster_env, start_workers
+from tests.test_flower import AUTH, flower_env, free_port, start_flower
 from tests.synthetic import synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -82,3 +84,22 @@ def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     again = json.loads(res.stdout.strip().splitlines()[-1])
     assert again["enqueued"] == 0 and again["finished"] == 12
     assert sorted(store.list("results/")) == results_before
+
+
+def test_flower_lists_the_five_stage_workers(cluster, redis_url):
+    import requests
+
+    port = free_port()
+    proc = start_flower(flower_env(redis_url), port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            workers = requests.get(f"http://127.0.0.1:{port}/api/workers?refresh=1", auth=AUTH, timeout=30).json()
+            stages = sorted(name.split("@")[0] for name in workers)
+            if len(stages) == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert stages == ["finalize", "ground-gpu0", "inpaint-gpu0", "occlusion-gpu0", "segment-gpu0"]
