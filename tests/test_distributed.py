@@ -103,3 +103,23 @@ def test_flower_lists_the_five_stage_workers(cluster, redis_url):
         proc.terminate()
         proc.communicate(timeout=30)
     assert stages == ["finalize", "ground-gpu0", "inpaint-gpu0", "occlusion-gpu0", "segment-gpu0"]
+
+
+def test_submit_from_an_s3_prefix_reads_images_in_place(tmp_path, redis_url, s3_bucket, s3_admin, monkeypatch):
+    """Images under s3:// are not copied: jobs name them in their own bucket; missing ones are invalid."""
+    from amodal.jobstore import latest_state
+    from producer import Client
+
+    images, annotations = synthetic_dataset(tmp_path, 4, given=4)
+    for path in images.iterdir():
+        s3_admin.put_object(Bucket=s3_bucket, Key=f"photos/{path.name}", Body=path.read_bytes())
+    annotations.write_text(annotations.read_text() + json.dumps({"image": "gone.png", "query": "x"}) + "\n")
+    monkeypatch.setenv("AMODAL_BROKER_URL", redis_url)
+    client = Client(broker_url=redis_url, storage_url=f"s3://{s3_bucket}/store")
+    report = client.submit_dataset(f"s3://{s3_bucket}/photos", annotations, "from-s3", progress=False)
+    assert report.enqueued == 4 and [r["message"] for r in report.invalid] == ["image not found: gone.png"]
+    lines = list(client.manifest("from-s3"))
+    assert [x["status"] for x in lines] == ["pending"] * 4 + ["invalid"]
+    state = latest_state(client.store, lines[0]["job_id"])
+    assert state.inputs == f"s3://{s3_bucket}/photos" and state.image_key == "scene00.png"
+    assert not [k for k in client.store.list("inputs/")]  # nothing uploaded
