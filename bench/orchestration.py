@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.s3server import start_s3_server  # noqa: E402  (moto: the S3 server available here)
+from bench.tinycluster import tiny_cluster, with_workers  # noqa: E402
 from tests.synthetic import synthetic_dataset  # noqa: E402
 
 SETTINGS = {"num_inference_steps": 2, "fixed_passes": 1}
@@ -34,59 +31,40 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "orchestration.json"))
     args = ap.parse_args()
 
-    import boto3
-    import redis
-
     from amodal.annotations import read_annotations
     from amodal.jobstore import latest_state
     from amodal.models.registry import ModelSet
-    from amodal.models.tiny import write_tiny_models
     from amodal.runner import LocalRunner
     from amodal.settings import Settings
-    from tests.cluster import cluster_env, start_workers
 
-    work = Path(tempfile.mkdtemp(prefix="amodal-orch-"))
-    models = work / "models"
-    write_tiny_models(models, progress=False)
-    images, annotations = synthetic_dataset(work, args.jobs, given=args.jobs)
     settings = Settings(**SETTINGS)
-    rows = read_annotations(annotations)
+    with tiny_cluster(args.redis, SETTINGS, "orch") as cluster:
+        images, annotations = synthetic_dataset(cluster.work, args.jobs, given=args.jobs)
+        rows = read_annotations(annotations)
 
-    # in one process
-    runner = LocalRunner(images, work / "local", ModelSet(models, settings), settings)
-    runner.run_row(rows[0], {})  # load and warm the models
-    runner = LocalRunner(images, work / "local2", runner.ctx.models, settings)
-    local = []
-    for row in rows:
-        t0 = time.perf_counter()
-        runner.run_row(row, {})
-        local.append(time.perf_counter() - t0)
-
-    # through the queues, one job at a time
-    endpoint, stop_s3 = start_s3_server()
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1")
-    bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    redis.Redis.from_url(args.redis).flushdb()
-    env = cluster_env(args.redis, f"s3://{bucket}/data", models, SETTINGS)
-    os.environ.update(AMODAL_BROKER_URL=args.redis, AMODAL_STORAGE_URL=env["AMODAL_STORAGE_URL"])
-    from producer import Client
-
-    group = start_workers(env, work / "logs")
-    client = Client(settings=settings)
-    distributed, hops = [], []
-    try:
-        for i, row in enumerate(rows):
+        # in one process
+        runner = LocalRunner(images, cluster.work / "local", ModelSet(cluster.models, settings), settings)
+        runner.run_row(rows[0], {})  # load and warm the models
+        runner = LocalRunner(images, cluster.work / "local2", runner.ctx.models, settings)
+        local = []
+        for row in rows:
             t0 = time.perf_counter()
-            job = client.submit(images / row.image, row.query, f"orch{i}", visible_mask=images / row.visible_mask)
+            runner.run_row(row, {})
+            local.append(time.perf_counter() - t0)
+
+        # through the queues, one job at a time
+        from producer import Client
+
+        with_workers(cluster)
+        client = Client(settings=settings)
+        distributed, hops = [], []
+        for row in rows:
+            t0 = time.perf_counter()
+            job = client.submit(images / row.image, row.query, "orch", visible_mask=images / row.visible_mask)
             while latest_state(client.store, job).stage != "done":
                 time.sleep(0.005)
             distributed.append(time.perf_counter() - t0)
             hops.append(latest_state(client.store, job).version)
-    finally:
-        group.stop()
-        stop_s3()
     overhead = statistics.median(distributed) - statistics.median(local)
     record = {
         "jobs": args.jobs, "settings": SETTINGS, "broker": "Redis (local)", "storage": "S3 protocol (moto server)",

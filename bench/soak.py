@@ -13,10 +13,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -24,10 +22,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.s3server import start_s3_server  # noqa: E402  (moto: the S3 server available here)
+from bench.tinycluster import tiny_cluster, with_workers  # noqa: E402
 from tests.synthetic import synthetic_dataset  # noqa: E402
 
-SETTINGS = {"num_inference_steps": 1, "max_passes": 1, "max_instances": 4}
+SETTINGS = {"num_inference_steps": 1, "max_passes": 1, "max_instances": 2}
 
 
 class RssPeaks:
@@ -65,31 +63,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     args = ap.parse_args()
 
-    import boto3
     import redis
 
-    from amodal.models.tiny import write_tiny_models
-    from tests.cluster import cluster_env, start_workers
-
-    work = Path(tempfile.mkdtemp(prefix="amodal-soak-"))
-    models = work / "models"
-    write_tiny_models(models, progress=False)
-    images, annotations = synthetic_dataset(work, args.jobs, given=args.jobs)
-    endpoint, stop_s3 = start_s3_server()
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="soak", AWS_SECRET_ACCESS_KEY="soak",
-                      AWS_DEFAULT_REGION="us-east-1")
-    bucket = f"soak-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
     broker = redis.Redis.from_url(args.redis)
-    broker.flushdb()
-    env = cluster_env(args.redis, f"s3://{bucket}/data", models, SETTINGS)
-    os.environ.update(AMODAL_BROKER_URL=args.redis, AMODAL_STORAGE_URL=env["AMODAL_STORAGE_URL"])
-    from producer import Client
+    with tiny_cluster(args.redis, SETTINGS, "soak") as cluster:
+        images, annotations = synthetic_dataset(cluster.work, args.jobs, given=args.jobs)
+        from producer import Client
 
-    group = start_workers(env, work / "logs")
-    keys_idle = broker.dbsize()
-    client = Client()
-    try:
+        group = with_workers(cluster)
+        keys_idle = broker.dbsize()
+        client = Client()
         with RssPeaks(group) as rss:
             t0 = time.perf_counter()
             client.submit_dataset(images, annotations, "soak", progress=False)
@@ -99,9 +82,6 @@ def main() -> None:
             wall = time.perf_counter() - t0
             time.sleep(5)
             keys_after = broker.dbsize()
-    finally:
-        group.stop()
-        stop_s3()
     record = {
         "jobs": args.jobs, "settings": SETTINGS, "cores": os.cpu_count(), "wall_seconds": wall,
         "jobs_per_hour": 3600 * args.jobs / wall, "outcomes": counts,
