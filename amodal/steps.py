@@ -24,8 +24,6 @@ from amodal.scene import Instances, best_match, candidate_classes, occluder_mask
 from amodal.state import JobState
 from amodal.storage import ObjectNotFound, Storage
 
-RESULT_FILES = ("amodal_completion.png", "amodal_mask.png", "visible_mask.png", "offsets.json", "prompt.txt")
-
 
 @dataclass
 class Context:
@@ -193,15 +191,13 @@ def finalize(state: JobState, ctx: Context) -> None:
     summary: dict = {}
     if state.status == "completed":
         window = Window.from_dict(state.window)
+        visible = art.get_mask(ctx.store, state.key("window/visible.png"))
+        amodal = art.get_mask(ctx.store, _pass_key(state, "amodal.png"))
         rgba, box = compose_rgba(
             art.get_rgb(ctx.store, _pass_key(state, "window.png")),
             art.get_rgb(ctx.store, state.key("window/original.png")),
-            art.get_mask(ctx.store, state.key("window/visible.png")),
-            art.get_mask(ctx.store, _pass_key(state, "amodal.png")),
-            feather=s.feather, shrink=s.visible_shrink,
+            visible, amodal, feather=s.feather, shrink=s.visible_shrink,
         )
-        visible = art.get_mask(ctx.store, state.key("window/visible.png"))
-        amodal = art.get_mask(ctx.store, _pass_key(state, "amodal.png"))
         ox, oy = window.offset
         summary = _write_images(ctx.store, prefix, state.prompt, rgba, amodal, visible, box, ox, oy)
     elif state.status == "unoccluded":
