@@ -123,3 +123,29 @@ def test_submit_from_an_s3_prefix_reads_images_in_place(tmp_path, redis_url, s3_
     state = latest_state(client.store, lines[0]["job_id"])
     assert state.inputs == f"s3://{s3_bucket}/photos" and state.image_key == "scene00.png"
     assert not [k for k in client.store.list("inputs/")]  # nothing uploaded
+
+
+def test_bad_input_corpus_through_submit(cluster, tmp_path):
+    """Each bad row of the corpus gets its own invalid outcome on the queued path; the rest complete."""
+    from tests.badinputs import LIMITS, write_bad_corpus
+
+    annotations, expected = write_bad_corpus(tmp_path)
+    env = cluster.env
+    sets = [f"--set={k}={v}" for k, v in {**LIMITS, **SETTINGS}.items()]
+    res = amodal(env, "submit", "--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                 "--dataset", "bad", "-q", *sets)
+    assert res.returncode == 0, res.stderr
+    res = amodal(env, "status", "--dataset", "bad", "--wait", "--interval", "1", timeout=900)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(x) for x in amodal(env, "status", "--dataset", "bad", "--manifest").stdout.splitlines()]
+    assert [x["line"] for x in lines] == [e["line"] for e in expected]
+    duplicates = 0
+    for line, want in zip(lines, expected):
+        assert line["status"] != "failed", line
+        if want["kind"] == "invalid":
+            assert line["status"] == "invalid" and want["message"] in line["message"], (line, want)
+        elif line["status"] == "invalid":
+            # uploads are keyed by content: sub/good.png is good.png again, with the same query
+            assert line["message"].startswith("duplicate of line"), line
+            duplicates += 1
+    assert duplicates == 1
