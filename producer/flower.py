@@ -1,26 +1,35 @@
-"""``amodal flower``: Flower on the project's broker, behind basic auth.
+"""``amodal flower``: Flower on the project's Celery app and broker, never without basic auth.
 
 Flower serves Prometheus metrics at ``/metrics`` and a liveness probe at ``/healthcheck`` without
-credentials (so a scraper needs none); every page and API under it asks for them.
+credentials (a scraper needs none: keep the port on a trusted network); every page and every
+``/api/...`` call asks for them. Flower's own ``FLOWER_*`` variables (``FLOWER_ADDRESS``,
+``FLOWER_PURGE_OFFLINE_WORKERS``, ...) still apply.
 """
 from __future__ import annotations
 
 import os
 import re
 
+_CREDENTIAL = re.compile(r"[^:,\s]+:[^,\s]+")
+
 
 def basic_auth_from_env() -> str:
-    """``FLOWER_BASIC_AUTH`` (``user:password``), checked; Flower is never started open."""
+    """``FLOWER_BASIC_AUTH``: ``user:password``, or several pairs joined by commas (Flower splits
+    the list on commas, so no password may hold one). Exits with a message if unset or malformed."""
     value = os.environ.get("FLOWER_BASIC_AUTH", "")
-    if not re.fullmatch(r"[^:\s]+:\S+", value):
-        raise SystemExit("amodal flower: set FLOWER_BASIC_AUTH to user:password (Flower is not started without auth)")
+    if not value or not all(_CREDENTIAL.fullmatch(pair) for pair in value.split(",")):
+        raise SystemExit("amodal flower: set FLOWER_BASIC_AUTH to user:password (no spaces or commas; "
+                         "several pairs separated by commas); Flower is not started without auth")
     return value
 
 
 def run_flower(port: int, broker_url: str | None = None) -> None:
+    """Serve Flower on ``port`` (all interfaces unless ``FLOWER_ADDRESS`` says otherwise) until
+    stopped. ``broker_url`` overrides ``AMODAL_BROKER_URL``."""
     auth = basic_auth_from_env()
     from tasks.app import app
 
     if broker_url:
         app.conf.broker_url = broker_url
-    app.start(["flower", f"--port={port}", "--address=0.0.0.0", f"--basic-auth={auth}"])
+    # In-process: the credentials never reach a command line that `ps` could show.
+    app.start(["flower", f"--port={port}", f"--basic-auth={auth}"])

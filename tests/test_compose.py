@@ -1,85 +1,305 @@
-"""docker-compose.yml and the worker image, checked by parsing (no Docker engine runs here)."""
+"""docker-compose.yml, its 4-GPU override and the worker image, checked by parsing (no Docker engine
+runs here). Each check is a function, so the last test can show that a broken file fails it."""
 from __future__ import annotations
 
+import copy
+import re
+import subprocess
+import sys
+from importlib.metadata import requires, version
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from workers.main import GPU_STAGES, node_name
+from workers.placement import plan
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_STAGES = ("ground", "segment", "occlusion", "inpaint")
+STAGES = (*GPU_STAGES, "finalize")
+SECRETS = {"AMODAL_REDIS_PASSWORD": "redispw1", "AMODAL_S3_ACCESS_KEY": "key1", "AMODAL_S3_SECRET_KEY": "secret1",
+           "FLOWER_BASIC_AUTH": "ops:flowerpw1"}
+SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FLOWER_BASIC_AUTH", "REDISCLI_AUTH", *SECRETS}
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+class Override(list):
+    """A sequence tagged ``!override``: Compose replaces the inherited value instead of appending."""
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+ComposeLoader.add_constructor("!override", lambda loader, node: Override(loader.construct_sequence(node, deep=True)))
+
+
+def load(name: str) -> dict:
+    return yaml.load((ROOT / name).read_text(), Loader=ComposeLoader)
+
+
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::([-?])([^}]*))?\}")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution: ``$$``, ``${X}``, ``${X:-default}``, ``${X:?error}``."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return type(value)(interpolate(v, env) for v in value)
+    if not isinstance(value, str):
+        return value
+
+    def substitute(m: re.Match) -> str:
+        name, op, arg = m.groups()
+        if name is None:
+            return "$"
+        if op == "?" and not env.get(name):
+            raise ValueError(f"{name}: {arg}")
+        return env.get(name) or (arg if op == "-" else "")
+
+    return _VARIABLE.sub(substitute, value)
 
 
 def gpu_ids(service: dict) -> list[str]:
     devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-    return [i for d in devices if "gpu" in d.get("capabilities", []) for i in d.get("device_ids", [])]
+    assert all(d["driver"] == "nvidia" and d["capabilities"] == ["gpu"] for d in devices)
+    return [i for d in devices for i in d["device_ids"]]
 
 
-def test_one_service_per_stage_with_gpu_reservations(compose):
+def seconds(duration: str) -> int:
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in re.findall(r"(\d+)([hms])", duration))
+
+
+def check_stage_services(compose: dict) -> None:
     services = compose["services"]
-    for stage in GPU_STAGES:
+    for stage in STAGES:
         s = services[stage]
-        assert s["command"][:3] == ["worker", "--stage", stage]
-        assert gpu_ids(s) == ["0"]
-        assert s["environment"]["AMODAL_NODE"] == f"{stage}-gpu0"
-        assert "ping" in " ".join(s["healthcheck"]["test"])
-    finalize = services["finalize"]
-    assert finalize["command"] == ["worker", "--stage", "finalize"] and gpu_ids(finalize) == []
+        gpu = 0 if stage in GPU_STAGES else None
+        assert s["command"] == ["worker", "--stage", stage] + (["--gpu", "0"] if gpu is not None else [])
+        assert gpu_ids(s) == (["0"] if gpu is not None else [])
+        # the healthcheck pings the node name the worker gives itself
+        assert s["environment"]["AMODAL_NODE"] == node_name(stage, gpu).split("@")[0]
+        assert "inspect ping -d $${AMODAL_NODE}@$$HOSTNAME" in " ".join(s["healthcheck"]["test"])
+        assert seconds(s["healthcheck"]["start_period"]) >= 600  # models load before the first answer
+
+
+def check_wiring(compose: dict) -> None:
+    """Workers reach Redis, S3 and the models as configured (secrets interpolated)."""
+    resolved = interpolate(compose, SECRETS)
+    services = resolved["services"]
+    bucket = re.search(r"s3 mb s3://([\w.-]+)", " ".join(services["s3-init"]["command"])).group(1)
+    for name in (*STAGES, "flower"):
+        env = services[name]["environment"]
+        broker = urlsplit(env["AMODAL_BROKER_URL"])
+        assert (broker.scheme, broker.hostname, broker.port, broker.password) == \
+            ("redis", "redis", 6379, SECRETS["AMODAL_REDIS_PASSWORD"])
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for stage in STAGES:
+        s = services[stage]
+        env = s["environment"]
+        assert urlsplit(env["AMODAL_STORAGE_URL"])[:2] == ("s3", bucket)
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and "8333:8333" in services["s3"]["ports"]
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == \
+            (SECRETS["AMODAL_S3_ACCESS_KEY"], SECRETS["AMODAL_S3_SECRET_KEY"])
+        assert env["AMODAL_MODEL_DIR"] == "/models" and "./models:/models:ro" in s["volumes"]
+        assert env["HF_HUB_OFFLINE"] == "1"
+        assert s["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+    for s in services.values():  # a healthy-condition dependency must have a healthcheck to pass
+        for target, dep in s.get("depends_on", {}).items():
+            assert dep["condition"] != "service_healthy" or "healthcheck" in services[target]
+
+
+def check_redis(compose: dict) -> None:
+    redis = compose["services"]["redis"]
+    cmd = " ".join(redis["command"])
+    assert redis["image"].startswith("redis:7")
+    assert "--appendonly yes" in cmd and "--maxmemory-policy noeviction" in cmd
+    assert "--requirepass ${AMODAL_REDIS_PASSWORD:?" in cmd
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"]) and "REDISCLI_AUTH" in redis["environment"]
+    assert "redis-data:/data" in redis["volumes"] and "redis-data" in compose["volumes"]
+
+
+def check_s3(compose: dict) -> None:
+    s3 = compose["services"]["s3"]
+    image, _, tag = s3["image"].partition(":")
+    assert image == "chrislusf/seaweedfs" and tag not in ("", "latest")
+    cmd = " ".join(s3["command"])
+    assert "weed server" in cmd and " -s3 " in cmd and "-s3.config=" in cmd
+    assert '"$$AMODAL_S3_ACCESS_KEY" "$$AMODAL_S3_SECRET_KEY"' in cmd  # credentials from the environment
+    assert "s3-data:/data" in s3["volumes"] and "s3-data" in compose["volumes"]
+    init = compose["services"]["s3-init"]
+    assert "head-bucket --bucket amodal || " in init["command"][0] and "s3 mb s3://amodal" in init["command"][0]
+    assert init["depends_on"]["s3"]["condition"] == "service_healthy" and "restart" not in init
+
+
+def check_flower(compose: dict) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["command"] == ["flower", "--port", "5555"] and "5555:5555" in flower["ports"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+    assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
+
+
+def check_no_hard_coded_secrets(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if key in SECRET_VARIABLES:
+                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(value)), f"{name}.{key} must come from the environment"
+            assert not re.search(r"redis://:[^$]", str(value)), f"{name}.{key} holds a Redis password"
+
+
+def check_lifecycle(compose: dict) -> None:
+    import celeryconfig
+
+    for name, service in compose["services"].items():
+        if name == "s3-init":
+            continue
+        assert service["restart"] == "unless-stopped" and "test" in service["healthcheck"], name
+    for stage in STAGES:
+        service = compose["services"][stage]
+        assert seconds(service["stop_grace_period"]) > celeryconfig.task_time_limit and service["init"] is True
+
+
+def effective_gpu_ids(base: dict, service: dict) -> list[str]:
+    """The devices an extending service ends up with: Compose appends to the extended list unless
+    the new one is tagged ``!override``."""
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    return gpu_ids(service) if isinstance(devices, Override) else gpu_ids(base) + gpu_ids(service)
+
+
+def check_four_gpu_override(compose: dict, override: dict) -> None:
+    placed = {(stage, 0) for stage in GPU_STAGES}
+    for name, service in override["services"].items():
+        assert service["extends"]["file"] == "docker-compose.yml" and set(service) == {"extends", "deploy"}
+        base = compose["services"][service["extends"]["service"]]
+        assert base["command"][-2:] == ["--gpu", "0"]  # the one GPU a container sees is its GPU 0
+        (gpu,) = effective_gpu_ids(base, service)
+        assert name == f"{service['extends']['service']}-gpu{gpu}"
+        placed.add((service["extends"]["service"], int(gpu)))
+    assert placed == {(s.stage, s.gpu) for s in plan(4) if s.gpu is not None}
+    assert len(placed) == len(override["services"]) + len(GPU_STAGES)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load("docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def override() -> dict:
+    return load("docker-compose.4gpu.yml")
+
+
+def test_one_worker_service_per_stage(compose):
+    check_stage_services(compose)
 
 
 def test_workers_reach_broker_storage_and_models(compose):
-    for name in (*GPU_STAGES, "finalize", "flower"):
-        env = compose["services"][name]["environment"]
-        assert env["AMODAL_BROKER_URL"].startswith("redis://redis:")
-        assert env["AMODAL_STORAGE_URL"].startswith("s3://")
-        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333"
-    for stage in GPU_STAGES:
-        s = compose["services"][stage]
-        assert "./models:/models:ro" in s["volumes"] and s["environment"]["AMODAL_MODEL_DIR"] == "/models"
-        assert s["depends_on"]["redis"]["condition"] == "service_healthy"
-        assert s["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+    check_wiring(compose)
 
 
-def test_redis_persists_and_never_evicts(compose):
-    cmd = " ".join(compose["services"]["redis"]["command"])
-    assert "--appendonly yes" in cmd and "--maxmemory-policy noeviction" in cmd
-    assert compose["services"]["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+def test_workers_on_another_host_point_at_the_first(compose):
+    env = interpolate(compose, {**SECRETS, "AMODAL_REDIS_HOST": "10.0.0.5", "AMODAL_S3_HOST": "10.0.0.5",
+                                "AMODAL_MODELS": "/data/models"})["services"]["inpaint"]
+    assert urlsplit(env["environment"]["AMODAL_BROKER_URL"]).hostname == "10.0.0.5"
+    assert env["environment"]["AWS_ENDPOINT_URL"] == "http://10.0.0.5:8333"
+    assert "/data/models:/models:ro" in env["volumes"]
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(compose, missing):
+    with pytest.raises(ValueError, match=missing):
+        interpolate(compose, {k: v for k, v in SECRETS.items() if k != missing})
+
+
+def test_redis_persists_never_evicts_and_asks_for_a_password(compose):
+    check_redis(compose)
 
 
 def test_s3_server_and_bucket_creation(compose):
-    s3 = compose["services"]["s3"]
-    assert "seaweedfs" in s3["image"] and "-s3" in " ".join(s3["command"])
-    init = compose["services"]["s3-init"]
-    assert "s3 mb s3://amodal" in " ".join(init["command"])
-    assert init["depends_on"]["s3"]["condition"] == "service_healthy"
+    check_s3(compose)
 
 
-def test_no_credentials_in_the_file():
-    text = (ROOT / "docker-compose.yml").read_text()
-    assert "${FLOWER_BASIC_AUTH:?" in text and "${AMODAL_S3_SECRET_KEY:?" in text
-    compose = yaml.safe_load(text)
-    flower = compose["services"]["flower"]
-    assert flower["command"] == ["flower", "--port", "5555"]
-    for service in compose["services"].values():
-        for key, value in (service.get("environment") or {}).items():
-            if "SECRET" in key or key == "FLOWER_BASIC_AUTH":
-                assert str(value).startswith("${"), key
+def test_flower_behind_basic_auth(compose):
+    check_flower(compose)
 
 
-def test_four_gpu_override_places_every_stage_on_every_gpu():
-    override = yaml.safe_load((ROOT / "docker-compose.4gpu.yml").read_text())["services"]
-    placed = {(s["extends"]["service"], gpu_ids(s)[0]) for s in override.values()}
-    assert placed == {(stage, str(g)) for stage in GPU_STAGES for g in (1, 2, 3)}
-    assert all(s["command"][-2:] == ["--gpu", "0"] for s in override.values())  # one visible GPU each
+def test_no_credentials_in_the_files(compose, override):
+    check_no_hard_coded_secrets(compose)
+    check_no_hard_coded_secrets(override)
+
+
+def test_restart_health_and_graceful_stop(compose):
+    check_lifecycle(compose)
+
+
+def test_four_gpu_override_follows_the_placement_plan(compose, override):
+    check_four_gpu_override(compose, override)
 
 
 def test_worker_image_keeps_the_base_torch():
     text = (ROOT / "infra" / "Dockerfile").read_text()
-    assert "--constraint /tmp/torch-pins.txt" in text
-    assert "pip install torch" not in text and "USER amodal" in text
-    assert 'ENTRYPOINT ["amodal"]' in text and "HF_HUB_OFFLINE=1" in text
+    base = re.search(r"^FROM pytorch/pytorch:(\S+)-cuda(12\.\d+)-cudnn\d+-runtime$", text, re.M)
+    assert base, "a pinned CUDA 12 PyTorch runtime image"
+    torch_version = Version(base.group(1))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject_torch = next(Requirement(r) for r in re.findall(r'"(torch[<>=][^"]*)"', pyproject))
+    transformers_torch = next(Requirement(r.split(";")[0]) for r in requires("transformers") if r.startswith("torch>="))
+    assert torch_version in pyproject_torch.specifier and torch_version in transformers_torch.specifier
+    installs = re.findall(r"pip install ([^&\n\\]*)", text)
+    assert installs == ["--constraint /tmp/torch-pins.txt . "]  # the package only, torch pinned as installed
+    # the pins are the installed distributions' versions: run the image's own command here
+    pin = re.search(r"^RUN (python -c .*) > /tmp/torch-pins.txt \\$", text, re.M).group(1)
+    written = subprocess.run(["sh", "-c", pin], env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"},
+                             capture_output=True, text=True, check=True).stdout
+    assert written.split() == [f"torch=={version('torch')}", f"torchvision=={version('torchvision')}"]
+    assert re.search(r"^USER (?!root)\w+$", text, re.M) and 'ENTRYPOINT ["amodal"]' in text
+    assert re.search(r"^ENV .*HF_HUB_OFFLINE=1", text, re.M | re.S)
+
+
+def _drop(path: list[str]):
+    def mutate(c):
+        node = c
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return mutate
+
+
+BREAKAGES = {
+    "no GPU on inpaint": (check_stage_services, _drop(["services", "inpaint", "deploy"])),
+    "GPU on finalize": (check_stage_services, lambda c: c["services"]["finalize"].update(
+        deploy=copy.deepcopy(c["services"]["ground"]["deploy"]))),
+    "wrong stage": (check_stage_services, lambda c: c["services"]["segment"].update(
+        command=["worker", "--stage", "occlusion", "--gpu", "0"])),
+    "no broker URL": (check_wiring, _drop(["services", "finalize", "environment", "AMODAL_BROKER_URL"])),
+    "models writable": (check_wiring, lambda c: c["services"]["ground"].update(volumes=["./models:/models"])),
+    "Redis without AOF": (check_redis, lambda c: c["services"]["redis"].update(command=["redis-server"])),
+    "no bucket": (check_s3, _drop(["services", "s3-init"])),
+    "Flower open": (check_flower, _drop(["services", "flower", "environment", "FLOWER_BASIC_AUTH"])),
+    "password in the file": (check_no_hard_coded_secrets, lambda c: c["services"]["flower"]["environment"].update(
+        FLOWER_BASIC_AUTH="admin:admin")),
+    "no healthcheck": (check_lifecycle, _drop(["services", "occlusion", "healthcheck"])),
+    "short grace": (check_lifecycle, lambda c: c["services"]["inpaint"].update(stop_grace_period="30s")),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_checks_catch_a_broken_compose_file(compose, breakage):
+    check, mutate = BREAKAGES[breakage]
+    broken = copy.deepcopy(compose)
+    mutate(broken)
+    check(compose)
+    with pytest.raises((AssertionError, KeyError, TypeError)):
+        check(broken)
+
+
+def test_checks_catch_an_appended_gpu_reservation(compose, override):
+    broken = copy.deepcopy(override)
+    service = broken["services"]["inpaint-gpu2"]
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    service["deploy"]["resources"]["reservations"]["devices"] = list(devices)  # the tag forgotten
+    with pytest.raises(ValueError):  # the container would see GPUs 0 and 2
+        check_four_gpu_override(compose, broken)

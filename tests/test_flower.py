@@ -1,75 +1,80 @@
-"""Flower for real: basic auth on, workers listed, Prometheus metrics served."""
+"""Flower for real: basic auth on every page and API call, Prometheus metrics open to scrapers."""
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import flowerproc
+
 AUTH = ("watcher", "s3cret-pw")
+FLOWER_REDIS_DB = 13
+
+# tests/test_distributed.py takes these from here; they are tests/flowerproc.py's.
+free_port = flowerproc.free_port
+start_flower = flowerproc.launch_flower
 
 
-def start_flower(env: dict, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "amodal.cli", "flower", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for _ in range(200):
-        try:
-            requests.get(f"http://127.0.0.1:{port}/healthcheck", timeout=1)
-            return proc
-        except requests.ConnectionError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
-            time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("flower did not start")
+def flower_env(redis_url: str) -> dict[str, str]:
+    return flowerproc.flower_env(redis_url, AUTH)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def own_redis_url():
+    """A Redis database of this module's own (workers of other tests run on the shared one), emptied."""
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{FLOWER_REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
 
 
-def flower_env(redis_url: str) -> dict:
-    return dict(os.environ, AMODAL_BROKER_URL=redis_url, FLOWER_BASIC_AUTH=":".join(AUTH),
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-
-
-def test_flower_refuses_without_credentials_and_serves_metrics(redis_url):
-    port = free_port()
-    proc = start_flower(flower_env(redis_url), port)
+def test_flower_asks_for_credentials_and_serves_metrics(own_redis_url):
+    base, stop = flowerproc.start_flower(own_redis_url, free_port(), AUTH)
     try:
-        base = f"http://127.0.0.1:{port}"
-        assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401
+        for path in ("/", "/workers", "/tasks"):  # pages: the browser is asked for credentials
+            denied = requests.get(base + path, timeout=10)
+            assert denied.status_code == 401 and denied.headers["WWW-Authenticate"].startswith("Basic"), path
+        for path in ("/api/workers", "/api/tasks", "/api/queues/length"):
+            assert requests.get(base + path, timeout=10).status_code == 401, path
         assert requests.get(f"{base}/api/workers", auth=("watcher", "wrong"), timeout=10).status_code == 401
+        assert requests.get(f"{base}/api/workers", auth=("other", AUTH[1]), timeout=10).status_code == 401
         ok = requests.get(f"{base}/api/workers", auth=AUTH, timeout=10)
-        assert ok.status_code == 200 and isinstance(ok.json(), dict)
-        metrics = requests.get(f"{base}/metrics", timeout=10)
-        assert metrics.status_code == 200 and "flower_" in metrics.text
+        assert ok.status_code == 200 and ok.headers["Content-Type"].startswith("application/json")
+        assert flowerproc.flower_workers(base, AUTH) == {}  # no worker runs on this database
+        metrics = requests.get(f"{base}/metrics", timeout=10)  # no credentials: what a scraper sends
+        assert metrics.status_code == 200 and metrics.headers["Content-Type"].startswith("text/plain")
+        assert "# TYPE flower_events_total counter" in metrics.text
+        assert "# TYPE flower_worker_online gauge" in metrics.text
+        assert requests.get(f"{base}/healthcheck", timeout=10).text == "OK"
     finally:
-        proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+        output = stop()
     assert AUTH[1] not in output  # the password is never printed
 
 
-def test_flower_needs_basic_auth(redis_url):
-    env = flower_env(redis_url)
-    env.pop("FLOWER_BASIC_AUTH")
-    res = subprocess.run([sys.executable, "-m", "amodal.cli", "flower", "--port", str(free_port())], env=env,
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert res.returncode != 0 and "FLOWER_BASIC_AUTH" in res.stderr
+def test_flower_refuses_to_start_without_basic_auth(own_redis_url):
+    res = subprocess.run([sys.executable, "-m", "amodal.cli", "flower", "--port", str(free_port())],
+                         env=flowerproc.flower_env(own_redis_url, None), cwd=flowerproc.ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "set FLOWER_BASIC_AUTH to user:password" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("value", ["nopassword", "user:", ":pw", "a b:c"])
+@pytest.mark.parametrize("value", ["", "nopassword", "user:", ":pw", "a b:c", "admin:pa,ss", "a:b,", "a:b c"])
 def test_malformed_auth_is_refused(monkeypatch, value):
     from producer.flower import basic_auth_from_env
 
     monkeypatch.setenv("FLOWER_BASIC_AUTH", value)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="FLOWER_BASIC_AUTH"):
         basic_auth_from_env()
+
+
+@pytest.mark.parametrize("value", ["admin:pw", "admin:p:w", "ops:x1,viewer:y2"])
+def test_wellformed_auth_is_passed_on(monkeypatch, value):
+    from producer.flower import basic_auth_from_env
+
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", value)
+    assert basic_auth_from_env() == value

@@ -1,0 +1,70 @@
+"""Flower as a real process for tests: ``amodal flower`` on a free port, and its worker list."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(broker_url: str, auth: tuple[str, str] | None) -> dict[str, str]:
+    """This process's environment with the broker, the credentials (none: unset) and loopback only."""
+    env = dict(os.environ, AMODAL_BROKER_URL=broker_url, FLOWER_ADDRESS="127.0.0.1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("FLOWER_BASIC_AUTH", None)
+    if auth:
+        env["FLOWER_BASIC_AUTH"] = ":".join(auth)
+    return env
+
+
+def launch_flower(env: dict[str, str], port: int, timeout: float = 60) -> subprocess.Popen:
+    """``amodal flower --port PORT`` under ``env``, returned once ``/healthcheck`` answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "amodal.cli", "flower", "--port", str(port)], env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/healthcheck", timeout=1)
+            return proc
+        except requests.ConnectionError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower exited: {proc.stdout.read()}")
+            time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(f"flower did not answer on port {port} within {timeout} s")
+
+
+def start_flower(broker_url: str, port: int, auth: tuple[str, str]) -> tuple[str, Callable[[], str]]:
+    """Flower on ``port`` against ``broker_url``; returns its base URL and ``stop`` (which returns
+    everything the process printed)."""
+    proc = launch_flower(flower_env(broker_url, auth), port)
+
+    def stop() -> str:
+        proc.terminate()
+        try:
+            return proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.communicate()[0]
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def flower_workers(base_url: str, auth: tuple[str, str]) -> dict:
+    """``/api/workers`` after asking the workers afresh: node name -> what Flower knows of it."""
+    response = requests.get(f"{base_url}/api/workers", params={"refresh": 1}, auth=auth, timeout=30)
+    response.raise_for_status()
+    return response.json()
