@@ -29,17 +29,23 @@ FLUSH_SECONDS = float(os.environ.get("AMODAL_INPAINT_FLUSH", "0.5"))
 def inpaint(requests: list[SimpleRequest]) -> int:
     """Run every live request; jobs with different settings go in separate diffusion calls.
 
-    A job on its second or later attempt runs alone, so a job that kills its worker cannot take
-    the jobs batched with it down again and again.
+    A job on its second or later attempt runs alone, after the others, so a job that kills its
+    worker cannot take the jobs batched with it down again and again: they are committed first.
     """
     groups: dict[str, list[JobState]] = defaultdict(list)
-    for request in requests:
-        job_id, version = request.args[:2]
+    retries: list[list[JobState]] = []
+    messages = dict.fromkeys(tuple(request.args[:2]) for request in requests)  # copies of one message run once
+    for job_id, version in messages:
         state = claim(job_id, version, "inpaint")
-        if state is not None:
-            retry = state.attempts["inpaint"] > 1
-            groups[state.job_id if retry else state.job_settings().result_fingerprint()].append(state)
-    for states in groups.values():
+        if state is None:
+            continue
+        if state.attempts["inpaint"] > 1:
+            retries.append([state])
+        else:
+            groups[state.job_settings().result_fingerprint()].append(state)
+    batches = [*groups.values(), *retries]
+    for states in batches:
+        log.info("inpainting %d job(s): %s", len(states), " ".join(s.job_id for s in states))
         try:
             run_inpaint(states, context(states[0]))
         except Exception as exc:  # noqa: BLE001 - each job is retried or failed on its own
@@ -49,7 +55,7 @@ def inpaint(requests: list[SimpleRequest]) -> int:
             continue
         for state in states:
             advance(state)
-    return sum(len(g) for g in groups.values())
+    return sum(len(states) for states in batches)
 
 
 def _retry_or_fail(state: JobState, exc: Exception) -> None:

@@ -36,10 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def submit(env: dict, tmp_path: Path, count: int, dataset: str = "faults") -> dict:
+def submit(env: dict, tmp_path: Path, count: int, dataset: str = "faults", **settings) -> dict:
     images, annotations = synthetic_dataset(tmp_path, count, given=count)
     res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset", dataset,
-                 "-q", *[f"--set={k}={v}" for k, v in SETTINGS.items()])
+                 "-q", *[f"--set={k}={v}" for k, v in {**SETTINGS, **settings}.items()])
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -47,9 +47,25 @@ def submit(env: dict, tmp_path: Path, count: int, dataset: str = "faults") -> di
 def wait_all(client: Client, dataset: str, timeout: float) -> list[dict]:
     deadline = time.monotonic() + timeout
     while client.status(dataset)["pending"]:
-        assert time.monotonic() < deadline, client.status(dataset)
+        assert time.monotonic() < deadline, stuck(client, dataset)
         time.sleep(1)
     return list(client.manifest(dataset))
+
+
+def stuck(client: Client, dataset: str) -> str:
+    """Where each pending job stands, and the broker's queues: what a timeout reports."""
+    import redis
+
+    lines = []
+    for m in client.manifest(dataset):
+        if m["status"] == "pending":
+            state = latest_state(client.store, m["job_id"])
+            attempts = client.store.list(f"jobs/{m['job_id']}/attempts/")
+            lines.append(f"{m['job_id']}: {state.stage} v{state.version}, attempt markers {attempts}")
+    broker = redis.Redis.from_url(client.app.conf.broker_url)
+    queues = {k.decode(): broker.llen(k) for k in broker.scan_iter() if broker.type(k) == b"list"}
+    lines.append(f"queues {queues}, unacked {broker.hlen('unacked')}")
+    return "\n".join(lines)
 
 
 def assert_exactly_once(client: Client, dataset: str, manifest: list[dict], rows: int) -> None:
@@ -114,34 +130,38 @@ def test_sigkill_segment_and_inpaint_workers_mid_run(env, tmp_path):
 
 
 def test_poison_job_is_failed_after_bounded_attempts(env, tmp_path):
+    """A job whose inpaint kills the worker's pool process each time (as an OOM kill would) ends
+    ``failed`` after 3 attempts; the jobs batched with it complete."""
     env["AMODAL_MAX_ATTEMPTS"] = "3"
     group = start_workers(env, tmp_path / "logs")
     client = Client()
     try:
-        submit(env, tmp_path, 4)
-        poison = json.loads(client.store.get("datasets/faults/rows.jsonl").splitlines()[0])["job_id"]
+        (tmp_path / "others").mkdir()
+        submit(env, tmp_path / "others", 3)
+        (tmp_path / "poison").mkdir()
+        # Its own settings (more steps) make its diffusion call long enough to be killed inside.
+        submit(env, tmp_path / "poison", 1, dataset="poison", num_inference_steps=40)
+        poison = json.loads(client.store.get("datasets/poison/rows.jsonl"))["job_id"]
         worker = psutil.Process(group.procs["inpaint-gpu0"].pid)
-        seen: set[str] = set()
+        kills = 0
         deadline = time.monotonic() + 600
-        while client.status("faults")["pending"]:
-            assert time.monotonic() < deadline
-            state = latest_state(client.store, poison)
-            attempts = set(client.store.list(f"jobs/{poison}/attempts/"))
-            if state.stage == "inpaint" and attempts - seen:
-                seen |= attempts
-                for child in worker.children(recursive=True):  # the pool process: as an OOM kill would
+        while client.status("faults")["pending"] or client.status("poison")["pending"]:
+            assert time.monotonic() < deadline, (client.status("faults"), client.status("poison"))
+            runs = [line for line in group.log("inpaint-gpu0").splitlines() if "inpainting" in line and poison in line]
+            if len(runs) > kills:  # its diffusion call has started: kill the pool process
+                kills = len(runs)
+                for child in worker.children(recursive=True):
                     child.kill()
-            time.sleep(0.1)
-        manifest = list(client.manifest("faults"))
+            time.sleep(0.05)
+        others, (doomed,) = list(client.manifest("faults")), list(client.manifest("poison"))
     finally:
         group.stop()
-    by_job = {m["job_id"]: m for m in manifest}
-    assert by_job[poison]["status"] == "failed"
-    assert "after 3 attempts" in by_job[poison]["message"]
-    others = [m for m in manifest if m["job_id"] != poison]
+    assert kills == 3
+    assert doomed["status"] == "failed" and "after 3 attempts" in doomed["message"], doomed
     assert all(m["status"] in ("completed", "unoccluded") for m in others), others
-    assert_exactly_once(client, "faults", manifest, 4)
-    res = amodal(env, "status", "--dataset", "faults")
+    assert_exactly_once(client, "faults", others, 3)
+    assert_exactly_once(client, "poison", [doomed], 1)
+    res = amodal(env, "status", "--dataset", "poison")
     assert "failed" in res.stderr and "after 3 attempts" in res.stderr
 
 
