@@ -38,8 +38,8 @@ class Settings:
     feather: int = 5
     visible_shrink: int = 10
     # Ways in and backends
-    grounder: str = "gdino_sam"  # "gdino_sam" | "lisa"
-    tagger: str = "clip"  # "clip" | "ram_plus"
+    grounder: str = "lisa"  # "lisa" (the paper) | "gdino_sam" (lighter)
+    tagger: str = "ram_plus"  # "ram_plus" (the paper) | "clip" (lighter)
     sam_variant: str = "vit_h"
     # Input limits
     max_pixels: int = 40_000_000

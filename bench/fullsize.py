@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 
 from amodal.models import clip, grounding_dino, instaorder, sam, sd_inpaint
-from amodal.models.registry import CLIP_DIR, GROUNDING_DINO_DIR, INSTAORDER_FILE, SAM_FILES, SD_INPAINT_DIR
+from amodal.models.ram_plus_net import PUBLISHED, RamPlusNet, checkpoint_state
+from amodal.models.registry import (
+    CLIP_DIR,
+    GROUNDING_DINO_DIR,
+    INSTAORDER_FILE,
+    RAM_PLUS_FILE,
+    SAM_FILES,
+    SD_INPAINT_DIR,
+)
 
 
 def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
@@ -64,6 +72,14 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
             num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
             bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"],
         )).half().save_pretrained(folder / "text_encoder")
+
+        # RAM++ Swin-L at 384 px with the 4585 tag descriptions, in the training script's checkpoint dict
+        net = RamPlusNet(PUBLISHED)
+        with torch.no_grad():
+            net.label_embed.copy_(torch.nn.functional.normalize(torch.randn_like(net.label_embed), dim=-1))
+        path = model_dir / RAM_PLUS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": {k: v.cpu() for k, v in checkpoint_state(net).items()}}, path)
 
         # InstaOrder: ResNet-50 layout in the released tar format
         net = instaorder.InstaOrderNet()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import io
 import urllib.error
 from pathlib import Path
@@ -52,8 +51,8 @@ def test_tiny_models_fill_the_registry_layout_and_load(tiny_models):
     assert (tiny_models / CLIP_DIR / "config.json").is_file()
     assert (tiny_models / SD_INPAINT_DIR / "model_index.json").is_file()
     assert (tiny_models / INSTAORDER_FILE).is_file()
-    for module_name, relative, optional in tiny.TINY_MODELS:  # optional adapters: written once installed
-        assert (tiny_models / relative).exists() == (not optional or importlib.util.find_spec(module_name) is not None)
+    for _, relative in tiny.TINY_MODELS:
+        assert (tiny_models / relative).exists(), relative
     models = ModelSet(tiny_models, Settings(device="cpu", dtype="float32"))
     assert isinstance(models.occlusion, InstaOrder)
     image = np.asarray(Image.open(PHOTO).convert("RGB"))
@@ -68,17 +67,13 @@ def test_tiny_models_fill_the_registry_layout_and_load(tiny_models):
 
 @pytest.fixture
 def small_table(monkeypatch):
-    """Two real adapters and one optional adapter that is not installed."""
-    table = (
-        ("amodal.models.instaorder", INSTAORDER_FILE, False),
-        ("amodal.models.sam", SAM_FILES["vit_h"], False),
-        ("amodal.models.no_such_adapter", "nothing/here.pth", True),
-    )
+    """Two of the adapters."""
+    table = (("amodal.models.instaorder", INSTAORDER_FILE), ("amodal.models.sam", SAM_FILES["vit_h"]))
     monkeypatch.setattr(tiny, "TINY_MODELS", table)
     return table
 
 
-def test_tiny_models_are_reproducible_and_skip_absent_optional_adapters(small_table, tmp_path, tiny_models, capsys):
+def test_tiny_models_are_reproducible(small_table, tmp_path, tiny_models):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         first = tiny.write_tiny_models(tmp_path / "a", progress=False)
@@ -91,19 +86,11 @@ def test_tiny_models_are_reproducible_and_skip_absent_optional_adapters(small_ta
     for a, b in zip(first, second):
         _assert_same_tensors(a, b)
     _assert_same_tensors(first[0], tiny_models / INSTAORDER_FILE)
-    assert not (tmp_path / "a" / "nothing").exists()
-    assert "amodal.models.no_such_adapter" in capsys.readouterr().err
 
 
 def test_tiny_models_show_progress(small_table, tmp_path, capsys):
     tiny.write_tiny_models(tmp_path, progress=True)
     assert "tiny models" in capsys.readouterr().err
-
-
-def test_a_missing_required_adapter_is_an_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(tiny, "TINY_MODELS", (("amodal.models.no_such_adapter", "x.pth", False),))
-    with pytest.raises(ModuleNotFoundError):
-        tiny.write_tiny_models(tmp_path, progress=False)
 
 
 # ---- models download --------------------------------------------------------------------------

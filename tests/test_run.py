@@ -4,20 +4,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from amodal.annotations import read_annotations
 from amodal.images import encode_png
+from amodal.models.registry import ModelSet
 from amodal.runner import run_local
 from amodal.settings import Settings
 from amodal.state import OUTCOMES
+from tests.test_models_lisa import scripted
 from tests.badinputs import LIMITS, write_bad_corpus
 from tests.synthetic import Oracle, occluded_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_inference_steps": 2, "max_passes": 2}
+LIGHT = {"grounder": "gdino_sam", "tagger": "clip"}
 
 
 def read_manifest(out: Path) -> list[dict]:
@@ -89,10 +94,12 @@ def test_duplicate_rows_and_rerun(tmp_path):
 
 
 def test_cli_run_paper_examples_with_tiny_models(tmp_path, tiny_models, paper_examples):
+    """The lighter stack (Grounding DINO + SAM, the CLIP tagger): random weights still find targets."""
     out = tmp_path / "out"
+    sets = {**TINY, **LIGHT}
     res = amodal_cli("run", "--images", str(paper_examples / "images"), "--annotations",
                      str(paper_examples / "example_annotation.json"), "--out", str(out), "--models",
-                     str(tiny_models), "-q", *[f"--set={k}={v}" for k, v in TINY.items()])
+                     str(tiny_models), "-q", *[f"--set={k}={v}" for k, v in sets.items()])
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["rows"] == 7
@@ -104,7 +111,31 @@ def test_cli_run_paper_examples_with_tiny_models(tmp_path, tiny_models, paper_ex
         if m["result"]:
             check_result_folder(Path(m["result"]))
             record = json.loads((Path(m["result"]) / "job.json").read_text())
-            assert record["backends"]["ground"] == "gdino_sam"
+            assert record["backends"]["ground"] == "gdino_sam" and record["backends"]["tag"] == "clip"
+    assert any(m["result"] for m in manifest), manifest
+
+
+def test_run_grounds_with_lisa_and_tags_with_ram_plus_by_default(tmp_path, tiny_models, paper_examples):
+    """The paper's stack, the default: LISA finds the target (its decoding scripted to say ``[SEG]``,
+    which random weights rarely do) and RAM++ names the scene; ``job.json`` records both."""
+    rows = read_annotations(paper_examples / "example_annotation.json")[:2]
+    annotations = tmp_path / "two.jsonl"
+    annotations.write_text("".join(json.dumps({"image": r.image, "query": r.query}) + "\n" for r in rows))
+    settings = Settings(**TINY)
+    models = ModelSet(tiny_models, settings)
+    lisa = models.grounder
+    with scripted(lisa, [lisa.seg_token_id, lisa.tokenizer.eos_token_id] * len(rows)):
+        run_local(paper_examples / "images", annotations, tmp_path / "out", models, settings, progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    assert all(m["result"] for m in manifest), manifest
+    vocabulary = set(files("amodal.data").joinpath("ram_tag_list.txt").read_text().splitlines())
+    for m in manifest:
+        if m["result"]:
+            check_result_folder(Path(m["result"]))
+            record = json.loads((Path(m["result"]) / "job.json").read_text())
+            assert record["backends"]["ground"] == "lisa" and record["backends"]["tag"] == "ram_plus", record
+            assert record["grounder_text"] == "[SEG]"
+            assert set(record["tags"]) <= vocabulary, record["tags"]
 
 
 def test_cli_run_bad_corpus_with_tiny_models(tmp_path, tiny_models):

@@ -5,7 +5,6 @@ They let a deployment's wiring be checked without downloading weights; their res
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import torch
@@ -22,37 +21,29 @@ from amodal.models.registry import (
 )
 
 SEED = 0
-# (adapter module with a ``write_tiny(target)``, path in the model folder, whether the module is optional)
-TINY_MODELS: tuple[tuple[str, str, bool], ...] = (
-    ("amodal.models.sam", SAM_FILES["vit_h"], False),
-    ("amodal.models.grounding_dino", GROUNDING_DINO_DIR, False),
-    ("amodal.models.clip", CLIP_DIR, False),
-    ("amodal.models.sd_inpaint", SD_INPAINT_DIR, False),
-    ("amodal.models.instaorder", INSTAORDER_FILE, False),
-    ("amodal.models.lisa", LISA_DIR, True),
-    ("amodal.models.ram_plus", RAM_PLUS_FILE, True),
+# (adapter module with a ``write_tiny(target)``, path in the model folder)
+TINY_MODELS: tuple[tuple[str, str], ...] = (
+    ("amodal.models.sam", SAM_FILES["vit_h"]),
+    ("amodal.models.grounding_dino", GROUNDING_DINO_DIR),
+    ("amodal.models.clip", CLIP_DIR),
+    ("amodal.models.sd_inpaint", SD_INPAINT_DIR),
+    ("amodal.models.instaorder", INSTAORDER_FILE),
+    ("amodal.models.lisa", LISA_DIR),
+    ("amodal.models.ram_plus", RAM_PLUS_FILE),
 )
 
 
 def write_tiny_models(model_dir: Path, progress: bool = True) -> list[Path]:
     """Write each adapter's tiny checkpoint at its registry path under ``model_dir``; return the paths.
 
-    The same weights are written on every call. An optional adapter whose module is not installed is
-    skipped with a note.
+    The same weights are written on every call.
     """
     model_dir = Path(model_dir)
     written: list[Path] = []
-    for module_name, relative, optional in tqdm(TINY_MODELS, desc="tiny models", unit="model", disable=not progress):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if not (optional and err.name == module_name):
-                raise
-            tqdm.write(f"skipped {relative}: {module_name} is not available", file=sys.stderr)
-            continue
+    for module_name, relative in tqdm(TINY_MODELS, desc="tiny models", unit="model", disable=not progress):
         target = model_dir / relative
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
-            module.write_tiny(target)
+            importlib.import_module(module_name).write_tiny(target)
         written.append(target)
     return written
