@@ -41,6 +41,7 @@ class Settings:
     grounder: str = "lisa"  # "lisa" (the paper) | "gdino_sam" (lighter)
     tagger: str = "ram_plus"  # "ram_plus" (the paper) | "clip" (lighter)
     sam_variant: str = "vit_h"
+    lisa_quantization: str = ""  # "" (half precision) | "8bit" | "4bit" (bitsandbytes, CUDA only)
     # Input limits
     max_pixels: int = 40_000_000
     min_side: int = 16

@@ -9,9 +9,9 @@ from typing import Iterator
 import boto3
 import pytest
 
+from tests.paths import EXAMPLES
 from tests.s3server import start_s3_server
 
-EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "paper-examples"
 REDIS_DB = int(os.environ.get("AMODAL_TEST_REDIS_DB", "11"))
 
 

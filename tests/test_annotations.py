@@ -10,8 +10,9 @@ import pytest
 from amodal.annotations import Row, read_annotations, resolve_input, validate_query
 from amodal.images import InvalidInput, load_image, load_mask
 from tests import badinputs as bad
+from tests.paths import EXAMPLES
 
-PAPER = Path("/work/shared/paper-examples")
+PAPER = EXAMPLES
 PAPER_QUERIES = ["spray paint can", "bird", "camera", "ice cream cone", "cat", "calculator", "potato"]
 
 

@@ -11,8 +11,9 @@ from transformers import AutoTokenizer, CLIPTokenizer
 
 from amodal.models.clip import Clip, ClipPromptChooser, ClipTagger, default_vocabulary, write_tiny
 from amodal.models.tokenizers import write_tiny_clip_tokenizer
+from tests.paths import EXAMPLES
 
-IMAGES = Path("/work/shared/paper-examples/images")
+IMAGES = EXAMPLES / "images"
 CPU = torch.device("cpu")
 COCO = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",

@@ -1,7 +1,6 @@
 """The Grounding DINO + SAM grounder: box choice with stand-ins, then the tiny real models."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -13,8 +12,9 @@ from amodal.models import grounding_dino, sam
 from amodal.models.base import Detection, Grounding
 from amodal.models.grounding import GdinoSamGrounder
 from amodal.models.registry import GROUNDING_DINO_DIR, SAM_FILES
+from tests.paths import EXAMPLES
 
-PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+PHOTO = EXAMPLES / "images" / "cat-7875506_640_cat.jpg"
 CPU = torch.device("cpu")
 IMAGE = np.zeros((40, 60, 3), np.uint8)
 

@@ -22,8 +22,9 @@ from amodal.models.grounding_dino import (
     write_tiny,
 )
 from amodal.models.registry import GROUNDING_DINO_DIR
+from tests.paths import EXAMPLES
 
-PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+PHOTO = EXAMPLES / "images" / "cat-7875506_640_cat.jpg"
 CPU = torch.device("cpu")
 LABELS = ["cat", "Dog", "tabby cat", "background"]
 

@@ -13,8 +13,9 @@ from torchvision.models import resnet50
 from amodal.models.base import MissingCheckpointError
 from amodal.models.instaorder import InstaOrder, InstaOrderNet, infer_architecture, write_tiny
 from amodal.models.registry import INSTAORDER_FILE
+from tests.paths import EXAMPLES
 
-PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+PHOTO = EXAMPLES / "images" / "cat-7875506_640_cat.jpg"
 CPU = torch.device("cpu")
 
 

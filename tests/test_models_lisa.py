@@ -5,9 +5,7 @@ import importlib.util
 import json
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -23,9 +21,12 @@ from amodal.models.lisa import (
     prompt_text,
     write_tiny,
 )
-from amodal.models.registry import LISA_DIR
+from amodal.models.registry import LISA_DIR, ModelSet
+from amodal.settings import Settings
+from tests.lisascript import scripted
+from tests.paths import EXAMPLES
 
-PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+PHOTO = EXAMPLES / "images" / "cat-7875506_640_cat.jpg"
 QUERY = "what is the mammal in this image?"
 CPU = torch.device("cpu")
 
@@ -53,26 +54,6 @@ def shard_state(folder: Path) -> dict[str, torch.Tensor]:
     for name in set(index["weight_map"].values()):
         state.update(torch.load(folder / name, weights_only=True))
     return state
-
-
-@contextmanager
-def scripted(grounder: LisaGrounder, tokens: Sequence[int]) -> Iterator[None]:
-    """Make greedy decoding emit ``tokens``: random weights alone would rarely say ``[SEG]``.
-
-    A test-only hook on LLaMA's output layer replaces its logits, one step at a time.
-    """
-    steps = iter(tokens)
-
-    def force(module, inputs, logits):
-        forced = torch.full_like(logits, -1e4)
-        forced[:, -1, next(steps)] = 1e4
-        return forced
-
-    handle = grounder.llm.lm_head.register_forward_hook(force)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def test_tiny_checkpoint_has_the_published_layout(folder):
@@ -253,3 +234,28 @@ def test_bad_inputs_are_refused(grounder, image):
         grounder.ground(image[..., 0], QUERY)
     with pytest.raises(ValueError, match="empty query"):
         grounder.ground(image, "  ")
+
+
+def test_the_quantization_setting_is_checked(folder):
+    models = ModelSet(folder.parent,
+                      Settings(grounder="lisa", lisa_quantization="2bit", device="cpu", dtype="float32"))
+    with pytest.raises(ValueError, match="lisa_quantization"):
+        models.grounder
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="8-bit and 4-bit loading need a CUDA device and bitsandbytes")
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_llama_grounds_on_cuda(folder, image, bits):
+    import bitsandbytes as bnb
+
+    models = ModelSet(folder.parent,
+                      Settings(grounder="lisa", lisa_quantization=bits, device="cuda", dtype="float16"))
+    grounder = models.grounder
+    quantized = bnb.nn.Linear8bitLt if bits == "8bit" else bnb.nn.Linear4bit
+    assert isinstance(grounder.llm.model.layers[0].self_attn.q_proj, quantized)
+    assert isinstance(grounder.llm.model.layers[1].mlp.down_proj, quantized)
+    with scripted(grounder, [grounder.seg_token_id, grounder.tokenizer.eos_token_id]):
+        grounding = grounder.ground(image, QUERY)
+    assert grounding.text == "[SEG]"
+    assert grounding.mask.shape == image.shape[:2] and grounding.mask.dtype == bool

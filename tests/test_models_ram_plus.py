@@ -13,8 +13,9 @@ from amodal.models.base import MissingCheckpointError
 from amodal.models.ram_plus import TINY, RamPlusTagger, tag_list, tag_thresholds, write_tiny
 from amodal.models.ram_plus_net import PUBLISHED, RamPlusNet, checkpoint_state, infer_architecture
 from amodal.models.registry import RAM_PLUS_FILE
+from tests.paths import EXAMPLES
 
-IMAGES = Path("/work/shared/paper-examples/images")
+IMAGES = EXAMPLES / "images"
 PARITY = Path(__file__).parent / "fixtures" / "ram_plus_parity.json"
 CPU = torch.device("cpu")
 PUBLISHED_FILE_BYTES = 3_010_210_801  # ram_plus_swin_large_14m.pth on the Hugging Face hub

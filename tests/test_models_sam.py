@@ -12,8 +12,9 @@ from segment_anything import sam_model_registry
 from amodal.models.base import MissingCheckpointError
 from amodal.models.registry import SAM_FILES
 from amodal.models.sam import SamArchitecture, SamSegmenter, infer_architecture, write_tiny
+from tests.paths import EXAMPLES
 
-PHOTO = Path("/work/shared/paper-examples/images/cat-7875506_640_cat.jpg")
+PHOTO = EXAMPLES / "images" / "cat-7875506_640_cat.jpg"
 CPU = torch.device("cpu")
 BOXES = [(60.0, 40.0, 420.0, 380.0), (300.0, 10.0, 630.0, 200.0), (0.0, 0.0, 640.0, 388.0)]
 

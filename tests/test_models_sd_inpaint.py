@@ -12,8 +12,9 @@ from PIL import Image
 
 from amodal.models.base import InpaintRequest
 from amodal.models.sd_inpaint import StableDiffusionInpainter, write_tiny
+from tests.paths import EXAMPLES
 
-IMAGES = Path("/work/shared/paper-examples/images")
+IMAGES = EXAMPLES / "images"
 SIZE = 512
 
 

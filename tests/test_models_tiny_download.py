@@ -26,8 +26,9 @@ from amodal.models.registry import (
     ModelSet,
 )
 from amodal.settings import Settings
+from tests.paths import EXAMPLES
 
-PHOTO = Path("/work/shared/paper-examples/images/bird-8951872_640_bird.jpg")
+PHOTO = EXAMPLES / "images" / "bird-8951872_640_bird.jpg"
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

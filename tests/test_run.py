@@ -16,8 +16,8 @@ from amodal.models.registry import ModelSet
 from amodal.runner import run_local
 from amodal.settings import Settings
 from amodal.state import OUTCOMES
-from tests.test_models_lisa import scripted
 from tests.badinputs import LIMITS, write_bad_corpus
+from tests.lisascript import scripted
 from tests.synthetic import Oracle, occluded_scene
 
 ROOT = Path(__file__).resolve().parents[1]
