@@ -68,11 +68,12 @@ def main() -> None:
     broker = redis.Redis.from_url(args.redis)
     with tiny_cluster(args.redis, SETTINGS, "soak") as cluster:
         images, annotations = synthetic_dataset(cluster.work, args.jobs, given=args.jobs)
+        from amodal.settings import Settings
         from producer import Client
 
         group = with_workers(cluster)
         keys_idle = broker.dbsize()
-        client = Client()
+        client = Client(settings=Settings(**SETTINGS))  # the workers' settings, so they warm the right models
         with RssPeaks(group) as rss:
             t0 = time.perf_counter()
             client.submit_dataset(images, annotations, "soak", progress=False)
@@ -82,11 +83,14 @@ def main() -> None:
             wall = time.perf_counter() - t0
             time.sleep(5)
             keys_after = broker.dbsize()
+        sizes = [int(line.split("inpainting ", 1)[1].split()[0])
+                 for line in group.log("inpaint-gpu0").splitlines() if "tasks.inpaint: inpainting " in line]
     record = {
         "jobs": args.jobs, "settings": SETTINGS, "cores": os.cpu_count(), "wall_seconds": wall,
         "jobs_per_hour": 3600 * args.jobs / wall, "outcomes": counts,
         "peak_rss_mib_per_worker": {k: v / 2**20 for k, v in rss.peaks.items()},
         "redis_keys": {"workers_idle": keys_idle, "after_submit": keys_queued, "after_completion": keys_after},
+        "diffusion_calls": len(sizes), "mean_jobs_per_diffusion_call": sum(sizes) / max(len(sizes), 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

@@ -2,15 +2,18 @@
 
 Batching is celery-batches' ``Batches`` task: the worker buffers up to ``AMODAL_INPAINT_BATCH``
 messages (its prefetch is raised to match) or waits ``AMODAL_INPAINT_FLUSH`` seconds, then runs
-them together. Messages are acknowledged when the batch returns, so a worker lost mid-batch hands
-every one of them back.
+them together, one batch at a time. Messages are acknowledged when the batch returns, so a worker
+lost mid-batch hands every one of them back.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
+from typing import Any, Collection
 
+from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 
 from amodal.state import JobState
@@ -24,7 +27,31 @@ BATCH_SIZE = int(os.environ.get("AMODAL_INPAINT_BATCH", "16"))
 FLUSH_SECONDS = float(os.environ.get("AMODAL_INPAINT_FLUSH", "0.5"))
 
 
-@app.task(name="amodal.inpaint", base=Batches, flush_every=BATCH_SIZE, flush_interval=FLUSH_SECONDS,
+class OneBatchAtATime(Batches):
+    """``Batches`` that keeps buffering while its last batch still runs in the pool.
+
+    ``Batches`` flushes on its timer whether or not the pool is free: a busy worker then queues one
+    small batch per interval behind the running one (measured: 1-2 jobs per diffusion call with
+    hundreds waiting), and batching buys nothing. Holding the buffer until the pool job is done
+    (or lost: billiard marks it ready with ``WorkerLostError``) lets the next batch fill up.
+    """
+
+    _running: Any = None  # the pool job of the batch in flight
+    _since = 0.0
+
+    def _do_flush(self) -> None:
+        ready = getattr(self._running, "ready", None)  # prefork's job; other pools run inline
+        hold_limit = self.app.conf.task_time_limit or 3600  # a pool job never marked ready stops holding
+        if ready is not None and not ready() and time.monotonic() - self._since < hold_limit:
+            return  # the timer stays armed and tries again
+        super()._do_flush()
+
+    def flush(self, requests: Collection[Request]) -> Any:
+        self._running, self._since = super().flush(requests), time.monotonic()
+        return self._running
+
+
+@app.task(name="amodal.inpaint", base=OneBatchAtATime, flush_every=BATCH_SIZE, flush_interval=FLUSH_SECONDS,
           acks_late=True)
 def inpaint(requests: list[SimpleRequest]) -> int:
     """Run every live request; jobs with different settings go in separate diffusion calls.

@@ -85,6 +85,19 @@ def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     assert again["enqueued"] == 0 and again["finished"] == 12
     assert sorted(store.list("results/")) == results_before
 
+    # JSON only on the wire: a pickled message is refused, not run
+    from tasks.app import app
+
+    app.conf.broker_url = env["AMODAL_BROKER_URL"]
+    app.send_task("amodal.ground", args=["0" * 24, 0], queue="ground", serializer="pickle")
+    deadline = time.monotonic() + 60
+    while "Refusing to deserialize untrusted content of type pickle" not in cluster.log("ground-gpu0"):
+        assert time.monotonic() < deadline, cluster.log("ground-gpu0")[-3000:]
+        time.sleep(0.5)
+    assert not store.list(f"jobs/{'0' * 24}/")
+    # no credentials in any worker's log
+    assert all(env["AWS_SECRET_ACCESS_KEY"] not in cluster.log(name) for name in cluster.procs)
+
 
 def test_flower_lists_the_five_stage_workers(cluster, redis_url):
     import requests

@@ -1,0 +1,72 @@
+"""The inpaint task's batching: while one batch runs in the pool, the next one fills up."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tasks.inpaint import inpaint
+
+
+class PoolJob:
+    def __init__(self) -> None:
+        self.done = False
+
+    def ready(self) -> bool:
+        return self.done
+
+
+class Pool:
+    """Records each batch handed to it; its jobs finish when the test says so."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.jobs: list[PoolJob] = []
+
+    def apply_async(self, target, args, accept_callback=None, callback=None):
+        _, (requests,), *_ = args
+        self.batches.append([r.args[0] for r in requests])
+        self.jobs.append(PoolJob())
+        return self.jobs[-1]
+
+
+def request(job_id: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        id=job_id, name="amodal.inpaint", _payload=((job_id, 0), {}, {}), delivery_info={}, hostname="h",
+        reply_to=None, correlation_id=None, request_dict={}, eta=None, task=inpaint,
+    )
+
+
+@pytest.fixture
+def task(monkeypatch):
+    pool = Pool()
+    monkeypatch.setattr(inpaint, "_pool", pool, raising=False)
+    monkeypatch.setattr(inpaint, "_running", None)
+    monkeypatch.setattr(inpaint, "_tref", None)
+    yield inpaint, pool
+    while not inpaint._buffer.empty():
+        inpaint._buffer.get()
+
+
+def test_the_buffer_is_held_while_a_batch_runs(task):
+    task, pool = task
+    task._buffer.put(request("a"))
+    task._do_flush()
+    assert pool.batches == [["a"]]
+    for job in "bcd":  # they arrive one by one while "a" runs; timer ticks would flush each alone
+        task._buffer.put(request(job))
+        task._do_flush()
+    assert pool.batches == [["a"]]
+    pool.jobs[0].done = True
+    task._do_flush()
+    assert pool.batches == [["a"], ["b", "c", "d"]]
+
+
+def test_a_batch_that_never_reports_stops_holding_after_the_time_limit(task, monkeypatch):
+    task, pool = task
+    task._buffer.put(request("a"))
+    task._do_flush()
+    task._buffer.put(request("b"))
+    monkeypatch.setattr(task, "_since", task._since - task.app.conf.task_time_limit - 1)
+    task._do_flush()
+    assert pool.batches == [["a"], ["b"]]
