@@ -211,7 +211,10 @@ def main() -> None:
         else:
             write_full_size_models(models)
     write_seconds = time.perf_counter() - t0
-    settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps)
+    # Masks come with the jobs, so no grounder runs: the lighter one spares writing LISA-13B (26 GB) for
+    # the ground worker's warm-up. LISA's own cost is measured by bench/lisa_full_size.py.
+    settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
+                        grounder="gdino_sam")
     images = work / "images"
     annotations = synthetic_images(images, args.images)
     record = {

@@ -197,15 +197,17 @@ def unoccluded_scene() -> Scene:
 
 
 def synthetic_dataset(root: Path, count: int = 12, given: int | None = None) -> tuple[Path, Path]:
-    """``count`` synthetic rows; the first ``given`` (default half) come with their visible mask,
-    the others are grounded from the query. Even rows are cut by the border (always completed)."""
+    """``count`` distinct synthetic rows; the first ``given`` (default half) come with their visible
+    mask, the others are grounded from the query. Even rows are cut by the border (always completed)."""
     images = root / "images"
     images.mkdir()
+    if count > 2 * 24 * 24:
+        raise ValueError(f"at most {2 * 24 * 24} distinct synthetic rows")
     rows = []
-    rng = np.random.default_rng(7)
     for i in range(count):
         base = occluded_scene() if i % 2 else truncated_scene()
-        dx, dy = rng.integers(-12, 12, 2)
+        k = (i // 2) * 7  # a distinct offset per row of each kind (7 is prime to 24 * 24), well spread
+        dx, dy = k % 24 - 12, (k // 24) % 24 - 12
         scene = Scene(base.width, base.height, [
             Shape(s.label, s.colour, s.kind, s.cx + dx, s.cy + dy, s.rx, s.ry, s.depth) for s in base.shapes])
         target = scene.shapes[0].label
