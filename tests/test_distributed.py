@@ -94,7 +94,7 @@ def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     while "Refusing to deserialize untrusted content of type pickle" not in cluster.log("ground-gpu0"):
         assert time.monotonic() < deadline, cluster.log("ground-gpu0")[-3000:]
         time.sleep(0.5)
-    assert not store.list(f"jobs/{'0' * 24}/")
+    assert not list(store.list(f"jobs/{'0' * 24}/"))
     # no credentials in any worker's log
     assert all(env["AWS_SECRET_ACCESS_KEY"] not in cluster.log(name) for name in cluster.procs)
 
