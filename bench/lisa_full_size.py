@@ -22,9 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +36,13 @@ from amodal.models.lisa_tiny import write_tiny_tokenizer
 from amodal.models.sam import PROMPT_DIM, SamArchitecture, build_sam
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.lisascript import scripted  # noqa: E402  (the tests' scripted decoding)
+from tests.paths import EXAMPLES  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "lisa_full_size.json"
-PHOTO = ROOT.parent / "shared" / "paper-examples" / "images" / "cat-7875506_640_cat.jpg"
+PHOTO = EXAMPLES / "images" / "cat-7875506_640_cat.jpg"
 QUERY = "what is the mammal in this image?"
 LLAMA_2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40}
 VOCAB_SIZE = 32003  # LLaMA's 32000 and [SEG], <im_start>, <im_end>
@@ -62,23 +65,6 @@ def build(device: torch.device, dtype: torch.dtype, new_tokens: int, tokenizer_d
         llm, vision, extras, LlamaTokenizer.from_pretrained(tokenizer_dir), CLIPImageProcessorPil(),
         device, dtype, max_new_tokens=new_tokens,
     )
-
-
-@contextmanager
-def scripted(grounder: LisaGrounder, tokens: Sequence[int]) -> Iterator[None]:
-    """Make greedy decoding emit ``tokens`` (the output layer still computes its logits)."""
-    steps = iter(tokens)
-
-    def force(module, inputs, logits):
-        forced = torch.full_like(logits, -1e4)
-        forced[:, -1, next(steps)] = 1e4
-        return forced
-
-    handle = grounder.llm.lm_head.register_forward_hook(force)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def timed(fn):
