@@ -12,6 +12,7 @@ from dataclasses import dataclass
 class Settings:
     # Scene (step 2)
     tag_threshold: float = 0.6
+    max_tags: int = 40  # tags kept per image, highest scores first (bounds G-DINO's prompts to about one)
     box_threshold: float = 0.35
     text_threshold: float = 0.35
     background_erode_radius: int = 2
@@ -48,9 +49,10 @@ class Settings:
     max_query_chars: int = 512
     # Runtime (does not change results)
     device: str = "auto"
-    dtype: str = "auto"  # "auto" -> float16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # "auto" -> bfloat16 (or float16) on CUDA, float32 on CPU
+    compile_unet: bool = True  # torch.compile the diffusion UNet on CUDA (once per worker; faster steps)
 
-    RUNTIME_FIELDS = ("device", "dtype")
+    RUNTIME_FIELDS = ("device", "dtype", "compile_unet")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

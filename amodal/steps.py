@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -83,7 +84,7 @@ def segment(state: JobState, ctx: Context) -> None:
         image = art.get_rgb(ctx.store, state.key("image.png"))
         visible = art.get_mask(ctx.store, state.key("visible.png"))
         tagger = ctx.models.tagger
-        state.tags = list(tagger.tag(image))
+        state.tags = list(tagger.tag(image))[: state.job_settings().max_tags]
         state.backends["tag"] = tagger.name
         scene = _scene(image, state, ctx)
         choice = ctx.models.prompt_chooser.choose(image, visible, candidate_classes(state.tags, state.query))
@@ -160,28 +161,36 @@ def _plan_first_pass(state: JobState, ctx: Context, image: np.ndarray, visible: 
     state.stage = "inpaint"
 
 
+IO_THREADS = 8  # a batch's artifacts are read and written in parallel (PNG coding and storage calls release the GIL)
+
+
+def _inpaint_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray, InpaintRequest]:
+    s = state.job_settings()
+    image = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
+    mask = art.get_mask(ctx.store, _pass_key(state, "inpaint_mask.png"))
+    size = (s.inpaint_size, s.inpaint_size)
+    request = InpaintRequest(resize_image(image, size), resize_mask(mask, size), state.prompt,
+                             seed=s.seed + state.passes, window=Window.from_dict(state.window).image_box)
+    return image, mask, request
+
+
+def _inpaint_output(state: JobState, ctx: Context, image: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
+    side = image.shape[0]
+    painted = np.where(mask[..., None], resize_image(out, (side, side)), image)
+    unfilled = art.get_mask(ctx.store, _pass_key(state, "unfilled.png")) & ~mask
+    state.passes += 1
+    art.put_rgb(ctx.store, _pass_key(state, "window.png"), painted)
+    art.put_mask(ctx.store, _pass_key(state, "unfilled.png"), unfilled)
+    state.backends["inpaint"] = ctx.models.inpainter.name
+    state.stage = "segment"
+
+
 def inpaint(states: Sequence[JobState], ctx: Context) -> None:
     """Step 5's diffusion pass for a batch of jobs, in one inpainter call."""
-    inputs, requests = [], []
-    for state in states:
-        s = state.job_settings()
-        image = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
-        mask = art.get_mask(ctx.store, _pass_key(state, "inpaint_mask.png"))
-        size = (s.inpaint_size, s.inpaint_size)
-        box = Window.from_dict(state.window).image_box
-        inputs.append((image, mask))
-        requests.append(InpaintRequest(resize_image(image, size), resize_mask(mask, size), state.prompt,
-                                       seed=s.seed + state.passes, window=box))
-    outputs = ctx.models.inpainter.inpaint(requests)
-    for state, (image, mask), out in zip(states, inputs, outputs):
-        side = image.shape[0]
-        painted = np.where(mask[..., None], resize_image(out, (side, side)), image)
-        unfilled = art.get_mask(ctx.store, _pass_key(state, "unfilled.png")) & ~mask
-        state.passes += 1
-        art.put_rgb(ctx.store, _pass_key(state, "window.png"), painted)
-        art.put_mask(ctx.store, _pass_key(state, "unfilled.png"), unfilled)
-        state.backends["inpaint"] = ctx.models.inpainter.name
-        state.stage = "segment"
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        inputs = list(pool.map(lambda state: _inpaint_input(state, ctx), states))
+        outputs = ctx.models.inpainter.inpaint([request for _, _, request in inputs])
+        list(pool.map(lambda state, i, out: _inpaint_output(state, ctx, i[0], i[1], out), states, inputs, outputs))
 
 
 def finalize(state: JobState, ctx: Context) -> None:

@@ -134,10 +134,12 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
     for state in states:
         statuses[state.status] = statuses.get(state.status, 0) + 1
     busy = {s: sum(state.timings.get(s, 0.0) for state in states) for s in STAGES}
+    tags = [len(state.tags) for state in states]
     return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
             "statuses": statuses, "passes": sorted({state.passes for state in states}),
             "stage_seconds_per_image": {s: busy[s] / count for s in STAGES},
             "stage_busy_fraction": {s: busy[s] / wall for s in STAGES},
+            "tags_per_image": {"mean": float(np.mean(tags)), "max": int(max(tags))} if tags else None,
             "warmup_seconds": warm, "peak_gpu_memory_gib": memory.peak_mib / 1024,
             "workers": [f"{s.stage}@{'cpu' if s.gpu is None else f'gpu{s.gpu}'}" for s in slots]}
 
@@ -162,10 +164,11 @@ def run_baseline(work: Path, models: Path, images: Path, annotations: Path, sett
             if not hasattr(self, "_detector"):
                 self._detector = GroundingDino.from_pretrained(
                     self.path(GROUNDING_DINO_DIR), device=self.device, dtype=torch.float32,
-                    box_threshold=self.settings.box_threshold, text_threshold=self.settings.text_threshold)
+                    box_threshold=self.settings.box_threshold, text_threshold=self.settings.text_threshold,
+                    max_detections=self.settings.max_instances)
             return self._detector
 
-    models_set = ReferenceModels(models, settings)
+    models_set = ReferenceModels(models, settings.replace(compile_unet=False))
     models_set.inpainter.pipeline.enable_attention_slicing()
     rows = [json.loads(x) for x in annotations.read_text().splitlines()[:count]]
     subset = work / "baseline_rows.jsonl"
@@ -190,6 +193,8 @@ def main() -> None:
     ap.add_argument("--redis-server", help="a redis-server binary to run the broker with")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs to place workers on (workers/placement.py)")
     ap.add_argument("--replicas", type=int, default=1, help="workers per planned GPU slot (sharing its GPU)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.compile the UNet in the inpaint worker (the default setting)")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the reference-structured baseline")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_throughput.json"))
@@ -214,7 +219,7 @@ def main() -> None:
     # Masks come with the jobs, so no grounder runs: the lighter one spares writing LISA-13B (26 GB) for
     # the ground worker's warm-up. LISA's own cost is measured by bench/lisa_full_size.py.
     settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
-                        grounder="gdino_sam")
+                        grounder="gdino_sam", compile_unet=args.compile)
     images = work / "images"
     annotations = synthetic_images(images, args.images)
     record = {
@@ -223,7 +228,9 @@ def main() -> None:
         "broker": "Redis (carried binary)" if args.redis_server else "kombu filesystem transport (local folder)",
         "storage": "local folder",
         "grounding": "visible masks given with the jobs (LISA: bench/lisa_full_size.py)",
-        "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch, "image_size": "640x480"},
+        "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch, "image_size": "640x480",
+                     "max_tags": settings.max_tags, "compile_unet": settings.compile_unet,
+                     "baseline": "same settings, UNet not compiled"},
         "model_write_seconds": write_seconds,
     }
     redis = start_redis(args.redis_server) if args.redis_server else None

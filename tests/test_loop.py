@@ -17,14 +17,15 @@ from amodal.storage import LocalStorage
 from tests.synthetic import Oracle, Scene, Shape, occluded_scene, truncated_scene, unoccluded_scene
 
 
-def run_scene(tmp_path, scene: Scene, query: str, settings: Settings | None = None, given_mask: bool = False):
+def run_scene(tmp_path, scene: Scene, query: str, settings: Settings | None = None, given_mask: bool = False,
+              oracle_type: type[Oracle] = Oracle):
     settings = settings or Settings()
     inputs = LocalStorage(tmp_path / "in")
     inputs.put("scene.png", encode_png(scene.render()))
     if given_mask:
         inputs.put("mask.png", encode_png(np.where(scene.visible(query), 255, 0).astype(np.uint8)))
     store = LocalStorage(tmp_path / "out")
-    oracle = Oracle(scene)
+    oracle = oracle_type(scene)
     ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background(256))
     state = JobState(job_id="j1", dataset="d", image_key="scene.png", query=query, settings=settings.to_dict(),
                      mask_key="mask.png" if given_mask else None, result_prefix="results/d/j1")
@@ -173,3 +174,15 @@ def test_max_instances_keeps_the_best_detections():
     image = np.zeros((40, 40, 3), np.uint8)
     scene = segment_scene(image, ["x"], Many(), Many(), Settings(max_instances=3, background_min_area=10**6))
     assert [m.sum() for m in scene.masks] == [13 * 13, 12 * 12, 11 * 11]  # the three best scores
+
+
+def test_max_tags_keeps_the_best_tags(tmp_path):
+    class Wordy(Oracle):
+        def tag(self, image):
+            return super().tag(image) + [f"thing{i}" for i in range(50)]
+
+    scene = occluded_scene()
+    state, store, _ = run_scene(tmp_path, scene, "ball", Settings(max_tags=3), oracle_type=Wordy)
+    expected = Wordy(scene).tag(scene.render())[:3]
+    assert state.status == "completed" and state.tags == expected
+    assert json.loads(store.get(f"{state.result_prefix}/job.json"))["tags"] == expected

@@ -98,6 +98,13 @@ def test_box_threshold_filters(folder, image, detections):
     assert all(d.score > cut for d in kept)
 
 
+def test_only_the_best_queries_are_post_processed(folder, image, detections):
+    assert len(detections) > 2
+    capped = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=0.0,
+                                           text_threshold=0.3, max_detections=2)
+    assert capped.detect(image, LABELS) == detections[:2]
+
+
 def test_boxes_without_a_matching_phrase_are_dropped(folder, image):
     # No token can pass a text threshold of 1, so no phrase names any label.
     mute = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=0.0, text_threshold=1.0)

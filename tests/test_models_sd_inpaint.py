@@ -106,3 +106,24 @@ def test_inpaint_rejects_bad_batches(inpainter, cat_request):
     odd = InpaintRequest(cat_request.image[:100, :100], cat_request.mask[:100, :100], "a cat", seed=0)
     with pytest.raises(ValueError, match="multiple of 8"):
         inpainter.inpaint([odd])
+
+
+@pytest.mark.slow
+def test_compiled_unet_paints_what_the_eager_one_does(folder, inpainter, cat_request):
+    compiled = StableDiffusionInpainter.from_pretrained(
+        folder, device=torch.device("cpu"), dtype=torch.float32, num_inference_steps=2, guidance_scale=7.5,
+        compile_unet=True,
+    )
+    assert compiled.compiled and not inpainter.compiled
+    for batch in ([cat_request], [cat_request, dataclasses.replace(cat_request, seed=5)]):  # a second shape
+        for ours, eager in zip(compiled.inpaint(batch), inpainter.inpaint(batch)):
+            assert np.abs(ours.astype(int) - eager).max() <= 2
+
+
+def test_unet_is_compiled_on_cuda_only(tmp_path):
+    from amodal.models.registry import SD_INPAINT_DIR, ModelSet
+    from amodal.settings import Settings
+
+    write_tiny(tmp_path / SD_INPAINT_DIR)
+    models = ModelSet(tmp_path, Settings(device="cpu", compile_unet=True, num_inference_steps=1))
+    assert not models.inpainter.compiled

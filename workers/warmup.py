@@ -14,8 +14,12 @@ log = logging.getLogger(__name__)
 WARM_MESSAGE = "models loaded and warmed"
 
 
-def warm(stage: str, models, size: int = 512) -> None:
-    """Touch every model of ``stage`` (loading it) and run it once on a synthetic image."""
+def warm(stage: str, models, size: int = 512, batch: int = 1) -> None:
+    """Touch every model of ``stage`` (loading it) and run it once on a synthetic image.
+
+    A compiled UNet also runs a full ``batch`` first, so both of its graphs (the full batch's, then a
+    dynamic one for every other size) are compiled before the worker takes work.
+    """
     image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     mask = np.zeros((256, 256), bool)
     mask[64:192, 64:192] = True
@@ -29,8 +33,10 @@ def warm(stage: str, models, size: int = 512) -> None:
     elif stage == "occlusion":
         models.occlusion.occluders_of(image, mask, [np.roll(mask, 40, axis=1)])
     elif stage == "inpaint":
-        big = np.resize(image, (size, size, 3))
-        models.inpainter.inpaint([InpaintRequest(big, np.resize(mask, (size, size)), "an object", seed=0)])
+        request = InpaintRequest(np.resize(image, (size, size, 3)), np.resize(mask, (size, size)), "an object", seed=0)
+        batches = (batch, 1) if getattr(models.inpainter, "compiled", False) and batch > 1 else (1,)
+        for n in batches:
+            models.inpainter.inpaint([request] * n)
 
 
 @worker_process_init.connect
@@ -39,9 +45,10 @@ def _warm_this_process(**_) -> None:
     if stage in ("", "finalize"):
         return
     from amodal.settings import settings_from_env
+    from tasks.inpaint import BATCH_SIZE
     from tasks.stage import models_for
 
     settings = settings_from_env()
     start = time.perf_counter()
-    warm(stage, models_for(settings), settings.inpaint_size)
+    warm(stage, models_for(settings), settings.inpaint_size, BATCH_SIZE)
     log.warning("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)

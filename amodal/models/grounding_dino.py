@@ -5,6 +5,9 @@ Reads a folder in the layout of ``IDEA-Research/grounding-dino-tiny`` (``config.
 Labels are lowercased, joined as Grounding DINO expects (``"cat. dog."``), and split into several
 prompts where they would not fit the text encoder's ``max_text_len`` tokens. Each box's phrase (its
 tokens above the text threshold) is mapped back to the given label it shares the most words with.
+Only the ``max_detections`` best-scoring queries of each prompt go through ``transformers``' post-processing,
+whose cost grows with every box over the threshold (0.3 s for ~900 boxes on an H100, against 0.06 s
+for the forward pass); the scene keeps that many at most anyway.
 """
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ class GroundingDino:
         dtype: torch.dtype,
         box_threshold: float,
         text_threshold: float,
+        max_detections: int = 900,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = processor
@@ -95,6 +99,7 @@ class GroundingDino:
         self.dtype = dtype
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
+        self.max_detections = max_detections
 
     @classmethod
     def from_pretrained(
@@ -104,12 +109,13 @@ class GroundingDino:
         dtype: torch.dtype,
         box_threshold: float,
         text_threshold: float,
+        max_detections: int = 900,
     ) -> GroundingDino:
         if isinstance(path_or_id, Path):
             require(path_or_id)
         model = GroundingDinoForObjectDetection.from_pretrained(path_or_id, dtype=dtype)
         processor = AutoProcessor.from_pretrained(path_or_id)
-        return cls(model, processor, device, dtype, box_threshold, text_threshold)
+        return cls(model, processor, device, dtype, box_threshold, text_threshold, max_detections)
 
     @property
     def max_text_len(self) -> int:
@@ -124,7 +130,8 @@ class GroundingDino:
 
     @torch.inference_mode()
     def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
-        """Boxes for ``labels`` in a uint8 RGB image, best first, each with the given label it matched."""
+        """Boxes for ``labels`` in a uint8 RGB image, best first, each with the given label it matched
+        (at most ``max_detections`` per prompt)."""
         by_normal = {}
         for label in labels:
             by_normal.setdefault(normalize_label(label), label)
@@ -138,8 +145,9 @@ class GroundingDino:
                 ". ".join(prompt) + ".", truncation=True, max_length=self.max_text_len, return_tensors="pt"
             ).to(self.device)
             outputs = self.model(**pixels, **text)
-            outputs.logits = outputs.logits.float()
-            outputs.pred_boxes = outputs.pred_boxes.float()
+            best = outputs.logits.amax(-1).topk(min(self.max_detections, outputs.logits.shape[1]), dim=-1).indices[0]
+            outputs.logits = outputs.logits[:, best].float()
+            outputs.pred_boxes = outputs.pred_boxes[:, best].float()
             result = self.processor.post_process_grounded_object_detection(
                 outputs,
                 text["input_ids"],

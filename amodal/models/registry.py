@@ -63,7 +63,7 @@ class ModelSet:
         s = self.settings
         return GroundingDino.from_pretrained(
             self.path(GROUNDING_DINO_DIR), device=self.device, dtype=self.dtype,
-            box_threshold=s.box_threshold, text_threshold=s.text_threshold,
+            box_threshold=s.box_threshold, text_threshold=s.text_threshold, max_detections=s.max_instances,
         )
 
     @functools.cached_property
@@ -123,4 +123,5 @@ class ModelSet:
         return StableDiffusionInpainter.from_pretrained(
             self.path(SD_INPAINT_DIR), device=self.device, dtype=self.dtype,
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+            compile_unet=s.compile_unet and self.device.type == "cuda",
         )

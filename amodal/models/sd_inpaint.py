@@ -25,10 +25,14 @@ class StableDiffusionInpainter:
 
     name = "sd2_inpaint"
 
-    def __init__(self, pipeline: StableDiffusionInpaintPipeline, num_inference_steps: int, guidance_scale: float) -> None:
+    def __init__(self, pipeline: StableDiffusionInpaintPipeline, num_inference_steps: int, guidance_scale: float,
+                 compile_unet: bool = False) -> None:
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
+        self.compiled = compile_unet
+        if compile_unet:
+            pipeline.unet.compile(fullgraph=True)
 
     @classmethod
     def from_pretrained(
@@ -38,10 +42,13 @@ class StableDiffusionInpainter:
         dtype: torch.dtype,
         num_inference_steps: int,
         guidance_scale: float,
+        compile_unet: bool = False,
     ) -> "StableDiffusionInpainter":
+        """Load the pipeline; ``compile_unet`` puts the UNet through ``torch.compile``, which compiles on
+        first use for each batch shape (after a second shape, one graph with a dynamic batch serves the rest)."""
         pipeline = StableDiffusionInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, num_inference_steps, guidance_scale)
+        return cls(pipeline, num_inference_steps, guidance_scale, compile_unet)
 
     def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]:
         """Return one uint8 RGB image per request, of the request's size (a multiple of 8)."""
