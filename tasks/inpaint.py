@@ -22,7 +22,8 @@ from tasks.app import app, send_stage
 from tasks.stage import MAX_ATTEMPTS, advance, claim, context, fail
 
 log = logging.getLogger(__name__)
-# 16 measured 1043 images/hour on one H100 against 849 at 8 (bench/results/gpu_throughput*.json).
+# 16 measured 1043 images/hour on one H100 against 849 at 8
+# (bench/results/gpu_throughput_clip_tagger.json, gpu_throughput_b8.json).
 BATCH_SIZE = int(os.environ.get("AMODAL_INPAINT_BATCH", "16"))
 FLUSH_SECONDS = float(os.environ.get("AMODAL_INPAINT_FLUSH", "0.5"))
 

@@ -44,3 +44,9 @@ def test_plan_from_benchmark_record(tmp_path):
 def test_plan_needs_a_gpu():
     with pytest.raises(ValueError):
         plan(0)
+
+
+def test_a_tie_goes_to_a_whole_pipeline_on_every_gpu():
+    costs = {stage: 1.0 for stage in GPU_STAGES}  # two stages per GPU would carry the same peak load
+    slots = plan(2, costs)
+    assert {(s.stage, s.gpu) for s in slots if s.gpu is not None} == {(st, g) for st in GPU_STAGES for g in (0, 1)}

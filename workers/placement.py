@@ -2,8 +2,10 @@
 
 A stage with ``k`` workers gives each ``1/k`` of its per-image GPU time. For every choice of worker
 counts (1 to the number of GPUs per stage) the workers are placed heaviest first on the least-loaded
-GPU, never two of one stage on one GPU; the plan whose busiest GPU carries least wins (fewer workers
-on a tie), since the busiest GPU sets the host's images per hour. ``finalize`` runs on the CPU.
+GPU, never two of one stage on one GPU; the plan whose busiest GPU carries least wins, since the
+busiest GPU sets the host's images per hour. On a tie the plan with more workers wins: GPUs that
+each hold the whole pipeline do not wait on each other, and losing one leaves whole pipelines
+running. ``finalize`` runs on the CPU.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from workers.main import GPU_STAGES
 # Busy GPU seconds per image at the paper's settings (3 passes, 50 steps), measured on one H100 with
 # every stage sharing it (bench/results/gpu_throughput.json; masks given: LISA adds about 1.5 s to
 # ground). A plan made from another benchmark record (--costs) replaces them.
-DEFAULT_COSTS = {"ground": 0.09, "segment": 2.89, "occlusion": 0.18, "inpaint": 3.35}
+DEFAULT_COSTS = {"ground": 0.09, "segment": 1.35, "occlusion": 0.17, "inpaint": 1.18}
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def plan(gpus: int, costs: dict[str, float] | None = None, finalize_workers: int
     best: tuple[float, int, list[Slot]] | None = None
     for choice in itertools.product(range(1, gpus + 1), repeat=len(GPU_STAGES)):
         peak, slots = _place(gpus, dict(zip(GPU_STAGES, choice)), costs)
-        key = (round(peak, 9), len(slots), slots)
+        key = (round(peak, 9), -len(slots), slots)
         if best is None or key[:2] < best[:2]:
             best = key
     return best[2] + [Slot("finalize", None)] * finalize_workers
