@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run one stage worker")
     worker.add_argument("--stage", required=True, choices=["ground", "segment", "occlusion", "inpaint", "finalize"])
     worker.add_argument("--gpu", type=int, help="GPU index (sets CUDA_VISIBLE_DEVICES before torch loads)")
-    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (each holds its models)")
+    worker.add_argument("--concurrency", type=int,
+                        help="pool processes, each holding its models (default: 2 for segment, 1 for the others)")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=cmd_worker)
 

@@ -98,7 +98,8 @@ def start_redis(binary: str, port: int = 6390) -> subprocess.Popen:
 
 
 def run_distributed(work: Path, models: Path, images: Path, annotations: Path, settings: Settings,
-                    batch: int, count: int, broker_url: str, gpus: int = 1, replicas: int = 1) -> dict:
+                    batch: int, count: int, broker_url: str, gpus: int = 1, replicas: int = 1,
+                    concurrency: dict[str, int] | None = None) -> dict:
     from amodal.jobstore import latest_state
     from producer import Client
 
@@ -114,7 +115,7 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
     group = WorkerGroup(env, work / "logs")
     slots = [slot for slot in plan(gpus) for _ in range(replicas if slot.gpu is not None else 1)]
     for slot in slots:
-        group.start(slot)
+        group.start(slot, concurrency=(concurrency or {}).get(slot.stage))
     start = time.perf_counter()
     try:
         group.wait_ready(timeout=900)
@@ -141,7 +142,8 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
             "stage_busy_fraction": {s: busy[s] / wall for s in STAGES},
             "tags_per_image": {"mean": float(np.mean(tags)), "max": int(max(tags))} if tags else None,
             "warmup_seconds": warm, "peak_gpu_memory_gib": memory.peak_mib / 1024,
-            "workers": [f"{s.stage}@{'cpu' if s.gpu is None else f'gpu{s.gpu}'}" for s in slots]}
+            "workers": [f"{s.stage}@{'cpu' if s.gpu is None else f'gpu{s.gpu}'}" for s in slots],
+            "processes_per_worker": dict(group.pools)}
 
 
 def run_baseline(work: Path, models: Path, images: Path, annotations: Path, settings: Settings, count: int) -> dict:
@@ -193,6 +195,8 @@ def main() -> None:
     ap.add_argument("--redis-server", help="a redis-server binary to run the broker with")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs to place workers on (workers/placement.py)")
     ap.add_argument("--replicas", type=int, default=1, help="workers per planned GPU slot (sharing its GPU)")
+    ap.add_argument("--concurrency", action="append", default=[], metavar="STAGE=N",
+                    help="pool processes of one stage's workers (each holds its models; default: amodal worker's)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="torch.compile the UNet in the inpaint worker (the default setting)")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
@@ -237,7 +241,8 @@ def main() -> None:
     try:
         record["ours"] = run_distributed(work, models, images, annotations, settings, args.batch, args.images,
                                          "redis://127.0.0.1:6390/0" if redis else "filesystem://",
-                                         args.gpus, args.replicas)
+                                         args.gpus, args.replicas,
+                                         {k: int(v) for k, v in (c.split("=") for c in args.concurrency)})
     finally:
         if redis:
             redis.terminate()

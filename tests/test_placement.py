@@ -50,3 +50,16 @@ def test_a_tie_goes_to_a_whole_pipeline_on_every_gpu():
     costs = {stage: 1.0 for stage in GPU_STAGES}  # two stages per GPU would carry the same peak load
     slots = plan(2, costs)
     assert {(s.stage, s.gpu) for s in slots if s.gpu is not None} == {(st, g) for st in GPU_STAGES for g in (0, 1)}
+
+
+def test_a_worker_is_ready_once_every_pool_process_is_warm(tmp_path):
+    from workers.launch import WorkerGroup
+    from workers.warmup import WARM_MESSAGE
+
+    group = WorkerGroup({}, tmp_path)
+    group.slots["segment-gpu0"], group.pools["segment-gpu0"] = Slot("segment", 0), 2
+    log = tmp_path / "segment-gpu0.log"
+    log.write_text(f"segment worker: {WARM_MESSAGE} in 1.0 s\nsegment-gpu0@host ready.\n")
+    assert not group._ready("segment-gpu0")
+    log.write_text(log.read_text() + f"segment worker: {WARM_MESSAGE} in 1.2 s\n")
+    assert group._ready("segment-gpu0")

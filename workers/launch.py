@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.main import GPU_STAGES
+from workers.main import GPU_STAGES, processes
 from workers.placement import Slot
 from workers.warmup import WARM_MESSAGE
 
@@ -28,17 +28,20 @@ class WorkerGroup:
     logs: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     slots: dict[str, Slot] = field(default_factory=dict)
+    pools: dict[str, int] = field(default_factory=dict)  # pool processes of each worker
 
-    def start(self, slot: Slot, *extra: str) -> str:
+    def start(self, slot: Slot, *extra: str, concurrency: int | None = None) -> str:
         name = slot_name(slot)
         if name in self.procs:
             name = f"{name}-{len([n for n in self.procs if n.startswith(name)])}"
         self.logs.mkdir(parents=True, exist_ok=True)
+        pool = ["--concurrency", str(concurrency)] if concurrency else []
         with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [*AMODAL, "worker", *slot.args, "--loglevel", "info", *extra], env=self.env,
+                [*AMODAL, "worker", *slot.args, *pool, "--loglevel", "info", *extra], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.slots[name] = slot
+        self.pools[name] = concurrency or processes(slot.stage)
         return name
 
     def log(self, name: str) -> str:
@@ -46,7 +49,7 @@ class WorkerGroup:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_ready(self, names=None, timeout: float = 600) -> None:
-        """Until each worker's log says its consumer is up and its models are warm."""
+        """Until each worker's log says its consumer is up and the models of each pool process are warm."""
         deadline = time.monotonic() + timeout
         for name in names or list(self.procs):
             while not self._ready(name):
@@ -58,7 +61,7 @@ class WorkerGroup:
 
     def _ready(self, name: str) -> bool:
         log = self.log(name)
-        warm = self.slots[name].stage not in GPU_STAGES or WARM_MESSAGE in log
+        warm = self.slots[name].stage not in GPU_STAGES or log.count(WARM_MESSAGE) >= self.pools[name]
         return " ready." in log and warm
 
     def signal(self, name: str, sig: int) -> None:
@@ -90,6 +93,6 @@ class WorkerGroup:
                 if proc.poll() is not None:
                     print(f"worker {name} exited with {proc.returncode}; restarting", file=sys.stderr)
                     del self.procs[name]
-                    self.start(self.slots.pop(name))
+                    self.start(self.slots.pop(name), concurrency=self.pools.pop(name))
             time.sleep(poll)
         self.stop()

@@ -17,8 +17,8 @@ from pathlib import Path
 from workers.main import GPU_STAGES
 
 # Busy GPU seconds per image at the paper's settings (3 passes, 50 steps), measured on one H100 with
-# every stage sharing it (bench/results/gpu_throughput.json; masks given: LISA adds about 1.5 s to
-# ground). A plan made from another benchmark record (--costs) replaces them.
+# every stage sharing it and one segment process (bench/results/gpu_throughput_segment1.json; masks
+# given: LISA adds about 1.5 s to ground). A plan made from another benchmark record (--costs) replaces them.
 DEFAULT_COSTS = {"ground": 0.09, "segment": 1.35, "occlusion": 0.17, "inpaint": 1.18}
 
 
