@@ -30,7 +30,7 @@ class WorkerGroup:
     slots: dict[str, Slot] = field(default_factory=dict)
     pools: dict[str, int] = field(default_factory=dict)  # pool processes of each worker
 
-    def start(self, slot: Slot, *extra: str, concurrency: int | None = None) -> str:
+    def start(self, slot: Slot, concurrency: int | None = None) -> str:
         name = slot_name(slot)
         if name in self.procs:
             name = f"{name}-{len([n for n in self.procs if n.startswith(name)])}"
@@ -38,7 +38,7 @@ class WorkerGroup:
         pool = ["--concurrency", str(concurrency)] if concurrency else []
         with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [*AMODAL, "worker", *slot.args, *pool, "--loglevel", "info", *extra], env=self.env,
+                [*AMODAL, "worker", *slot.args, *pool, "--loglevel", "info"], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.slots[name] = slot
         self.pools[name] = concurrency or processes(slot.stage)
