@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from amodal.geometry import background_segments, iou, union
-from amodal.models.base import BoxSegmenter, Detector, OcclusionModel
+from amodal.models.base import BoxSegmenter, Detection, Detector, OcclusionModel
 from amodal.settings import Settings
 
 
@@ -27,15 +27,21 @@ def candidate_classes(tags: Sequence[str], query: str) -> list[str]:
     return list(seen)
 
 
-def segment_scene(
-    image: np.ndarray, classes: Sequence[str], detector: Detector, segmenter: BoxSegmenter, settings: Settings
-) -> Instances:
-    """The instances G-DINO + SAM find for ``classes`` (at most ``max_instances``, best first), then
-    the leftover background segments."""
-    detections = sorted(detector.detect(image, classes), key=lambda d: -d.score)[: settings.max_instances]
-    masks = segmenter.segment(image, [d.box for d in detections]) if detections else []
-    labels = [d.label for d in detections]
-    kept = [(label, m) for label, m in zip(labels, masks) if m.any()]
+def segment_scenes(
+    images: Sequence[np.ndarray], classes: Sequence[Sequence[str]], detector: Detector, segmenter: BoxSegmenter,
+    settings: Sequence[Settings],
+) -> list[Instances]:
+    """For each image, the instances G-DINO + SAM find for its classes (at most its ``max_instances``,
+    best first), then the leftover background segments. All images go through each model in one call."""
+    found = detector.detect(images, classes)
+    detections = [sorted(d, key=lambda d: -d.score)[: s.max_instances] for d, s in zip(found, settings, strict=True)]
+    masks = segmenter.segment(images, [[d.box for d in ds] for ds in detections])
+    return [_instances(image, ds, ms, s) for image, ds, ms, s in zip(images, detections, masks, settings)]
+
+
+def _instances(image: np.ndarray, detections: Sequence[Detection], masks: Sequence[np.ndarray],
+               settings: Settings) -> Instances:
+    kept = [(d.label, m) for d, m in zip(detections, masks) if m.any()]
     labels, masks = [k[0] for k in kept], [k[1] for k in kept]
     covered = union(masks, image.shape[:2])
     background = background_segments(covered, settings.background_erode_radius, settings.background_min_area)

@@ -21,9 +21,12 @@ from amodal.composite import compose_rgba
 from amodal.geometry import dilate, edge_strips, near_sides, resize_image, resize_mask
 from amodal.images import InvalidInput, encode_png, load_image, load_mask
 from amodal.models.base import InpaintRequest
-from amodal.scene import Instances, best_match, candidate_classes, occluder_mask, segment_scene
+from amodal.scene import Instances, best_match, candidate_classes, occluder_mask, segment_scenes
 from amodal.state import JobState
 from amodal.storage import ObjectNotFound, Storage
+
+
+IO_THREADS = 8  # a batch's artifacts are read and written in parallel (PNG coding and storage calls release the GIL)
 
 
 @dataclass
@@ -73,29 +76,37 @@ def ground(state: JobState, ctx: Context) -> None:
     state.stage = "segment"
 
 
-def _scene(image: np.ndarray, state: JobState, ctx: Context) -> Instances:
-    return segment_scene(image, candidate_classes(state.tags, state.query),
-                         ctx.models.detector, ctx.models.segmenter, state.job_settings())
+def segment(states: Sequence[JobState], ctx: Context) -> None:
+    """Step 2 for a batch of jobs, each on its image (first visit: tags, scene, prompt) or on its last
+    inpainted window; every model runs once for the whole batch."""
+    models = ctx.models
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        inputs = list(pool.map(lambda state: _segment_input(state, ctx), states))
+        first = [i for i, state in enumerate(states) if state.passes == 0]
+        for i, tags in zip(first, models.tagger.tag([inputs[i][0] for i in first])):
+            states[i].tags = list(tags)[: states[i].job_settings().max_tags]
+            states[i].backends["tag"] = models.tagger.name
+        classes = [candidate_classes(state.tags, state.query) for state in states]
+        scenes = segment_scenes([image for image, _ in inputs], classes, models.detector, models.segmenter,
+                                [state.job_settings() for state in states])
+        choices = models.prompt_chooser.choose([inputs[i][0] for i in first], [inputs[i][1] for i in first],
+                                               [classes[i] for i in first])
+        for i, choice in zip(first, choices):
+            states[i].prompt = f"a {choice}"
+        list(pool.map(lambda state, scene, i: _segment_output(state, ctx, scene, i[1]), states, scenes, inputs))
 
 
-def segment(state: JobState, ctx: Context) -> None:
-    """Step 2 on the image (first visit: tags, scene, prompt), or on the last inpainted window."""
+def _segment_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """The image to segment and the target's visible mask in it."""
     if state.passes == 0:
-        image = art.get_rgb(ctx.store, state.key("image.png"))
-        visible = art.get_mask(ctx.store, state.key("visible.png"))
-        tagger = ctx.models.tagger
-        state.tags = list(tagger.tag(image))[: state.job_settings().max_tags]
-        state.backends["tag"] = tagger.name
-        scene = _scene(image, state, ctx)
-        choice = ctx.models.prompt_chooser.choose(image, visible, candidate_classes(state.tags, state.query))
-        state.prompt = f"a {choice}"
-    else:
-        window = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
-        visible = art.get_mask(ctx.store, state.key("window/visible.png"))
-        scene = _scene(window, state, ctx)
+        return art.get_rgb(ctx.store, state.key("image.png")), art.get_mask(ctx.store, state.key("visible.png"))
+    return art.get_rgb(ctx.store, _pass_key(state, "window.png")), art.get_mask(ctx.store, state.key("window/visible.png"))
+
+
+def _segment_output(state: JobState, ctx: Context, scene: Instances, visible: np.ndarray) -> None:
+    if state.passes > 0:
         art.put_mask(ctx.store, _pass_key(state, "amodal.png"), best_match(scene, visible))
-    shape = visible.shape if state.passes == 0 else window.shape[:2]
-    art.put_instances(ctx.store, _pass_key(state, "scene.npz"), scene.labels, scene.masks, shape)
+    art.put_instances(ctx.store, _pass_key(state, "scene.npz"), scene.labels, scene.masks, visible.shape)
     state.stage = "occlusion"
 
 
@@ -159,9 +170,6 @@ def _plan_first_pass(state: JobState, ctx: Context, image: np.ndarray, visible: 
     art.put_mask(ctx.store, _pass_key(state, "inpaint_mask.png"), mask)
     art.put_rgb(ctx.store, _pass_key(state, "window.png"), mixed)
     state.stage = "inpaint"
-
-
-IO_THREADS = 8  # a batch's artifacts are read and written in parallel (PNG coding and storage calls release the GIL)
 
 
 def _inpaint_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray, InpaintRequest]:
@@ -251,22 +259,23 @@ def _clean_artifacts(state: JobState, store: Storage) -> None:
             store.delete(key)
 
 
+BATCHED: dict[str, Callable[[Sequence[JobState], Context], None]] = {"segment": segment, "inpaint": inpaint}
 STEPS: dict[str, Callable[[JobState, Context], None]] = {
     "ground": ground,
-    "segment": segment,
+    "segment": lambda state, ctx: segment([state], ctx),
     "occlusion": occlusion,
     "inpaint": lambda state, ctx: inpaint([state], ctx),
     "finalize": finalize,
 }
 
 
-def run_inpaint(states: Sequence[JobState], ctx: Context) -> None:
-    """Run the inpaint step of several jobs in one batch (each job is charged its share of the time)."""
+def run_batch(stage: str, states: Sequence[JobState], ctx: Context) -> None:
+    """Run a batched step (``BATCHED``) of several jobs in one call; each job is charged its share of the time."""
     start = time.perf_counter()
-    inpaint(states, ctx)
+    BATCHED[stage](states, ctx)
     share = (time.perf_counter() - start) / len(states)
     for state in states:
-        state.add_time("inpaint", share)
+        state.add_time(stage, share)
         state.version += 1
 
 

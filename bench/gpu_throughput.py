@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def start_redis(binary: str, port: int = 6390) -> subprocess.Popen:
 
 
 def run_distributed(work: Path, models: Path, images: Path, annotations: Path, settings: Settings,
-                    batch: int, count: int, broker_url: str, gpus: int = 1, replicas: int = 1,
+                    batch: int, segment_batch: int, count: int, broker_url: str, gpus: int = 1, replicas: int = 1,
                     concurrency: dict[str, int] | None = None) -> dict:
     from amodal.jobstore import latest_state
     from producer import Client
@@ -109,7 +110,7 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
     env = dict(os.environ, AMODAL_BROKER_URL=broker_url, AMODAL_BROKER_FOLDER=str(broker),
                AMODAL_STORAGE_URL=f"file://{store}", AMODAL_MODEL_DIR=str(models),
                AMODAL_SETTINGS=json.dumps(settings.to_dict()), AMODAL_INPAINT_BATCH=str(batch),
-               AMODAL_INPAINT_FLUSH="2.0", PYTHONUNBUFFERED="1",
+               AMODAL_INPAINT_FLUSH="2.0", AMODAL_SEGMENT_BATCH=str(segment_batch), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     os.environ.update({k: env[k] for k in ("AMODAL_BROKER_URL", "AMODAL_BROKER_FOLDER", "AMODAL_STORAGE_URL")})
     group = WorkerGroup(env, work / "logs")
@@ -130,6 +131,12 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
         lines = list(client.manifest("bench"))
     finally:
         group.stop()
+    calls = {stage: [int(line.split(f"{stage} step of ", 1)[1].split()[0])
+                     for name in group.procs for line in group.log(name).splitlines() if f"{stage} step of " in line]
+             for stage in ("segment", "inpaint")}
+    # "denoised N image(s) at HxW: S steps in X s": the UNet's own time (amodal.models.sd_inpaint)
+    loops = [re.search(r"denoised (\d+) image\(s\) at \d+x\d+: (\d+) steps in ([\d.]+) s", line).groups()
+             for name in group.procs for line in group.log(name).splitlines() if "denoised " in line]
     states = [latest_state(client.store, line["job_id"]) for line in lines]
     statuses: dict[str, int] = {}
     for state in states:
@@ -143,7 +150,11 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
             "tags_per_image": {"mean": float(np.mean(tags)), "max": int(max(tags))} if tags else None,
             "warmup_seconds": warm, "peak_gpu_memory_gib": memory.peak_mib / 1024,
             "workers": [f"{s.stage}@{'cpu' if s.gpu is None else f'gpu{s.gpu}'}" for s in slots],
-            "processes_per_worker": dict(group.pools)}
+            "processes_per_worker": dict(group.pools),
+            "jobs_per_call": {s: {"calls": len(n), "mean": sum(n) / len(n) if n else 0.0} for s, n in calls.items()},
+            "denoising": {"calls": len(loops), "forwards_per_pass": max((int(s) + 1 for _, s, _ in loops), default=0),
+                          "timed_sample_steps": sum(int(n) * int(s) for n, s, _ in loops),
+                          "timed_seconds": sum(float(x) for *_, x in loops)}}
 
 
 def run_baseline(work: Path, models: Path, images: Path, annotations: Path, settings: Settings, count: int) -> dict:
@@ -188,6 +199,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--baseline-images", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16, help="inpaint batch size")
+    ap.add_argument("--segment-batch", type=int, default=8, help="segment batch size (1: one job per call)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
@@ -232,14 +244,15 @@ def main() -> None:
         "broker": "Redis (carried binary)" if args.redis_server else "kombu filesystem transport (local folder)",
         "storage": "local folder",
         "grounding": "visible masks given with the jobs (LISA: bench/lisa_full_size.py)",
-        "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch, "image_size": "640x480",
+        "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch,
+                     "segment_batch": args.segment_batch, "image_size": "640x480",
                      "max_tags": settings.max_tags, "compile_unet": settings.compile_unet,
                      "baseline": "same settings, UNet not compiled"},
         "model_write_seconds": write_seconds,
     }
     redis = start_redis(args.redis_server) if args.redis_server else None
     try:
-        record["ours"] = run_distributed(work, models, images, annotations, settings, args.batch, args.images,
+        record["ours"] = run_distributed(work, models, images, annotations, settings, args.batch, args.segment_batch, args.images,
                                          "redis://127.0.0.1:6390/0" if redis else "filesystem://",
                                          args.gpus, args.replicas,
                                          {k: int(v) for k, v in (c.split("=") for c in args.concurrency)})
@@ -250,9 +263,13 @@ def main() -> None:
     if args.baseline:
         record["baseline"] = run_baseline(work, models, images, annotations, settings, args.baseline_images)
         record["speedup"] = record["ours"]["images_per_hour"] / record["baseline"]["images_per_hour"]
-    unet_tflop = args.passes * args.steps * 2 * UNET_TFLOP_PER_FORWARD  # classifier-free guidance: 2 samples
+    # PNDM runs steps + 1 UNet forwards per pass; classifier-free guidance doubles the samples
+    loops = record["ours"]["denoising"]
+    unet_tflop = args.passes * (loops["forwards_per_pass"] or args.steps + 1) * 2 * UNET_TFLOP_PER_FORWARD
     inpaint_s = record["ours"]["stage_seconds_per_image"]["inpaint"]
     record["unet_tflops_over_inpaint_busy_time"] = unet_tflop / inpaint_s if inpaint_s else None
+    record["unet_tflops_in_denoising_loops"] = (loops["timed_sample_steps"] * 2 * UNET_TFLOP_PER_FORWARD
+                                                / loops["timed_seconds"]) if loops["timed_seconds"] else None
     record["arithmetic_floor_images_per_hour_at_280_tflops"] = 3600 * 280 / unet_tflop
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,9 +55,9 @@ def measure(tagger: RamPlusTagger, images: list[np.ndarray], repeats: int) -> di
     result = {}
     for name, batch in (("single", images[:1]), (f"batch_{len(images)}", images)):
         for _ in range(3):  # warm-up: kernels chosen, clocks up
-            tagger.tag_batch(batch)
+            tagger.tag(batch)
         torch.cuda.reset_peak_memory_stats()
-        seconds = [timed(lambda: tagger.tag_batch(batch))[1] for _ in range(repeats)]
+        seconds = [timed(lambda: tagger.tag(batch))[1] for _ in range(repeats)]
         median = statistics.median(seconds)
         result[name] = {
             "images": len(batch),

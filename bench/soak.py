@@ -83,8 +83,8 @@ def main() -> None:
             wall = time.perf_counter() - t0
             time.sleep(5)
             keys_after = broker.dbsize()
-        sizes = [int(line.split("inpainting ", 1)[1].split()[0])
-                 for line in group.log("inpaint-gpu0").splitlines() if "tasks.inpaint: inpainting " in line]
+        sizes = [int(line.split("inpaint step of ", 1)[1].split()[0])
+                 for line in group.log("inpaint-gpu0").splitlines() if "inpaint step of " in line]
     record = {
         "jobs": args.jobs, "settings": SETTINGS, "cores": os.cpu_count(), "wall_seconds": wall,
         "jobs_per_hour": 3600 * args.jobs / wall, "outcomes": counts,

@@ -1,4 +1,5 @@
-"""The ``segment`` stage: tags, scene instances and prompt; re-segmentation of inpainted windows."""
-from tasks.stage import stage_task
+"""The ``segment`` stage: tags, scene instances and prompt, or re-segmentation of inpainted windows,
+for many jobs per model call (``tasks.batching``)."""
+from tasks.batching import batched_stage
 
-segment = stage_task("segment")
+segment = batched_stage("segment")

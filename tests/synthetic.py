@@ -109,34 +109,40 @@ class Oracle:
         match = [s for s in self.scene.shapes if s.label == query]
         return Grounding(colour_mask(image, match[0].colour) if match else None, "")
 
-    def tag(self, image: np.ndarray) -> list[str]:
+    def tag(self, images: Sequence[np.ndarray]) -> list[list[str]]:
         self._count("tag")
-        return [s.label for s in self._present(image)]
+        return [[s.label for s in self._present(image)] for image in images]
 
-    def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
+    def detect(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[str]]) -> list[list[Detection]]:
         self._count("detect")
+        return [self._detect(image, wanted) for image, wanted in zip(images, labels, strict=True)]
+
+    def _detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
         out = []
         for s in self._present(image):
             if s.label in labels:
                 x0, y0, x1, y1 = bbox(colour_mask(image, s.colour))
                 out.append(Detection(s.label, (float(x0), float(y0), float(x1), float(y1)), 0.9))
-        self._last = {d.box: d.label for d in out}
-        self._last_image = image
         return out
 
-    def segment(self, image: np.ndarray, boxes) -> list[np.ndarray]:
+    def segment(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[tuple]]) -> list[list[np.ndarray]]:
+        """Each box's mask: the pixels inside it of the shape the box was detected for."""
         self._count("segment")
-        masks = []
-        for box in boxes:
-            s = self.scene.shape(self._last[tuple(box)])
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            inside = np.zeros(image.shape[:2], bool)
-            inside[y0:y1, x0:x1] = True
-            masks.append(colour_mask(image, s.colour) & inside)
-        return masks
+        return [[self._segment(image, box) for box in image_boxes] for image, image_boxes in zip(images, boxes, strict=True)]
 
-    def choose(self, image: np.ndarray, visible: np.ndarray, candidates: Sequence[str]) -> str:
+    def _segment(self, image: np.ndarray, box: tuple) -> np.ndarray:
+        for s in self._present(image):  # the shape whose box this is
+            mask = colour_mask(image, s.colour)
+            if tuple(map(float, bbox(mask))) == tuple(map(float, box)):
+                return mask
+        raise AssertionError(f"no shape has the box {box}")
+
+    def choose(self, images: Sequence[np.ndarray], visibles: Sequence[np.ndarray],
+               candidates: Sequence[Sequence[str]]) -> list[str]:
         self._count("choose")
+        return [self._choose(image, visible, names) for image, visible, names in zip(images, visibles, candidates, strict=True)]
+
+    def _choose(self, image: np.ndarray, visible: np.ndarray, candidates: Sequence[str]) -> str:
         for s in self._present(np.where(visible[..., None], image, 0)):
             if s.label in candidates:
                 return s.label

@@ -1,4 +1,4 @@
-"""The inpaint task's batching: while one batch runs in the pool, the next one fills up."""
+"""Batched stages: while every pool process runs a batch, the next one fills up."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -41,7 +41,8 @@ def request(job_id: str) -> SimpleNamespace:
 def task(monkeypatch):
     pool = Pool()
     monkeypatch.setattr(inpaint, "_pool", pool, raising=False)
-    monkeypatch.setattr(inpaint, "_running", None)
+    monkeypatch.setattr(inpaint, "_running", ())
+    monkeypatch.setitem(inpaint.app.conf, "worker_concurrency", 1)
     monkeypatch.setattr(inpaint, "_tref", None)
     yield inpaint, pool
     while not inpaint._buffer.empty():
@@ -67,6 +68,26 @@ def test_a_batch_that_never_reports_stops_holding_after_the_time_limit(task, mon
     task._buffer.put(request("a"))
     task._do_flush()
     task._buffer.put(request("b"))
-    monkeypatch.setattr(task, "_since", task._since - task.app.conf.task_time_limit - 1)
+    ((job, since),) = task._running
+    monkeypatch.setattr(task, "_running", ((job, since - task.app.conf.task_time_limit - 1),))
     task._do_flush()
     assert pool.batches == [["a"], ["b"]]
+
+
+def test_each_pool_process_runs_a_batch(task, monkeypatch):
+    task, pool = task
+    monkeypatch.setitem(task.app.conf, "worker_concurrency", 2)
+    for job in "ab":
+        task._buffer.put(request(job))
+        task._do_flush()
+    assert pool.batches == [["a"], ["b"]]  # two processes: two batches in flight
+    for job in "cd":
+        task._buffer.put(request(job))
+        task._do_flush()
+    assert pool.batches == [["a"], ["b"]]
+    pool.jobs[1].done = True
+    task._do_flush()
+    assert pool.batches == [["a"], ["b"], ["c", "d"]]
+    task._buffer.put(request("e"))
+    task._do_flush()
+    assert pool.batches == [["a"], ["b"], ["c", "d"]]  # "a" and "c, d" still run

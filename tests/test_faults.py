@@ -147,7 +147,7 @@ def test_poison_job_is_failed_after_bounded_attempts(env, tmp_path):
         deadline = time.monotonic() + 600
         while client.status("faults")["pending"] or client.status("poison")["pending"]:
             assert time.monotonic() < deadline, (client.status("faults"), client.status("poison"))
-            runs = [line for line in group.log("inpaint-gpu0").splitlines() if "inpainting" in line and poison in line]
+            runs = [line for line in group.log("inpaint-gpu0").splitlines() if "inpaint step of" in line and poison in line]
             if len(runs) > kills:  # its diffusion call has started: kill the pool process
                 kills = len(runs)
                 for child in worker.children(recursive=True):
@@ -242,7 +242,7 @@ def test_redis_restart_mid_run(env, tmp_path, own_redis, monkeypatch):
     group = start_workers(env, tmp_path / "logs")
     try:
         submit(env, tmp_path, 6)
-        wait_log(group, "segment-gpu0", "Task amodal.")
+        wait_log(group, "segment-gpu0", "segment step of")
         procs[0].send_signal(signal.SIGTERM)  # Redis writes its append-only file and exits
         procs[0].wait(timeout=30)
         time.sleep(3)

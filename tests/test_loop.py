@@ -157,32 +157,77 @@ def test_unoccluded_target_is_still_inpainted_with_fixed_passes(tmp_path):
 
 def test_max_instances_keeps_the_best_detections():
     from amodal.models.base import Detection
-    from amodal.scene import segment_scene
+    from amodal.scene import segment_scenes
 
     class Many:
-        def detect(self, image, labels):
-            return [Detection("x", (0.0, 0.0, 4.0 + i, 4.0 + i), score=i / 10) for i in range(10)]
+        def detect(self, images, labels):
+            return [[Detection("x", (0.0, 0.0, 4.0 + i, 4.0 + i), score=i / 10) for i in range(10)] for _ in images]
 
-        def segment(self, image, boxes):
+        def segment(self, images, boxes):
             out = []
-            for box in boxes:
-                m = np.zeros(image.shape[:2], bool)
-                m[: int(box[3]), : int(box[2])] = True
-                out.append(m)
+            for image, image_boxes in zip(images, boxes):
+                out.append([])
+                for box in image_boxes:
+                    m = np.zeros(image.shape[:2], bool)
+                    m[: int(box[3]), : int(box[2])] = True
+                    out[-1].append(m)
             return out
 
     image = np.zeros((40, 40, 3), np.uint8)
-    scene = segment_scene(image, ["x"], Many(), Many(), Settings(max_instances=3, background_min_area=10**6))
-    assert [m.sum() for m in scene.masks] == [13 * 13, 12 * 12, 11 * 11]  # the three best scores
+    settings = [Settings(max_instances=n, background_min_area=10**6) for n in (3, 1)]
+    scenes = segment_scenes([image, image], [["x"], ["x"]], Many(), Many(), settings)
+    assert [m.sum() for m in scenes[0].masks] == [13 * 13, 12 * 12, 11 * 11]  # the three best scores
+    assert [m.sum() for m in scenes[1].masks] == [13 * 13]  # each image under its own settings
 
 
 def test_max_tags_keeps_the_best_tags(tmp_path):
     class Wordy(Oracle):
-        def tag(self, image):
-            return super().tag(image) + [f"thing{i}" for i in range(50)]
+        def tag(self, images):
+            return [tags + [f"thing{i}" for i in range(50)] for tags in super().tag(images)]
 
     scene = occluded_scene()
     state, store, _ = run_scene(tmp_path, scene, "ball", Settings(max_tags=3), oracle_type=Wordy)
-    expected = Wordy(scene).tag(scene.render())[:3]
+    expected = Wordy(scene).tag([scene.render()])[0][:3]
     assert state.status == "completed" and state.tags == expected
     assert json.loads(store.get(f"{state.result_prefix}/job.json"))["tags"] == expected
+
+
+def test_jobs_batched_together_end_as_they_do_one_by_one(tmp_path):
+    from amodal.steps import BATCHED, run_batch, run_step
+
+    scene = Scene(240, 200, [*occluded_scene().shapes, *truncated_scene().shapes])
+    queries = ["ball", "melon", "box", "ball"]
+    settings = [Settings(), Settings(), Settings(), Settings(fixed_passes=2)]
+
+    def run(folder: str, together: bool):
+        inputs = LocalStorage(tmp_path / "in")
+        inputs.put("scene.png", encode_png(scene.render()))
+        store, oracle = LocalStorage(tmp_path / folder), Oracle(scene)
+        ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background(256))
+        states = [JobState(job_id=f"j{i}", dataset="d", image_key="scene.png", query=q, settings=s.to_dict(),
+                           result_prefix=f"results/d/j{i}") for i, (q, s) in enumerate(zip(queries, settings))]
+        if not together:
+            for state in states:
+                run_job(state, ctx)
+        while together and (live := [s for s in states if s.stage != "done"]):
+            stage = live[0].stage
+            same = [s for s in live if s.stage == stage]
+            if stage in BATCHED:
+                run_batch(stage, same, ctx)
+            else:
+                for state in same:
+                    run_step(state, ctx)
+        return states, store, oracle
+
+    alone, alone_store, alone_oracle = run("alone", together=False)
+    batched, batched_store, batched_oracle = run("batched", together=True)
+    assert [s.status for s in alone] == ["completed", "completed", "unoccluded", "completed"]
+    assert [(s.status, s.passes, s.prompt, s.tags) for s in batched] == [(s.status, s.passes, s.prompt, s.tags) for s in alone]
+    for state in alone:
+        files = sorted(alone_store.list(state.result_prefix + "/"))
+        assert files == sorted(batched_store.list(state.result_prefix + "/"))
+        for key in files:
+            if not key.endswith("job.json"):
+                assert alone_store.get(key) == batched_store.get(key), key
+    for model in ("tag", "detect", "segment", "choose", "inpaint"):
+        assert batched_oracle.calls[model] < alone_oracle.calls[model], model  # fewer, larger calls

@@ -106,7 +106,7 @@ def test_prompt_chooser_scores_the_visible_cutout(clip, cat, monkeypatch):
     seen = []
     original = clip.image_features
     monkeypatch.setattr(clip, "image_features", lambda images: seen.extend(images) or original(images))
-    choice = ClipPromptChooser(clip).choose(cat, visible, ["background", "cat", "dog", "bench", "person"])
+    (choice,) = ClipPromptChooser(clip).choose([cat], [visible], [["background", "cat", "dog", "bench", "person"]])
     monkeypatch.undo()
     candidates = ["cat", "dog", "bench", "person"]
     assert choice in candidates
@@ -120,13 +120,28 @@ def test_prompt_chooser_scores_the_visible_cutout(clip, cat, monkeypatch):
 def test_prompt_chooser_never_returns_background(clip, cat):
     visible = np.ones(cat.shape[:2], bool)
     chooser = ClipPromptChooser(clip)
-    assert chooser.choose(cat, visible, ["background", "cat", "Background"]) == "cat"
+    assert chooser.choose([cat], [visible], [["background", "cat", "Background"]]) == ["cat"]
     with pytest.raises(ValueError):
-        chooser.choose(cat, visible, [])
+        chooser.choose([cat], [visible], [[]])
     with pytest.raises(ValueError):
-        chooser.choose(cat, visible, ["background"])
+        chooser.choose([cat], [visible], [["background"]])
     with pytest.raises(ValueError):
-        chooser.choose(cat, visible[:10], ["cat"])
+        chooser.choose([cat], [visible[:10]], [["cat"]])
+    assert chooser.choose([], [], []) == []
+
+
+def test_prompt_chooser_batch_equals_single_calls(clip, cat, monkeypatch):
+    chooser = ClipPromptChooser(clip)
+    left, right = np.zeros(cat.shape[:2], bool), np.zeros(cat.shape[:2], bool)
+    left[:, : cat.shape[1] // 2], right[:, cat.shape[1] // 2 :] = True, True
+    jobs = [(cat, left, ["cat", "dog", "bench"]), (cat[::-1].copy(), right, ["person", "car"]), (cat, right, ["cat", "dog", "bench"])]
+    single = [chooser.choose([image], [mask], [names])[0] for image, mask, names in jobs]
+    calls = []
+    original = clip.image_features
+    monkeypatch.setattr(clip, "image_features", lambda images: calls.append(len(images)) or original(images))
+    assert chooser.choose(*map(list, zip(*jobs))) == single
+    assert calls == [3]  # one image-tower call for the batch
+    assert single[1] in ("person", "car")
 
 
 def test_vocabulary_file():
@@ -141,21 +156,22 @@ def test_vocabulary_file():
 def test_tagger_returns_vocabulary_words_by_descending_probability(clip, cat):
     tagger = ClipTagger(clip, top_k=10, min_prob=0.0)
     assert tagger.name == "clip" and tagger.vocabulary == default_vocabulary()
-    tags = tagger.tag(cat)
+    (tags,) = tagger.tag([cat])
     assert len(tags) == 10 and len(set(tags)) == 10 and set(tags) <= set(tagger.vocabulary)
     prompts = [f"a photo of a {w}" for w in tagger.vocabulary]
     probs = (100 * clip.image_features([cat]) @ clip.text_features(prompts).T).softmax(-1)[0]
     expected = [tagger.vocabulary[i] for i in probs.argsort(descending=True)[:10]]
     assert tags == expected
-    assert tagger.tag(cat) == tags
+    assert tagger.tag([cat[::-1].copy(), cat])[1] == tags
 
 
 def test_tagger_threshold_and_vocabulary_dedup(clip, cat):
-    assert ClipTagger(clip, min_prob=1.0).tag(cat) == []
-    default = ClipTagger(clip).tag(cat)
+    assert ClipTagger(clip, min_prob=1.0).tag([cat]) == [[]]
+    (default,) = ClipTagger(clip).tag([cat])
     assert len(default) <= 10
     tagger = ClipTagger(clip, vocabulary=["cat", " cat", "dog", "", "cat", "bench"], top_k=5, min_prob=0.0)
     assert tagger.vocabulary == ["cat", "dog", "bench"]
-    assert sorted(tagger.tag(cat)) == ["bench", "cat", "dog"]
+    assert sorted(tagger.tag([cat])[0]) == ["bench", "cat", "dog"]
+    assert tagger.tag([]) == []
     with pytest.raises(ValueError):
         ClipTagger(clip, vocabulary=["", " "])

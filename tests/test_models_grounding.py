@@ -24,9 +24,10 @@ class StubDetector:
         self.detections = detections
         self.calls: list[list[str]] = []
 
-    def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
-        self.calls.append(list(labels))
-        return self.detections
+    def detect(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[str]]) -> list[list[Detection]]:
+        (image_labels,) = labels
+        self.calls.append(list(image_labels))
+        return [self.detections]
 
 
 class BoxFiller:
@@ -36,15 +37,16 @@ class BoxFiller:
         self.empty = empty
         self.calls: list[list[tuple]] = []
 
-    def segment(self, image: np.ndarray, boxes: Sequence[tuple]) -> list[np.ndarray]:
-        self.calls.append(list(boxes))
+    def segment(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[tuple]]) -> list[list[np.ndarray]]:
+        (image,), (image_boxes,) = images, boxes
+        self.calls.append(list(image_boxes))
         masks = []
-        for x0, y0, x1, y1 in boxes:
+        for x0, y0, x1, y1 in image_boxes:
             mask = np.zeros(image.shape[:2], bool)
             if not self.empty:
                 mask[int(y0):int(y1), int(x0):int(x1)] = True
             masks.append(mask)
-        return masks
+        return [masks]
 
 
 def test_the_highest_scoring_box_is_segmented():
@@ -91,8 +93,8 @@ def test_tiny_models_ground_the_best_box(models):
     detector, segmenter = models
     image = np.asarray(Image.open(PHOTO).convert("RGB"))
     result = GdinoSamGrounder(detector, segmenter).ground(image, "cat")
-    best = detector.detect(image, ["cat"])[0]
-    expected = segmenter.segment(image, [best.box])[0]
+    best = detector.detect([image], [["cat"]])[0][0]
+    expected = segmenter.segment([image], [[best.box]])[0][0]
     assert expected.any(), "the tiny SAM is written with a fixed seed; its mask here is not empty"
     assert result.mask.dtype == np.bool_ and result.mask.shape == image.shape[:2]
     assert np.array_equal(result.mask, expected)

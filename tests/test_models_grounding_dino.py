@@ -6,7 +6,9 @@ that boxes exist at all.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -27,6 +29,10 @@ from tests.paths import EXAMPLES
 PHOTO = EXAMPLES / "images" / "cat-7875506_640_cat.jpg"
 CPU = torch.device("cpu")
 LABELS = ["cat", "Dog", "tabby cat", "background"]
+WORDS = ["cat", "dog", "tree", "car", "person", "the", "mammal"]
+# Too many tokens for one prompt of the text encoder.
+LONG_LABELS = [f"{a} {b}ish" for a in WORDS for b in ["red", "green", "blue", "small", "large", "striped", "spotted"]]
+LONG_LABELS = LONG_LABELS + [f"{w}zz" for w in LONG_LABELS]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,25 @@ def detector(folder) -> GroundingDino:
 
 @pytest.fixture(scope="module")
 def detections(detector, image) -> list[Detection]:
-    return detector.detect(image, LABELS)
+    return detector.detect([image], [LABELS])[0]
+
+
+def tiny(folder: Path, **kwargs) -> GroundingDino:
+    settings = dict(device=CPU, dtype=torch.float32, box_threshold=0.0, text_threshold=0.3) | kwargs
+    return GroundingDino.from_pretrained(folder, **settings)
+
+
+def count_forwards(detector: GroundingDino) -> list[dict]:
+    """The keyword inputs of every forward call of the detector's model from now on."""
+    calls: list[dict] = []
+    detector.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    return calls
+
+
+def assert_same_detections(got: Sequence[Detection], want: Sequence[Detection]) -> None:
+    assert [d.label for d in got] == [d.label for d in want]
+    assert np.allclose([d.box for d in got], [d.box for d in want], rtol=0, atol=1e-3)
+    assert np.allclose([d.score for d in got], [d.score for d in want], rtol=0, atol=1e-5)
 
 
 def test_tiny_folder_has_the_published_layout(folder):
@@ -87,13 +111,13 @@ def test_detections_are_well_formed(detections, image):
 
 
 def test_detect_is_deterministic(detector, image, detections):
-    assert detector.detect(image, LABELS) == detections
+    assert detector.detect([image], [LABELS]) == [detections]
 
 
 def test_box_threshold_filters(folder, image, detections):
     cut = float(np.median([d.score for d in detections]))
     strict = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=cut, text_threshold=0.3)
-    kept = strict.detect(image, LABELS)
+    kept = strict.detect([image], [LABELS])[0]
     assert len(kept) < len(detections)
     assert all(d.score > cut for d in kept)
 
@@ -102,40 +126,90 @@ def test_only_the_best_queries_are_post_processed(folder, image, detections):
     assert len(detections) > 2
     capped = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=0.0,
                                            text_threshold=0.3, max_detections=2)
-    assert capped.detect(image, LABELS) == detections[:2]
+    assert capped.detect([image], [LABELS]) == [detections[:2]]
 
 
 def test_boxes_without_a_matching_phrase_are_dropped(folder, image):
     # No token can pass a text threshold of 1, so no phrase names any label.
     mute = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.float32, box_threshold=0.0, text_threshold=1.0)
-    assert mute.detect(image, LABELS) == []
+    assert mute.detect([image], [LABELS]) == [[]]
 
 
 def test_labels_are_returned_as_given_once_per_normal_form(detector, image):
-    found = detector.detect(image, ["Cat", "cat.", "CAT"])
+    [found] = detector.detect([image], [["Cat", "cat.", "CAT"]])
     assert found and {d.label for d in found} == {"Cat"}
-    assert detector.detect(image, []) == []
-    assert detector.detect(image, [" ", "."]) == []
+    assert detector.detect([image], [[]]) == [[]]
+    assert detector.detect([image], [[" ", "."]]) == [[]]
+    assert detector.detect([], []) == []
 
 
 def test_long_label_lists_are_split_to_fit_the_text_encoder(detector, image):
-    words = ["cat", "dog", "tree", "car", "person", "the", "mammal"]
-    labels = [f"{a} {b}ish" for a in words for b in ["red", "green", "blue", "small", "large", "striped", "spotted"]]
-    labels = labels + [f"{w}zz" for w in labels]
+    labels = LONG_LABELS
     prompts = detector.prompts(labels)
     assert len(prompts) > 1
     assert [label for p in prompts for label in p] == [normalize_label(x) for x in labels]
     tokenizer = detector.processor.tokenizer
     for p in prompts:
         assert len(tokenizer(". ".join(p) + ".")["input_ids"]) <= 256
-    found = detector.detect(image, labels)
+    [found] = detector.detect([image], [labels])
     assert found and all(d.label in labels for d in found)
+
+
+def test_detect_needs_one_label_list_per_image(detector, image):
+    with pytest.raises(ValueError):
+        detector.detect([image, image], [LABELS])
+
+
+@pytest.mark.parametrize("max_detections", [900, 2])  # 2 < num_queries: the top-k must be taken per row
+def test_batch_of_mixed_sizes_and_labels_matches_one_image_at_a_time(folder, image, max_detections):
+    detector = tiny(folder, max_detections=max_detections)
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    images = [image, image[:300, :300], noise, image[:, ::-1].copy(), np.ascontiguousarray(image[:100].repeat(2, 1))]
+    labels = [LABELS, ["cat"], [], LONG_LABELS, ["dog", "tree"]]
+    assert len(detector.prompts(LONG_LABELS)) > 1
+    shapes = {tuple(detector.processor.image_processor(Image.fromarray(i), return_tensors="pt")["pixel_values"].shape)
+              for i, names in zip(images, labels) if names}
+    alone = [detector.detect([i], [names])[0] for i, names in zip(images, labels)]
+    calls = count_forwards(detector)
+    batched = detector.detect(images, labels)
+    # One forward per pixel shape: the image without labels costs nothing, the rest of a shape share one.
+    assert len(calls) == len(shapes) == 3
+    assert len(batched) == len(images) and batched[2] == []
+    assert all(alone[i] for i in (0, 1, 3, 4))
+    for got, want in zip(batched, alone):
+        assert_same_detections(got, want)
+
+
+def test_rows_are_chunked_by_batch_size(folder, image):
+    detector = tiny(folder, batch_size=2)
+    images = [np.ascontiguousarray(image[:, 40 * k:40 * k + 400]) for k in range(5)]
+    labels = [LABELS, ["cat"], ["tree", "car"], LABELS, ["person"]]
+    alone = [detector.detect([i], [names])[0] for i, names in zip(images, labels)]
+    calls = count_forwards(detector)
+    batched = detector.detect(images, labels)
+    assert len(calls) == math.ceil(len(images) / 2)
+    assert [len(c["input_ids"]) for c in calls] == [2, 2, 1]
+    assert all(alone)
+    for got, want in zip(batched, alone):
+        assert_same_detections(got, want)
+
+
+def test_padded_text_rows_match_unpadded_ones(detector, image):
+    short, long = ["cat"], LABELS + ["tree", "car", "person"]
+    alone = [detector.detect([image], [names])[0] for names in (short, long)]
+    calls = count_forwards(detector)
+    batched = detector.detect([image, image], [short, long])
+    [call] = calls
+    assert not call["attention_mask"][0].all() and call["attention_mask"][1].all()  # the short prompt was padded
+    assert all(alone)
+    for got, want in zip(batched, alone):
+        assert_same_detections(got, want)
 
 
 def test_bfloat16_model_detects(folder, image):
     half = GroundingDino.from_pretrained(folder, device=CPU, dtype=torch.bfloat16, box_threshold=0.0, text_threshold=0.3)
     assert half.model.dtype == torch.bfloat16
-    found = half.detect(image, LABELS)
+    [found] = half.detect([image], [LABELS])
     assert found and all(d.label in LABELS and 0.0 <= d.score <= 1.0 for d in found)
 
 

@@ -185,12 +185,12 @@ def test_batch_equals_single_calls(tagger, image, other_image, scores, other_sco
     gap = _with_threshold(tagger, _gap_threshold(scores, other_scores))
     single = [gap.tags_from_scores(scores), gap.tags_from_scores(other_scores)]
     assert single[0] and single[1] and single[0] != single[1]
-    assert gap.tag(image) == single[0]
-    assert gap.tag_batch([image, other_image]) == single
+    assert gap.tag([image]) == single[:1]
+    assert gap.tag([image, other_image]) == single
     np.testing.assert_allclose(gap.scores_batch([other_image, image]), [other_scores, scores], atol=1e-6)
-    assert tagger.tag_batch([]) == []
+    assert tagger.tag([]) == []
     with pytest.raises(ValueError, match="uint8 RGB"):
-        tagger.tag(image.astype(np.float32))
+        tagger.tag([image.astype(np.float32)])
 
 
 def test_matches_the_reference_implementation(tagger, scores):

@@ -68,7 +68,7 @@ def test_tiny_architecture_is_inferred(checkpoint):
 
 @pytest.fixture(scope="module")
 def masks(segmenter, image) -> list[np.ndarray]:
-    return segmenter.segment(image, BOXES)
+    return segmenter.segment([image], [BOXES])[0]
 
 
 def test_segment_gives_one_bool_mask_per_box_at_image_size(masks, image):
@@ -81,8 +81,8 @@ def test_segment_gives_one_bool_mask_per_box_at_image_size(masks, image):
 
 
 def test_segment_is_deterministic_and_independent_of_box_batching(segmenter, image, masks):
-    assert all(np.array_equal(a, b) for a, b in zip(masks, segmenter.segment(image, BOXES)))
-    assert np.array_equal(segmenter.segment(image, BOXES[1:2])[0], masks[1])
+    assert all(np.array_equal(a, b) for a, b in zip(masks, segmenter.segment([image], [BOXES])[0]))
+    assert np.array_equal(segmenter.segment([image], [BOXES[1:2]])[0][0], masks[1])
 
 
 def test_batched_encoding_matches_single_encoding(segmenter, image):
@@ -96,14 +96,31 @@ def test_batched_encoding_matches_single_encoding(segmenter, image):
     assert np.array_equal(segmenter.decode(batched[1], box)[0], segmenter.decode(single, box)[0])
 
 
+def test_images_are_segmented_together_each_with_its_own_boxes(segmenter, image, masks, monkeypatch):
+    other = np.ascontiguousarray(image[:300, :200])
+    other_box = [(20.0, 30.0, 180.0, 280.0)]
+    alone = segmenter.segment([other], [other_box])[0]
+    encoded = []
+    original = segmenter.encode
+    monkeypatch.setattr(segmenter, "encode", lambda images: encoded.append(len(images)) or original(images))
+    monkeypatch.setattr("amodal.models.sam.ENCODER_BATCH", 2)
+    together = segmenter.segment([image, other, image, other], [BOXES, other_box, [], BOXES[:1]])
+    assert encoded == [2, 1]  # images without boxes are not encoded; at most ENCODER_BATCH per call
+    assert [len(m) for m in together] == [len(BOXES), 1, 0, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(together[0], masks))
+    assert np.array_equal(together[1][0], alone[0]) and together[1][0].shape == (300, 200)
+    assert together[3][0].shape == (300, 200)
+
+
 def test_no_boxes_gives_no_masks(segmenter, image):
-    assert segmenter.segment(image, []) == []
+    assert segmenter.segment([image], [[]]) == [[]]
+    assert segmenter.segment([], []) == []
 
 
 def test_bfloat16_encoder_gives_bool_masks_close_to_float32(checkpoint, image, masks):
     half = SamSegmenter.from_checkpoint(checkpoint, device=CPU, dtype=torch.bfloat16)
     assert half.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
-    for low, full in zip(half.segment(image, BOXES), masks):
+    for low, full in zip(half.segment([image], [BOXES])[0], masks):
         assert low.dtype == np.bool_ and low.shape == full.shape
         assert (low == full).mean() > 0.95
 

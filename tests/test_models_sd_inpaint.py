@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import json
 from pathlib import Path
 
@@ -127,3 +129,15 @@ def test_unet_is_compiled_on_cuda_only(tmp_path):
     write_tiny(tmp_path / SD_INPAINT_DIR)
     models = ModelSet(tmp_path, Settings(device="cpu", compile_unet=True, num_inference_steps=1))
     assert not models.inpainter.compiled
+
+
+def test_each_call_logs_its_denoising_time(inpainter, cat_request, caplog, monkeypatch):
+    steps = []
+    unet_forward = inpainter.pipeline.unet.forward
+    monkeypatch.setattr(inpainter.pipeline.unet, "forward", lambda *a, **k: steps.append(1) or unet_forward(*a, **k))
+    with caplog.at_level(logging.INFO, logger="amodal.models.sd_inpaint"):
+        inpainter.inpaint([cat_request, cat_request])
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("denoised")]
+    counted, seconds = re.fullmatch(rf"denoised 2 image\(s\) at {SIZE}x{SIZE}: (\d+) steps in ([\d.]+) s", line).groups()
+    assert int(counted) == len(steps) - 1  # UNet calls, timed from the end of the first
+    assert float(seconds) > 0

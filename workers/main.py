@@ -38,13 +38,12 @@ def run_worker(stage: str, gpu: int | None = None, concurrency: int | None = Non
     from tasks.app import app
     import workers.warmup  # noqa: F401  (connects the per-process warm-up)
 
-    prefetch = 1
-    if stage == "inpaint":
-        from tasks.inpaint import BATCH_SIZE
+    from tasks.batching import DEFAULTS, batch_size
 
-        prefetch = BATCH_SIZE
+    prefetch = batch_size(stage) if stage in DEFAULTS else 1
+    app.conf.worker_concurrency = concurrency or processes(stage)  # batched stages run a batch per process
     app.worker_main([
-        "worker", "--queues", stage, "--concurrency", str(concurrency or processes(stage)), "--pool", "prefork",
+        "worker", "--queues", stage, "--concurrency", str(app.conf.worker_concurrency), "--pool", "prefork",
         "--hostname", node_name(stage, gpu if stage in GPU_STAGES else None),
         "--prefetch-multiplier", str(prefetch), "--loglevel", loglevel, "--task-events",
     ])

@@ -26,10 +26,10 @@ def warm(stage: str, models, size: int = 512, batch: int = 1) -> None:
     if stage == "ground":
         models.grounder.ground(image, "object")
     elif stage == "segment":
-        models.tagger.tag(image)
-        models.detector.detect(image, ["object"])
-        models.segmenter.segment(image, [(64.0, 64.0, 192.0, 192.0)])
-        models.prompt_chooser.choose(image, mask, ["object"])
+        models.tagger.tag([image])
+        models.detector.detect([image], [["object"]])
+        models.segmenter.segment([image], [[(64.0, 64.0, 192.0, 192.0)]])
+        models.prompt_chooser.choose([image], [mask], [["object"]])
     elif stage == "occlusion":
         models.occlusion.occluders_of(image, mask, [np.roll(mask, 40, axis=1)])
     elif stage == "inpaint":
@@ -45,10 +45,10 @@ def _warm_this_process(**_) -> None:
     if stage in ("", "finalize"):
         return
     from amodal.settings import settings_from_env
-    from tasks.inpaint import BATCH_SIZE
+    from tasks.batching import batch_size
     from tasks.stage import models_for
 
     settings = settings_from_env()
     start = time.perf_counter()
-    warm(stage, models_for(settings), settings.inpaint_size, BATCH_SIZE)
+    warm(stage, models_for(settings), settings.inpaint_size, batch_size("inpaint"))
     log.warning("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)

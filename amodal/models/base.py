@@ -1,8 +1,10 @@
 """The interfaces the method needs from its models.
 
 Images are ``uint8`` RGB arrays of shape ``(H, W, 3)``; masks are ``bool`` arrays of shape
-``(H, W)``; boxes are ``(x0, y0, x1, y1)`` float pixel coordinates. Every adapter in
-``amodal.models`` implements one of these protocols, and test doubles implement the same ones.
+``(H, W)``; boxes are ``(x0, y0, x1, y1)`` float pixel coordinates. The scene models take batches
+(one entry per image, each with its own labels, boxes or candidates), so a stage serves many jobs
+in one call. Every adapter in ``amodal.models`` implements one of these protocols, and test doubles
+implement the same ones.
 """
 from __future__ import annotations
 
@@ -24,12 +26,15 @@ class MissingCheckpointError(FileNotFoundError):
         self.path = path
 
 
+Box = tuple[float, float, float, float]
+
+
 @dataclass(frozen=True)
 class Detection:
     """One box found for one text label."""
 
     label: str
-    box: tuple[float, float, float, float]
+    box: Box
     score: float
 
 
@@ -65,29 +70,30 @@ class Grounder(Protocol):
 
 
 class Tagger(Protocol):
-    """Names the things in an image."""
+    """Names the things in each image of a batch."""
 
     name: str
 
-    def tag(self, image: np.ndarray) -> list[str]: ...
+    def tag(self, images: Sequence[np.ndarray]) -> list[list[str]]: ...
 
 
 class Detector(Protocol):
-    """Open-vocabulary box detection."""
+    """Open-vocabulary box detection: for each image, boxes for its own labels."""
 
-    def detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]: ...
+    def detect(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[str]]) -> list[list[Detection]]: ...
 
 
 class BoxSegmenter(Protocol):
-    """Turns boxes into masks (SAM)."""
+    """Turns boxes into masks (SAM): for each image, one mask per box of its own."""
 
-    def segment(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> list[np.ndarray]: ...
+    def segment(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Box]]) -> list[list[np.ndarray]]: ...
 
 
 class PromptChooser(Protocol):
-    """Picks the class that best describes the visible target among candidates (CLIP)."""
+    """For each image, the class among its candidates that best describes its visible target (CLIP)."""
 
-    def choose(self, image: np.ndarray, visible: np.ndarray, candidates: Sequence[str]) -> str: ...
+    def choose(self, images: Sequence[np.ndarray], visibles: Sequence[np.ndarray],
+               candidates: Sequence[Sequence[str]]) -> list[str]: ...
 
 
 class OcclusionModel(Protocol):

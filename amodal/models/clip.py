@@ -67,16 +67,25 @@ class ClipPromptChooser:
     def __init__(self, clip: Clip) -> None:
         self.clip = clip
 
-    def choose(self, image: np.ndarray, visible: np.ndarray, candidates: Sequence[str]) -> str:
-        if visible.shape != image.shape[:2]:
-            raise ValueError(f"mask shape {visible.shape} does not match image shape {image.shape[:2]}")
-        names = [c for c in dict.fromkeys(candidates) if c.strip().lower() != BACKGROUND]
-        if not names:
-            raise ValueError(f"no prompt candidates besides {BACKGROUND!r}: {list(candidates)}")
-        cutout = np.where(visible[..., None], image, 0).astype(np.uint8)
-        image_features = self.clip.image_features([cutout])
-        text_features = self.clip.text_features([PROMPT_TEMPLATE.format(c) for c in names])
-        return names[int((image_features @ text_features.T)[0].argmax())]
+    def choose(self, images: Sequence[np.ndarray], visibles: Sequence[np.ndarray],
+               candidates: Sequence[Sequence[str]]) -> list[str]:
+        """For each image, its best candidate; all cut-outs go through the image tower in one call."""
+        cutouts, names = [], []
+        for image, visible, classes in zip(images, visibles, candidates, strict=True):
+            if visible.shape != image.shape[:2]:
+                raise ValueError(f"mask shape {visible.shape} does not match image shape {image.shape[:2]}")
+            kept = [c for c in dict.fromkeys(classes) if c.strip().lower() != BACKGROUND]
+            if not kept:
+                raise ValueError(f"no prompt candidates besides {BACKGROUND!r}: {list(classes)}")
+            cutouts.append(np.where(visible[..., None], image, 0).astype(np.uint8))
+            names.append(kept)
+        if not cutouts:
+            return []
+        image_features = self.clip.image_features(cutouts)
+        return [
+            kept[int((features @ self.clip.text_features([PROMPT_TEMPLATE.format(c) for c in kept]).T).argmax())]
+            for features, kept in zip(image_features, names)
+        ]
 
 
 def default_vocabulary() -> list[str]:
@@ -108,10 +117,15 @@ class ClipTagger:
         self.min_prob = min_prob
         self.text_features = clip.text_features([PROMPT_TEMPLATE.format(w) for w in self.vocabulary])
 
-    def tag(self, image: np.ndarray) -> list[str]:
-        logits = LOGIT_SCALE * self.clip.image_features([image])[0] @ self.text_features.T
+    def tag(self, images: Sequence[np.ndarray]) -> list[list[str]]:
+        if not images:
+            return []
+        logits = LOGIT_SCALE * self.clip.image_features(list(images)) @ self.text_features.T
         probs, indices = logits.softmax(-1).topk(min(self.top_k, len(self.vocabulary)))
-        return [self.vocabulary[i] for p, i in zip(probs.tolist(), indices.tolist()) if p >= self.min_prob]
+        return [
+            [self.vocabulary[i] for p, i in zip(row_p, row_i) if p >= self.min_prob]
+            for row_p, row_i in zip(probs.tolist(), indices.tolist())
+        ]
 
 
 def write_tiny(folder: Path) -> None:

@@ -16,9 +16,9 @@ class GdinoSamGrounder:
         self.segmenter = segmenter
 
     def ground(self, image: np.ndarray, query: str) -> Grounding:
-        detections = self.detector.detect(image, [query])
+        detections = self.detector.detect([image], [[query]])[0]
         if not detections:
             return Grounding(mask=None)
         best = max(detections, key=lambda d: d.score)
-        mask = self.segmenter.segment(image, [best.box])[0]
+        mask = self.segmenter.segment([image], [[best.box]])[0][0]
         return Grounding(mask=mask if mask.any() else None)

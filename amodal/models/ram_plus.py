@@ -114,13 +114,9 @@ class RamPlusTagger:
         kept = np.flatnonzero(scores > self.thresholds)
         return [self.tags[i] for i in kept[np.argsort(-scores[kept], kind="stable")]]
 
-    def tag_batch(self, images: Sequence[np.ndarray]) -> list[list[str]]:
+    def tag(self, images: Sequence[np.ndarray]) -> list[list[str]]:
         """The tags above threshold for each image, highest score first."""
         return [self.tags_from_scores(scores) for scores in self.scores_batch(images)]
-
-    def tag(self, image: np.ndarray) -> list[str]:
-        """The tags above threshold, highest score first."""
-        return self.tag_batch([image])[0]
 
 
 def write_tiny(path: Path) -> None:

@@ -29,12 +29,12 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from amodal.models.base import Box
 from amodal.models.registry import require
 
 PROMPT_DIM = 256
 DECODER_BATCH = 32  # boxes per mask-decoder call; bounds the (boxes x 256 x 64 x 64) activations
-
-Box = tuple[float, float, float, float]
+ENCODER_BATCH = 8  # images per image-encoder call (ViT-H bf16 on an H100: 0.055 s/image at 8 against 0.092 at 1)
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,8 @@ class SamEmbedding:
 
 
 class SamSegmenter:
-    """Boxes to masks: one encoder pass per image, all of its boxes decoded together."""
+    """Boxes to masks: images encoded in batches (every image is padded to the same square input, so
+    batching does not change a result), each image's boxes decoded together."""
 
     def __init__(self, model: Sam, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
@@ -195,10 +196,15 @@ class SamSegmenter:
             masks.extend((logits[:, 0] > self.model.mask_threshold).cpu().numpy())
         return masks
 
-    def segment(self, image: np.ndarray, boxes: Sequence[Box]) -> list[np.ndarray]:
-        if not boxes:
-            return []
-        return self.decode(self.encode([image])[0], boxes)
+    def segment(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Box]]) -> list[list[np.ndarray]]:
+        """For each image, one mask per box of its own; images without boxes are not encoded."""
+        masks: list[list[np.ndarray]] = [[] for _ in images]
+        todo = [i for i, b in enumerate(boxes) if len(b)]
+        for start in range(0, len(todo), ENCODER_BATCH):
+            chunk = todo[start:start + ENCODER_BATCH]
+            for i, embedding in zip(chunk, self.encode([images[i] for i in chunk])):
+                masks[i] = self.decode(embedding, boxes[i])
+        return masks
 
 
 def write_tiny(path: Path) -> None:
