@@ -41,6 +41,11 @@ worker_prefetch_multiplier = 1
 # another worker after the visibility timeout, which must outlast the longest step (or a running
 # task would be delivered twice) and is what a job waits after its worker is lost whole: 6 minutes
 # by default, not the transport's default hour.
+# A worker routing a job on waits out a broker outage (the job's next state is committed; losing its
+# message would strand it). kombu retries forever when max_retries is None. The producer keeps Celery's
+# default policy and fails fast. Applied by workers.main.
+WORKER_PUBLISH_RETRY_POLICY = {"max_retries": None, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 5}
+
 TASK_TIME_LIMIT = int(os.environ.get("AMODAL_TASK_TIME_LIMIT", "300"))
 task_time_limit = TASK_TIME_LIMIT
 task_soft_time_limit = TASK_TIME_LIMIT - 30

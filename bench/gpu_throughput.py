@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from amodal.images import encode_png  # noqa: E402
 from amodal.settings import Settings  # noqa: E402
+from tasks.batching import DEFAULTS  # noqa: E402
 from workers.launch import WorkerGroup  # noqa: E402
 from workers.placement import plan  # noqa: E402
 
@@ -65,10 +67,12 @@ def synthetic_images(folder: Path, count: int, size=(480, 640)) -> Path:
 
 
 class GpuMemory:
-    """Peak memory used on the card (all processes), polled with nvidia-smi."""
+    """Peak memory used on the card (all processes) and by each process, polled with nvidia-smi."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.peak_mib = 0
+        self.process_peak_mib: dict[int, int] = {}  # pid -> peak
+        self.parents: dict[int, int] = {}  # pid -> parent pid (a worker's pool processes are its children)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
 
@@ -78,9 +82,29 @@ class GpuMemory:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
                                       "-i", "0"], capture_output=True, text=True, timeout=10).stdout
                 self.peak_mib = max(self.peak_mib, int(out.split()[0]))
+                apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                       "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 return
+            for line in apps.splitlines():
+                pid, used = (int(x) for x in line.split(","))
+                self.process_peak_mib[pid] = max(self.process_peak_mib.get(pid, 0), used)
+                if pid not in self.parents:
+                    try:
+                        self.parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                    except (OSError, ValueError, IndexError):
+                        self.parents[pid] = 0
             self._stop.wait(interval)
+
+    def per_worker_gib(self, workers: dict[str, int]) -> dict[str, float]:
+        """Peak GiB of each worker's pool processes (each pool process separately), by worker name."""
+        names = {pid: name for name, pid in workers.items()}
+        out: dict[str, float] = {}
+        for pid, peak in sorted(self.process_peak_mib.items()):
+            name = names.get(self.parents.get(pid, 0), names.get(pid, str(pid)))
+            key = name if name not in out else f"{name}#{sum(k.startswith(name) for k in out)}"
+            out[key] = peak / 1024
+        return out
 
     def __enter__(self) -> "GpuMemory":
         self._thread.start()
@@ -123,7 +147,7 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
         warm = time.perf_counter() - start
         client = Client(storage_url=env["AMODAL_STORAGE_URL"], settings=settings)
         with GpuMemory() as memory:
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), time.time()
             client.submit_dataset(images, annotations, "bench", progress=False)
             while client.status("bench")["pending"]:
                 time.sleep(0.5)
@@ -134,9 +158,7 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
     calls = {stage: [int(line.split(f"{stage} step of ", 1)[1].split()[0])
                      for name in group.procs for line in group.log(name).splitlines() if f"{stage} step of " in line]
              for stage in ("segment", "inpaint")}
-    # "denoised N image(s) at HxW: S steps in X s": the UNet's own time (amodal.models.sd_inpaint)
-    loops = [re.search(r"denoised (\d+) image\(s\) at \d+x\d+: (\d+) steps in ([\d.]+) s", line).groups()
-             for name in group.procs for line in group.log(name).splitlines() if "denoised " in line]
+    loops = [loop for name in group.procs for loop in denoising_loops(group.log(name)) if loop[0] > started]  # not warm-up
     states = [latest_state(client.store, line["job_id"]) for line in lines]
     statuses: dict[str, int] = {}
     for state in states:
@@ -149,12 +171,36 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
             "stage_busy_fraction": {s: busy[s] / wall for s in STAGES},
             "tags_per_image": {"mean": float(np.mean(tags)), "max": int(max(tags))} if tags else None,
             "warmup_seconds": warm, "peak_gpu_memory_gib": memory.peak_mib / 1024,
+            "peak_gpu_memory_gib_per_process": memory.per_worker_gib({n: p.pid for n, p in group.procs.items()}),
             "workers": [f"{s.stage}@{'cpu' if s.gpu is None else f'gpu{s.gpu}'}" for s in slots],
             "processes_per_worker": dict(group.pools),
             "jobs_per_call": {s: {"calls": len(n), "mean": sum(n) / len(n) if n else 0.0} for s, n in calls.items()},
-            "denoising": {"calls": len(loops), "forwards_per_pass": max((int(s) + 1 for _, s, _ in loops), default=0),
-                          "timed_sample_steps": sum(int(n) * int(s) for n, s, _ in loops),
-                          "timed_seconds": sum(float(x) for *_, x in loops)}}
+            "denoising": {"calls": len(loops), "forwards_per_pass": max((s + 1 for _, _, s, _ in loops), default=0),
+                          "timed_sample_steps": sum(n * s for _, n, s, _ in loops),
+                          "timed_seconds": sum(x for *_, x in loops),
+                          "seconds_any_running": busy_union([(end - x, end) for end, _, _, x in loops])}}
+
+
+def denoising_loops(log: str) -> list[tuple[float, int, int, float]]:
+    """(end, images, timed steps, seconds) of each "denoised N image(s) at HxW: S steps in X s" line
+    (amodal.models.sd_inpaint); the end is the line's time, just after the call returned."""
+    loops = []
+    for line in log.splitlines():
+        found = re.match(r"(\S+ \S+) .*denoised (\d+) image\(s\) at \d+x\d+: (\d+) steps in ([\d.]+) s", line)
+        if found:
+            stamp, n, steps, seconds = found.groups()
+            end = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            loops.append((end, int(n), int(steps), float(seconds)))
+    return loops
+
+
+def busy_union(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one interval."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def run_baseline(work: Path, models: Path, images: Path, annotations: Path, settings: Settings, count: int) -> dict:
@@ -199,7 +245,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--baseline-images", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16, help="inpaint batch size")
-    ap.add_argument("--segment-batch", type=int, default=8, help="segment batch size (1: one job per call)")
+    ap.add_argument("--segment-batch", type=int, default=DEFAULTS["segment"][0],
+                    help="segment batch size (1: one job per call)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
@@ -266,10 +313,13 @@ def main() -> None:
     # PNDM runs steps + 1 UNet forwards per pass; classifier-free guidance doubles the samples
     loops = record["ours"]["denoising"]
     unet_tflop = args.passes * (loops["forwards_per_pass"] or args.steps + 1) * 2 * UNET_TFLOP_PER_FORWARD
-    inpaint_s = record["ours"]["stage_seconds_per_image"]["inpaint"]
+    # the inpaint processes' busy times overlap on the GPU: per image, busy seconds / processes
+    processes = max([n for w, n in record["ours"]["processes_per_worker"].items() if w.startswith("inpaint")] or [1])
+    inpaint_s = record["ours"]["stage_seconds_per_image"]["inpaint"] / processes
     record["unet_tflops_over_inpaint_busy_time"] = unet_tflop / inpaint_s if inpaint_s else None
+    # the UNet's arithmetic over the time at least one worker process was in its denoising loop
     record["unet_tflops_in_denoising_loops"] = (loops["timed_sample_steps"] * 2 * UNET_TFLOP_PER_FORWARD
-                                                / loops["timed_seconds"]) if loops["timed_seconds"] else None
+                                                / loops["seconds_any_running"]) if loops["seconds_any_running"] else None
     record["arithmetic_floor_images_per_hour_at_280_tflops"] = 3600 * 280 / unet_tflop
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,10 @@ from tasks.stage import MAX_ATTEMPTS, advance, claim, context, fail
 
 log = logging.getLogger(__name__)
 # inpaint: 16 measured 1,043 images/hour on one H100 against 849 at 8 (bench/results/gpu_throughput_clip_tagger.json,
-# gpu_throughput_b8.json). segment: 8 images per SAM ViT-H encoder call cost 0.055 s each against 0.092 alone,
-# and per Grounding DINO forward 0.024 s against 0.060.
-DEFAULTS = {"segment": (8, 0.2), "inpaint": (16, 0.5)}
+# gpu_throughput_b8.json). segment: 4 jobs per call cut the stage's time per image from 1.88 s to 1.47 s
+# (bench/results/gpu_throughput_segment_batch1.json, gpu_throughput_segment_batch4.json); 8 cut it no further
+# and, with SAM encoding 8 at once, took the card to 78 GiB.
+DEFAULTS = {"segment": (4, 0.2), "inpaint": (16, 0.5)}
 
 
 def batch_size(stage: str) -> int:
@@ -47,6 +48,14 @@ class BatchPerProcess(Batches):
     """
 
     _running: tuple[tuple[Any, float], ...] = ()  # (pool job, start) of each batch in flight
+
+    def Strategy(self, task: Batches, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
+        """Called on every consumer start. Celery clears the event loop's timers when it reconnects to
+        the broker (``celery.worker.loops``), killing the flush timer armed before: arm a new one with
+        the next message, or the buffer would only flush when it fills. The pool drops the jobs it had
+        not started, which would never report ready: forget the batches in flight."""
+        self._tref, self._running = None, ()
+        return super().Strategy(task, app, consumer)
 
     def _do_flush(self) -> None:
         now = time.monotonic()

@@ -91,3 +91,18 @@ def test_each_pool_process_runs_a_batch(task, monkeypatch):
     task._buffer.put(request("e"))
     task._do_flush()
     assert pool.batches == [["a"], ["b"], ["c", "d"]]  # "a" and "c, d" still run
+
+
+def test_a_consumer_restart_arms_a_new_flush_timer(task):
+    """Celery clears the event loop's timers when it reconnects to the broker; the old flush timer is gone."""
+    task, pool = task
+
+    consumer = SimpleNamespace(pool=pool, hostname="h", connection_errors=(), event_dispatcher=None, timer=None)
+    task._buffer.put(request("a"))
+    task._do_flush()  # a batch in flight
+    task._tref = object()  # the timer armed before the connection dropped
+    task.Strategy(task, task.app, consumer)  # the consumer restarts after reconnecting
+    assert task._tref is None and task._running == ()
+    task._buffer.put(request("b"))
+    task._do_flush()
+    assert pool.batches == [["a"], ["b"]]  # the dropped batch does not hold the next one

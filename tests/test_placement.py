@@ -39,6 +39,9 @@ def test_plan_from_benchmark_record(tmp_path):
     costs = costs_from_benchmark(path)
     assert costs == {"ground": 0.0, "segment": 0.2, "occlusion": 0.1, "inpaint": 0.9}
     assert Slot("inpaint", 0) in plan(1, costs)
+    record["ours"]["processes_per_worker"] = {"segment-gpu0": 2, "inpaint-gpu0": 3, "ground-gpu0": 1, "finalize": 1}
+    path.write_text(json.dumps(record))
+    assert costs_from_benchmark(path) == {"ground": 0.0, "segment": 0.1, "occlusion": 0.1, "inpaint": 0.3}
 
 
 def test_plan_needs_a_gpu():

@@ -13,10 +13,12 @@ import sys
 from amodal.state import WORK_STAGES as STAGES
 
 GPU_STAGES = ("ground", "segment", "occlusion", "inpaint")
-# Pool processes per worker unless told otherwise. Two segment processes overlap one's CPU work (PNG
-# and NPZ coding, mask resizing, storage calls) with the other's GPU work: 2,971 against 2,547 images
-# per hour on one H100 (bench/results/gpu_throughput.json, gpu_throughput_segment1.json).
-PROCESSES = {"segment": 2}
+# Pool processes per worker unless told otherwise. Two processes of a stage overlap one's CPU work (image
+# coding, pre- and post-processing, storage calls) with the other's GPU work. On one H100 with every stage
+# sharing it: two segment processes 2,971 against 2,547 images per hour (bench/results/gpu_throughput_segment2.json,
+# gpu_throughput_segment1.json); two inpaint processes 3,204 against 2,911 (gpu_throughput_inpaint2.json,
+# gpu_throughput_segment_batch4.json), for 13 GiB more.
+PROCESSES = {"segment": 2, "inpaint": 2}
 
 
 def processes(stage: str) -> int:
@@ -35,8 +37,13 @@ def run_worker(stage: str, gpu: int | None = None, concurrency: int | None = Non
         raise RuntimeError("torch was imported before the worker pinned its GPU")
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if stage not in GPU_STAGES else str(gpu if gpu is not None else 0)
     os.environ["AMODAL_WORKER_STAGE"] = stage
+    # Batches of varying shapes (image sizes, batch sizes) fragment the caching allocator's fixed segments.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from celeryconfig import WORKER_PUBLISH_RETRY_POLICY
     from tasks.app import app
     import workers.warmup  # noqa: F401  (connects the per-process warm-up)
+
+    app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
 
     from tasks.batching import DEFAULTS, batch_size
 

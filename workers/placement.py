@@ -17,9 +17,10 @@ from pathlib import Path
 from workers.main import GPU_STAGES
 
 # Busy GPU seconds per image at the paper's settings (3 passes, 50 steps), measured on one H100 with
-# every stage sharing it and one segment process (bench/results/gpu_throughput_segment1.json; masks
-# given: LISA adds about 1.5 s to ground). A plan made from another benchmark record (--costs) replaces them.
-DEFAULT_COSTS = {"ground": 0.09, "segment": 1.35, "occlusion": 0.17, "inpaint": 1.18}
+# every stage sharing it, two segment and two inpaint processes (busy time / processes;
+# bench/results/gpu_throughput.json; masks given: LISA adds about 1.5 s to ground). A plan made from
+# another benchmark record (--costs) replaces them.
+DEFAULT_COSTS = {"ground": 0.08, "segment": 1.01, "occlusion": 0.15, "inpaint": 0.95}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ def gpu_loads(slots: list[Slot], costs: dict[str, float]) -> dict[int, float]:
 
 
 def costs_from_benchmark(path: Path) -> dict[str, float]:
-    """Per-image busy seconds per stage from a record of ``bench/gpu_throughput.py``."""
-    record = json.loads(Path(path).read_text())
-    return {s: float(record["ours"]["stage_seconds_per_image"][s]) for s in GPU_STAGES}
+    """Per-image busy seconds per stage from a record of ``bench/gpu_throughput.py``, divided by the
+    stage's pool processes (its processes' busy times overlap on one GPU)."""
+    ours = json.loads(Path(path).read_text())["ours"]
+    pools = ours.get("processes_per_worker", {})
+    return {s: float(ours["stage_seconds_per_image"][s]) / max([n for w, n in pools.items() if w.split("-")[0] == s] or [1])
+            for s in GPU_STAGES}
