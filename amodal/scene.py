@@ -49,22 +49,26 @@ def _instances(image: np.ndarray, detections: Sequence[Detection], masks: Sequen
     return Instances(labels, masks + background)
 
 
-def occluder_mask(
-    image: np.ndarray, target: np.ndarray, scene: Instances, model: OcclusionModel, settings: Settings
-) -> np.ndarray:
-    """Union of the instances the occlusion model puts over the target, minus the target itself.
+def occluder_masks(
+    images: Sequence[np.ndarray], targets: Sequence[np.ndarray], scenes: Sequence[Instances], model: OcclusionModel,
+    settings: Sequence[Settings],
+) -> list[np.ndarray]:
+    """For each image, the union of the instances the occlusion model puts over its target, minus the
+    target itself; one model call for all images.
 
     Instances that are the target itself (IoU >= ``same_instance_iou``) are not asked about: only
     the 2(N-1) pairs that involve the target are evaluated.
     """
-    others = [m for m in scene.masks if iou(m, target) < settings.same_instance_iou]
-    out = np.zeros(target.shape, bool)
-    if others:
-        probs = model.occluders_of(image, target, others)
-        for m, p in zip(others, probs):
-            if p > settings.occlusion_threshold:
-                out |= m
-    return out & ~target
+    others = [[m for m in scene.masks if iou(m, target) < s.same_instance_iou]
+              for target, scene, s in zip(targets, scenes, settings, strict=True)]
+    out = []
+    for target, masks, probs, s in zip(targets, others, model.occluders_of(images, targets, others), settings):
+        mask = np.zeros(target.shape, bool)
+        for m, p in zip(masks, probs):
+            if p > s.occlusion_threshold:
+                mask |= m
+        out.append(mask & ~target)
+    return out
 
 
 def best_match(scene: Instances, visible: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from amodal.composite import compose_rgba
 from amodal.geometry import dilate, edge_strips, near_sides, resize_image, resize_mask
 from amodal.images import InvalidInput, encode_png, load_image, load_mask
 from amodal.models.base import InpaintRequest
-from amodal.scene import Instances, best_match, candidate_classes, occluder_mask, segment_scenes
+from amodal.scene import Instances, best_match, candidate_classes, occluder_masks, segment_scenes
 from amodal.state import JobState
 from amodal.storage import ObjectNotFound, Storage
 
@@ -110,25 +110,35 @@ def _segment_output(state: JobState, ctx: Context, scene: Instances, visible: np
     state.stage = "occlusion"
 
 
-def occlusion(state: JobState, ctx: Context) -> None:
-    """Step 4, and the loop's decision: finish, or plan the next inpainting pass."""
-    s = state.job_settings()
+def occlusion(states: Sequence[JobState], ctx: Context) -> None:
+    """Step 4 for a batch of jobs (one occlusion-model call), then each job's loop decision: finish, or
+    plan its next inpainting pass."""
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        inputs = list(pool.map(lambda state: _occlusion_input(state, ctx), states))
+        occluders = occluder_masks([i[0] for i in inputs], [i[1] for i in inputs], [i[2] for i in inputs],
+                                   ctx.models.occlusion, [state.job_settings() for state in states])
+        list(pool.map(lambda state, i, o: _decide(state, ctx, i[0], i[1], o), states, inputs, occluders))
+
+
+def _occlusion_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray, Instances]:
+    """The image, the target's mask in it (visible on the first visit, amodal after) and its scene."""
     scene = Instances(*art.get_instances(ctx.store, _pass_key(state, "scene.npz")))
     if state.passes == 0:
-        image = art.get_rgb(ctx.store, state.key("image.png"))
-        visible = art.get_mask(ctx.store, state.key("visible.png"))
-        occluders = occluder_mask(image, visible, scene, ctx.models.occlusion, s)
+        return art.get_rgb(ctx.store, state.key("image.png")), art.get_mask(ctx.store, state.key("visible.png")), scene
+    return art.get_rgb(ctx.store, _pass_key(state, "window.png")), art.get_mask(ctx.store, _pass_key(state, "amodal.png")), scene
+
+
+def _decide(state: JobState, ctx: Context, image: np.ndarray, target: np.ndarray, occluders: np.ndarray) -> None:
+    s = state.job_settings()
+    if state.passes == 0:
         state.backends["occlusion"] = ctx.models.occlusion.name
-        state.truncated = near_sides(visible, s.border_margin)
+        state.truncated = near_sides(target, s.border_margin)
         if not occluders.any() and not state.truncated and not s.fixed_passes:
             state.finish("unoccluded", "nothing hides the target")
             return
-        _plan_first_pass(state, ctx, image, visible, occluders)
+        _plan_first_pass(state, ctx, image, target, occluders)
         return
-    window = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
-    amodal = art.get_mask(ctx.store, _pass_key(state, "amodal.png"))
-    occluders = occluder_mask(window, amodal, scene, ctx.models.occlusion, s)
-    occluders |= edge_strips(amodal.shape, near_sides(amodal, s.border_margin), s.edge_strip)
+    occluders = occluders | edge_strips(target.shape, near_sides(target, s.border_margin), s.edge_strip)
     if s.fixed_passes:
         if state.passes >= s.fixed_passes:
             state.finish("completed", f"stopped after the fixed {s.fixed_passes} pass(es)")
@@ -259,11 +269,13 @@ def _clean_artifacts(state: JobState, store: Storage) -> None:
             store.delete(key)
 
 
-BATCHED: dict[str, Callable[[Sequence[JobState], Context], None]] = {"segment": segment, "inpaint": inpaint}
+BATCHED: dict[str, Callable[[Sequence[JobState], Context], None]] = {
+    "segment": segment, "occlusion": occlusion, "inpaint": inpaint,
+}
 STEPS: dict[str, Callable[[JobState, Context], None]] = {
     "ground": ground,
     "segment": lambda state, ctx: segment([state], ctx),
-    "occlusion": occlusion,
+    "occlusion": lambda state, ctx: occlusion([state], ctx),
     "inpaint": lambda state, ctx: inpaint([state], ctx),
     "finalize": finalize,
 }

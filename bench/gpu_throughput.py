@@ -157,7 +157,7 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
         group.stop()
     calls = {stage: [int(line.split(f"{stage} step of ", 1)[1].split()[0])
                      for name in group.procs for line in group.log(name).splitlines() if f"{stage} step of " in line]
-             for stage in ("segment", "inpaint")}
+             for stage in DEFAULTS}
     loops = [loop for name in group.procs for loop in denoising_loops(group.log(name)) if loop[0] > started]  # not warm-up
     states = [latest_state(client.store, line["job_id"]) for line in lines]
     statuses: dict[str, int] = {}

@@ -1,4 +1,5 @@
-"""The ``occlusion`` stage: occlusion order, and the loop's decision to finish or inpaint again."""
-from tasks.stage import stage_task
+"""The ``occlusion`` stage: the occluders of many jobs' targets in one InstaOrder call (``tasks.batching``),
+then each job's loop decision."""
+from tasks.batching import batched_stage
 
-occlusion = stage_task("occlusion")
+occlusion = batched_stage("occlusion")

@@ -157,8 +157,12 @@ class Oracle:
                 best, count = s, n
         return best if count > 0.5 * len(pixels) else None
 
-    def occluders_of(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+    def occluders_of(self, images: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+                     others: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
         self._count("occlusion")
+        return [self._occluders(image, target, rest) for image, target, rest in zip(images, targets, others, strict=True)]
+
+    def _occluders(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
         t = self._which(image, target)
         probs = []
         for m in others:

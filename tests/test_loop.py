@@ -120,8 +120,8 @@ def test_pass_limit_is_respected(tmp_path):
             self._count("inpaint")
             return [r.image for r in requests]
 
-        def occluders_of(self, image, target, others):
-            return np.ones(len(others))
+        def occluders_of(self, images, targets, others):
+            return [np.ones(len(rest)) for rest in others]
 
     inputs = LocalStorage(tmp_path / "in")
     inputs.put("scene.png", encode_png(scene.render()))
@@ -229,5 +229,5 @@ def test_jobs_batched_together_end_as_they_do_one_by_one(tmp_path):
         for key in files:
             if not key.endswith("job.json"):
                 assert alone_store.get(key) == batched_store.get(key), key
-    for model in ("tag", "detect", "segment", "choose", "inpaint"):
+    for model in ("tag", "detect", "segment", "choose", "occlusion", "inpaint"):
         assert batched_oracle.calls[model] < alone_oracle.calls[model], model  # fewer, larger calls

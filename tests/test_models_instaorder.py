@@ -49,7 +49,7 @@ def model(checkpoint) -> InstaOrder:
 
 @pytest.fixture(scope="module")
 def occluders(model, image, masks) -> np.ndarray:
-    return model.occluders_of(image, masks[0], masks[1:])
+    return model.occluders_of([image], [masks[0]], [masks[1:]])[0]
 
 
 def test_tiny_checkpoint_has_the_released_layout(checkpoint):
@@ -124,8 +124,26 @@ def test_occluders_average_both_directions_of_each_pair(model, image, masks, occ
 
 def test_batching_and_repeats_give_the_same_answer(model, image, masks, occluders):
     small_batches = InstaOrder(model.net, device=CPU, dtype=torch.float32, batch_size=3)  # 4 pairs: 3 + 1
-    np.testing.assert_allclose(small_batches.occluders_of(image, masks[0], masks[1:]), occluders, atol=1e-5)
-    np.testing.assert_array_equal(model.occluders_of(image, masks[0], masks[1:]), occluders)
+    np.testing.assert_allclose(small_batches.occluders_of([image], [masks[0]], [masks[1:]])[0], occluders, atol=1e-5)
+    np.testing.assert_array_equal(model.occluders_of([image], [masks[0]], [masks[1:]])[0], occluders)
+
+
+def test_images_share_the_network_batches(model, image, masks, occluders, monkeypatch):
+    flipped = np.ascontiguousarray(image[::-1])
+    flipped_masks = [np.ascontiguousarray(m[::-1]) for m in masks]
+    alone = model.occluders_of([flipped], [flipped_masks[1]], [[flipped_masks[0], flipped_masks[2]]])[0]
+    small_batches = InstaOrder(model.net, device=CPU, dtype=torch.float32, batch_size=3)
+    calls = []
+    forward = small_batches.net.forward
+    monkeypatch.setattr(small_batches.net, "forward", lambda x: calls.append(len(x)) or forward(x))
+    together = small_batches.occluders_of(
+        [image, image, flipped], [masks[0], masks[0], flipped_masks[1]], [masks[1:], [], [flipped_masks[0], flipped_masks[2]]]
+    )
+    assert calls == [3, 3, 2]  # 4 + 0 + 4 pairs, 3 at a time across images
+    np.testing.assert_allclose(together[0], occluders, atol=1e-5)
+    assert together[1].shape == (0,)
+    np.testing.assert_allclose(together[2], alone, atol=1e-5)
+    assert not np.allclose(together[2], together[0])
 
 
 def test_occlusion_matrix_holds_every_ordered_pair(model, image, masks, occluders):
@@ -139,14 +157,15 @@ def test_occlusion_matrix_holds_every_ordered_pair(model, image, masks, occluder
 def test_bfloat16_runs_close_to_float32(checkpoint, image, masks, occluders):
     half = InstaOrder.from_checkpoint(checkpoint, device=CPU, dtype=torch.bfloat16)
     assert next(half.net.parameters()).dtype == torch.bfloat16
-    result = half.occluders_of(image, masks[0], masks[1:])
+    (result,) = half.occluders_of([image], [masks[0]], [masks[1:]])
     assert result.dtype == np.float32
     np.testing.assert_allclose(result, occluders, atol=0.02)
 
 
 def test_no_others_and_mismatched_masks(model, image, masks):
-    assert model.occluders_of(image, masks[0], []).shape == (0,)
+    assert model.occluders_of([image], [masks[0]], [[]])[0].shape == (0,)
+    assert model.occluders_of([], [], []) == []
     with pytest.raises(ValueError, match="does not match"):
-        model.occluders_of(image, masks[0], [masks[1][:-1]])
+        model.occluders_of([image], [masks[0]], [[masks[1][:-1]]])
     with pytest.raises(ValueError, match="uint8 RGB"):
-        model.occluders_of(image.astype(np.float32), masks[0], masks[1:])
+        model.occluders_of([image.astype(np.float32)], [masks[0]], [masks[1:]])

@@ -60,7 +60,7 @@ def test_tiny_models_fill_the_registry_layout_and_load(tiny_models):
     target = np.zeros(image.shape[:2], bool)
     target[100:300, 200:400] = True
     other = np.roll(target, 120, axis=1)
-    p = models.occlusion.occluders_of(image, target, [other])
+    (p,) = models.occlusion.occluders_of([image], [target], [[other]])
     assert p.shape == (1,) and 0 < p[0] < 1
     for name in ("segmenter", "detector", "clip", "inpainter"):
         assert getattr(models, name) is not None

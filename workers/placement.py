@@ -17,10 +17,10 @@ from pathlib import Path
 from workers.main import GPU_STAGES
 
 # Busy GPU seconds per image at the paper's settings (3 passes, 50 steps), measured on one H100 with
-# every stage sharing it, two segment and two inpaint processes (busy time / processes;
+# every stage sharing it, two segment and two inpaint processes (busy seconds / processes;
 # bench/results/gpu_throughput.json; masks given: LISA adds about 1.5 s to ground). A plan made from
 # another benchmark record (--costs) replaces them.
-DEFAULT_COSTS = {"ground": 0.08, "segment": 1.01, "occlusion": 0.15, "inpaint": 0.95}
+DEFAULT_COSTS = {"ground": 0.09, "segment": 0.99, "occlusion": 0.11, "inpaint": 0.92}
 
 
 @dataclass(frozen=True)

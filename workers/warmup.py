@@ -31,7 +31,7 @@ def warm(stage: str, models, size: int = 512, batch: int = 1) -> None:
         models.segmenter.segment([image], [[(64.0, 64.0, 192.0, 192.0)]])
         models.prompt_chooser.choose([image], [mask], [["object"]])
     elif stage == "occlusion":
-        models.occlusion.occluders_of(image, mask, [np.roll(mask, 40, axis=1)])
+        models.occlusion.occluders_of([image], [mask], [[np.roll(mask, 40, axis=1)]])
     elif stage == "inpaint":
         request = InpaintRequest(np.resize(image, (size, size, 3)), np.resize(mask, (size, size)), "an object", seed=0)
         batches = (batch, 1) if getattr(models.inpainter, "compiled", False) and batch > 1 else (1,)

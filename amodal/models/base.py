@@ -1,10 +1,10 @@
 """The interfaces the method needs from its models.
 
 Images are ``uint8`` RGB arrays of shape ``(H, W, 3)``; masks are ``bool`` arrays of shape
-``(H, W)``; boxes are ``(x0, y0, x1, y1)`` float pixel coordinates. The scene models take batches
-(one entry per image, each with its own labels, boxes or candidates), so a stage serves many jobs
-in one call. Every adapter in ``amodal.models`` implements one of these protocols, and test doubles
-implement the same ones.
+``(H, W)``; boxes are ``(x0, y0, x1, y1)`` float pixel coordinates. The scene and occlusion
+models take batches (one entry per image, each with its own labels, boxes, candidates or masks), so
+a stage serves many jobs in one call. Every adapter in ``amodal.models`` implements one of these
+protocols, and test doubles implement the same ones.
 """
 from __future__ import annotations
 
@@ -101,8 +101,9 @@ class OcclusionModel(Protocol):
 
     name: str
 
-    def occluders_of(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
-        """Return ``P(other_i occludes target)`` for each mask in ``others``, shape ``(N,)`` float."""
+    def occluders_of(self, images: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+                     others: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        """For each image, ``P(other_i occludes target)`` for each mask of its ``others``, shape ``(N,)`` float."""
         ...
 
 

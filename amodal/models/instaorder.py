@@ -157,7 +157,6 @@ class InstaOrder:
         ]
         return torch.from_numpy(np.stack(resized)).to(self.device, self.dtype)
 
-    @torch.inference_mode()
     def pair_probabilities(
         self, image: np.ndarray, masks: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]]
     ) -> np.ndarray:
@@ -165,28 +164,51 @@ class InstaOrder:
 
         Column 1 is "``masks[a]`` occludes ``masks[b]``", column 0 the reverse.
         """
-        _check_inputs(image, masks)
+        return self._probabilities([image], [masks], [(0, a, b) for a, b in pairs])
+
+    @torch.inference_mode()
+    def _probabilities(
+        self, images: Sequence[np.ndarray], masks: Sequence[Sequence[np.ndarray]], pairs: Sequence[tuple[int, int, int]]
+    ) -> np.ndarray:
+        """``pair_probabilities`` over several images: ``(k, a, b)`` pairs ``masks[k][a]`` with ``masks[k][b]``
+        in ``images[k]``; every pair of every image goes through the network ``batch_size`` at a time."""
+        for image, image_masks in zip(images, masks, strict=True):
+            _check_inputs(image, image_masks)
         if not pairs:
             return np.zeros((0, 2), np.float32)
-        rgb, mask_inputs = self._rgb(image), self._masks(masks)
-        index = torch.as_tensor(pairs, device=self.device)
+        rgb = torch.stack([self._rgb(image) for image in images])
+        mask_inputs = self._masks([m for image_masks in masks for m in image_masks])
+        first = np.cumsum([0, *map(len, masks)])  # each image's first row in mask_inputs
+        index = torch.as_tensor([(k, first[k] + a, first[k] + b) for k, a, b in pairs], device=self.device)
         out = []
         for chunk in index.split(self.batch_size):
             batch = torch.cat(
-                [mask_inputs[chunk[:, 0], None], mask_inputs[chunk[:, 1], None], rgb.expand(len(chunk), -1, -1, -1)],
-                dim=1,
+                [mask_inputs[chunk[:, 1], None], mask_inputs[chunk[:, 2], None], rgb[chunk[:, 0]]], dim=1
             ).contiguous(memory_format=torch.channels_last)
             occ_logits, _ = self.net(batch)
             out.append(torch.sigmoid(occ_logits.float()))
         return torch.cat(out).cpu().numpy()
 
-    def occluders_of(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
-        """``P(other_i over target)`` for each mask in ``others``, shape ``(N,)`` float32."""
-        n = len(others)
-        masks = [target, *others]
-        pairs = [(i, 0) for i in range(1, n + 1)] + [(0, i) for i in range(1, n + 1)]
-        probs = self.pair_probabilities(image, masks, pairs)
-        return (probs[:n, 1] + probs[n:, 0]) / 2
+    def occluders_of(
+        self, images: Sequence[np.ndarray], targets: Sequence[np.ndarray], others: Sequence[Sequence[np.ndarray]]
+    ) -> list[np.ndarray]:
+        """For each image, ``P(other_i over target)`` for each of its ``others``, shape ``(N,)`` float32; the
+        pairs of all images share the network's batches. Each pair runs both ways (DESIGN step 4)."""
+        for image, target, rest in zip(images, targets, others, strict=True):
+            _check_inputs(image, [target, *rest])
+        jobs = [k for k, rest in enumerate(others) if len(rest)]
+        pairs = []
+        for slot, k in enumerate(jobs):
+            n = len(others[k])
+            pairs += [(slot, i, 0) for i in range(1, n + 1)] + [(slot, 0, i) for i in range(1, n + 1)]
+        probs = self._probabilities([images[k] for k in jobs], [[targets[k], *others[k]] for k in jobs], pairs)
+        out = [np.zeros(0, np.float32) for _ in images]
+        at = 0
+        for k in jobs:
+            n = len(others[k])
+            out[k] = (probs[at : at + n, 1] + probs[at + n : at + 2 * n, 0]) / 2
+            at += 2 * n
+        return out
 
     def occlusion_matrix(self, image: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
         """``P(i over j)`` for every ordered pair, shape ``(N, N)`` float32, zero diagonal."""
