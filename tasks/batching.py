@@ -113,8 +113,12 @@ def run_requests(stage: str, requests: list[SimpleRequest]) -> int:
             for state in states:
                 _retry_or_fail(stage, state, exc)
             continue
-        for state in states:
-            advance(state)
+        for state in states:  # a job not routed on would be lost: the batch's messages are acknowledged
+            try:
+                advance(state)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("job %s: %s step done, but not committed or routed on", state.job_id, stage)
+                _retry_or_fail(stage, state, exc)
     return sum(len(states) for states in batches)
 
 

@@ -106,3 +106,24 @@ def test_a_consumer_restart_arms_a_new_flush_timer(task):
     task._buffer.put(request("b"))
     task._do_flush()
     assert pool.batches == [["a"], ["b"]]  # the dropped batch does not hold the next one
+
+
+def test_a_job_that_cannot_be_routed_on_is_retried_not_dropped(monkeypatch):
+    from tasks import batching
+
+    settings = SimpleNamespace(result_fingerprint=lambda: "same")
+    states = {j: SimpleNamespace(job_id=j, version=0, attempts={"inpaint": 1}, job_settings=lambda: settings) for j in "ab"}
+    advanced, sent = [], []
+
+    def advance(state):
+        if state.job_id == "a":
+            raise ConnectionError("storage unreachable")
+        advanced.append(state.job_id)
+
+    monkeypatch.setattr(batching, "claim", lambda job_id, version, stage: states[job_id])
+    monkeypatch.setattr(batching, "context", lambda state: None)
+    monkeypatch.setattr(batching, "run_batch", lambda stage, batch, ctx: None)
+    monkeypatch.setattr(batching, "advance", advance)
+    monkeypatch.setattr(batching, "send_stage", lambda stage, job_id, version, countdown=None: sent.append((stage, job_id)))
+    assert batching.run_requests("inpaint", [SimpleNamespace(args=(j, 0)) for j in "ab"]) == 2
+    assert advanced == ["b"] and sent == [("inpaint", "a")]  # "a" comes back to its step; "b" moved on
