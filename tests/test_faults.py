@@ -116,8 +116,11 @@ def test_sigkill_segment_and_inpaint_workers_mid_run(env, tmp_path):
         submit(env, tmp_path, 8)
         for name, stage in (("segment-gpu0", "segment"), ("inpaint-gpu0", "inpaint")):
             wait_stage(client, "faults", stage)
-            time.sleep(0.5)  # the message is taken (the inpaint worker waits 0.3 s to fill a batch)
-            group.signal(name, signal.SIGKILL)  # the whole worker: parent and pool child
+            wait_log(group, name, f"{stage} step of")  # it runs a batch; others sit in its buffer
+            # Not while a burst of messages is being delivered: kombu's Redis transport takes a message
+            # off the queue (BRPOP) before it records it as unacknowledged, and a kill in between loses it.
+            time.sleep(1.0)
+            group.signal(name, signal.SIGKILL)  # the whole worker: parent and pool children
             group.procs[name].wait(timeout=30)
             slot = group.slots.pop(name)
             del group.procs[name]
