@@ -25,10 +25,11 @@ def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) 
     return env
 
 
-def start_workers(env: dict, logs: Path, slots=ONE_GPU) -> WorkerGroup:
+def start_workers(env: dict, logs: Path, slots=ONE_GPU, concurrency: dict[str, int] | None = None) -> WorkerGroup:
+    """Start the workers of ``slots`` (pool processes per stage from ``concurrency``, else the default)."""
     group = WorkerGroup(env, logs)
     for slot in slots:
-        group.start(slot)
+        group.start(slot, concurrency=(concurrency or {}).get(slot.stage))
     try:
         group.wait_ready()
     except Exception:

@@ -136,7 +136,8 @@ def test_poison_job_is_failed_after_bounded_attempts(env, tmp_path):
     """A job whose inpaint kills the worker's pool process each time (as an OOM kill would) ends
     ``failed`` after 3 attempts; the jobs batched with it complete."""
     env["AMODAL_MAX_ATTEMPTS"] = "3"
-    group = start_workers(env, tmp_path / "logs")
+    # one inpaint process, so killing the poison job's process kills no other job's
+    group = start_workers(env, tmp_path / "logs", concurrency={"inpaint": 1})
     client = Client()
     try:
         (tmp_path / "others").mkdir()
