@@ -1,4 +1,5 @@
-"""Reading and writing a job's arrays in storage: RGB and masks as PNG, instance sets as NPZ."""
+"""A job's artifacts: their names, and reading and writing them (RGB and masks as PNG, instance sets
+as NPZ). Names are relative to the job's prefix (``JobState.key``); see docs/design.md step 5."""
 from __future__ import annotations
 
 import io
@@ -8,6 +9,27 @@ import numpy as np
 
 from amodal.images import decode_png, encode_png
 from amodal.storage import Storage
+
+# The input image and the target's visible mask in it.
+IMAGE = "image.png"
+VISIBLE = "visible.png"
+# The working window, fixed for every pass: the original pixels, the visible mask, the first pass's
+# inpaint mask (later masks stay inside it).
+WINDOW_ORIGINAL = "window/original.png"
+WINDOW_VISIBLE = "window/visible.png"
+FIRST_MASK = "window/first_mask.png"
+# Per pass (see ``in_pass``): the window image (mixed context before pass 1, inpainted after), its
+# scene, the target's amodal mask in it, the canvas still to fill, the next inpaint mask.
+WINDOW = "window.png"
+SCENE = "scene.npz"
+AMODAL = "amodal.png"
+UNFILLED = "unfilled.png"
+INPAINT_MASK = "inpaint_mask.png"
+
+
+def in_pass(n: int, name: str) -> str:
+    """The name of a per-pass artifact after ``n`` inpainting passes."""
+    return f"p{n}/{name}"
 
 
 def put_rgb(store: Storage, key: str, image: np.ndarray) -> None:

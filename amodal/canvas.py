@@ -1,4 +1,4 @@
-"""The outpainting canvas and the square working window (DESIGN.md step 5).
+"""The outpainting canvas, the square working window and the clean background (docs/design.md step 5).
 
 The image sits centred on a canvas ``scale`` times its width and height. Only the window is ever
 materialised: the canvas is geometry, so a 6x canvas costs nothing.
@@ -6,11 +6,14 @@ materialised: the canvas is geometry, so a 6x canvas costs nothing.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from importlib import resources
 
 import cv2
 import numpy as np
 
 from amodal.geometry import Box, bbox
+from amodal.images import load_image
+from amodal.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,8 @@ def fit_background(background: np.ndarray, size: int) -> np.ndarray:
     return np.tile(square, (reps, reps, 1))[:size, :size]
 
 
-def neutral_background(size: int = 1024, seed: int = 0) -> np.ndarray:
-    """A clean, plain light-grey background with faint grain, for jobs that name no background image."""
-    rng = np.random.default_rng(seed)
-    grain = cv2.GaussianBlur(rng.normal(0.0, 6.0, (size, size)).astype(np.float32), (0, 0), 1.5)
-    grey = np.clip(180.0 + grain, 0, 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=2)
+def neutral_background() -> np.ndarray:
+    """The default clean background: the paper's gray wallpaper, shipped as ``amodal/data/gray_wallpaper.jpeg``
+    (its source and licence are in ``gray_wallpaper.txt`` beside it)."""
+    data = resources.files("amodal").joinpath("data/gray_wallpaper.jpeg").read_bytes()
+    return load_image(data, max_pixels=Settings().max_pixels, min_side=1)

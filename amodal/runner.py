@@ -1,9 +1,10 @@
-"""The embedded default: the whole method in one process over an annotation file (``amodal run``)."""
+"""The embedded default: the whole method in one process over an annotation file (``amodal run``;
+docs/design.md, "Interface users touch")."""
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +35,8 @@ class Outcome:
     status: str
     message: str
     result: str | None
+    quality: dict | None = None  # job.json's quality record (amodal.quality), for rows with a result
+    flags: list[str] = field(default_factory=list)  # job.json's named conditions to look at
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -89,22 +92,22 @@ class LocalRunner:
                            f"duplicate of line {seen[state.job_id]} (same image, query and mask)", None)
         seen[state.job_id] = row.line
         record_key = f"{state.result_prefix}/job.json"
-        if self.store.exists(record_key):  # finished by an earlier run over the same folder
-            record = json.loads(self.store.get(record_key))
-            return self._outcome(row, state.job_id, record["status"], record["message"], state.result_prefix)
-        try:
-            run_job(state, self.ctx)
-        except MissingCheckpointError:
-            raise  # no row can succeed: stop with the one clear message
-        except Exception as exc:  # noqa: BLE001 - one row's failure must not stop the others
-            log.exception("job %s (line %d) failed", state.job_id, row.line)
-            return Outcome(row.line, row.image, row.query, state.job_id, "failed", f"{type(exc).__name__}: {exc}", None)
-        return self._outcome(row, state.job_id, state.status, state.message, state.result_prefix)
+        if not self.store.exists(record_key):  # else finished by an earlier run over the same folder
+            try:
+                run_job(state, self.ctx)
+            except MissingCheckpointError:
+                raise  # no row can succeed: stop with the one clear message
+            except Exception as exc:  # noqa: BLE001 - one row's failure must not stop the others
+                log.exception("job %s (line %d) failed", state.job_id, row.line)
+                return Outcome(row.line, row.image, row.query, state.job_id, "failed",
+                               f"{type(exc).__name__}: {exc}", None)
+        return self._outcome(row, state.job_id, json.loads(self.store.get(record_key)), state.result_prefix)
 
-    def _outcome(self, row: Row, jid: str, status: str, message: str, prefix: str) -> Outcome:
-        has_images = status in ("completed", "unoccluded")
-        return Outcome(row.line, row.image, row.query, jid, status, message,
-                       str(self.out / prefix) if has_images else None)
+    def _outcome(self, row: Row, jid: str, record: dict, prefix: str) -> Outcome:
+        """The manifest line of a finished job, from its ``job.json``."""
+        has_images = record["status"] in ("completed", "unoccluded")
+        return Outcome(row.line, row.image, row.query, jid, record["status"], record["message"],
+                       str(self.out / prefix) if has_images else None, record.get("quality"), record.get("flags", []))
 
     def run(self, rows: list[Row], progress: bool = True) -> Iterator[Outcome]:
         seen: dict[str, int] = {}

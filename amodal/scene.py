@@ -1,4 +1,4 @@
-"""Scene decomposition (step 2) and occluder aggregation (step 4)."""
+"""Scene decomposition (docs/design.md step 2) and occluder aggregation (step 4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +17,22 @@ class Instances:
     masks: list[np.ndarray]
 
 
+@dataclass(frozen=True)
+class SceneRequest:
+    """One image to decompose.
+
+    On the input image ``target`` is the target's visible mask: it counts as covered, so no
+    background segment holds it. On an inpainted window ``target`` is ``None``: no background
+    segments there, and ``target_class`` gets a detection pass of its own.
+    """
+
+    image: np.ndarray
+    classes: Sequence[str]
+    settings: Settings
+    target: np.ndarray | None = None
+    target_class: str = ""
+
+
 def candidate_classes(tags: Sequence[str], query: str) -> list[str]:
     """Tags plus the query, in order, without repeats (the classes G-DINO looks for)."""
     seen: dict[str, None] = {}
@@ -27,26 +43,33 @@ def candidate_classes(tags: Sequence[str], query: str) -> list[str]:
     return list(seen)
 
 
-def segment_scenes(
-    images: Sequence[np.ndarray], classes: Sequence[Sequence[str]], detector: Detector, segmenter: BoxSegmenter,
-    settings: Sequence[Settings],
-) -> list[Instances]:
-    """For each image, the instances G-DINO + SAM find for its classes (at most its ``max_instances``,
-    best first), then the leftover background segments. All images go through each model in one call."""
-    found = detector.detect(images, classes)
-    detections = [sorted(d, key=lambda d: -d.score)[: s.max_instances] for d, s in zip(found, settings, strict=True)]
-    masks = segmenter.segment(images, [[d.box for d in ds] for ds in detections])
-    return [_instances(image, ds, ms, s) for image, ds, ms, s in zip(images, detections, masks, settings)]
+def segment_scenes(requests: Sequence[SceneRequest], detector: Detector, segmenter: BoxSegmenter) -> list[Instances]:
+    """For each request, the instances G-DINO + SAM find (at most ``max_instances`` per detection pass,
+    best first), then, on input images, the leftover background segments. One call per model."""
+    images, prompts, owners = [], [], []
+    for i, r in enumerate(requests):
+        passes = [list(r.classes)] + ([[r.target_class]] if r.target is None and r.target_class else [])
+        for labels in passes:
+            images.append(r.image)
+            prompts.append(labels)
+            owners.append(i)
+    found = detector.detect(images, prompts) if images else []
+    detections: list[list[Detection]] = [[] for _ in requests]
+    for i, ds in zip(owners, found, strict=True):
+        detections[i] += sorted(ds, key=lambda d: -d.score)[: requests[i].settings.max_instances]
+    masks = segmenter.segment([r.image for r in requests], [[d.box for d in ds] for ds in detections])
+    return [_instances(r, ds, ms) for r, ds, ms in zip(requests, detections, masks, strict=True)]
 
 
-def _instances(image: np.ndarray, detections: Sequence[Detection], masks: Sequence[np.ndarray],
-               settings: Settings) -> Instances:
+def _instances(request: SceneRequest, detections: Sequence[Detection], masks: Sequence[np.ndarray]) -> Instances:
     kept = [(d.label, m) for d, m in zip(detections, masks) if m.any()]
     labels, masks = [k[0] for k in kept], [k[1] for k in kept]
-    covered = union(masks, image.shape[:2])
-    background = background_segments(covered, settings.background_erode_radius, settings.background_min_area)
-    labels += [f"background_{k}" for k in range(len(background))]
-    return Instances(labels, masks + background)
+    if request.target is None:
+        return Instances(labels, masks)
+    s = request.settings
+    covered = union([*masks, request.target], request.image.shape[:2])
+    background = background_segments(covered, s.background_erode_radius, s.background_min_area)
+    return Instances(labels + [f"background_{k}" for k in range(len(background))], masks + background)
 
 
 def occluder_masks(
@@ -71,9 +94,10 @@ def occluder_masks(
     return out
 
 
-def best_match(scene: Instances, visible: np.ndarray) -> np.ndarray:
-    """The instance that best overlaps the visible mask, joined with it; the visible mask if none does."""
-    scores = [iou(m, visible) for m in scene.masks]
+def best_match(scene: Instances, current: np.ndarray) -> np.ndarray | None:
+    """The instance with the highest IoU with the target's current mask, or ``None`` if none overlaps it
+    (the caller keeps the current mask: a lost re-detection never turns something else into the target)."""
+    scores = [iou(m, current) for m in scene.masks]
     if not scores or max(scores) == 0:
-        return visible.copy()
-    return scene.masks[int(np.argmax(scores))] | visible
+        return None
+    return scene.masks[int(np.argmax(scores))]

@@ -1,4 +1,8 @@
-"""Pipeline settings. Defaults are the paper's (see DESIGN.md, "The method, step by step")."""
+"""Pipeline settings. Defaults are the paper's (see docs/design.md, "The method, step by step").
+
+Every radius, kernel, margin and threshold of the method is here; a deliberate difference from the
+paper's code is a named setting whose comment says why.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -30,14 +34,24 @@ class Settings:
     max_passes: int = 3
     fixed_passes: int = 0  # > 0: exactly this many passes whatever the stop rules (benchmarks)
     edge_strip: int = 5
+    first_mask_kernel: int = 5  # pass 1: (occluders + unfilled) dilated with this square kernel ...
+    first_mask_iterations: int = 3  # ... this many times
+    next_mask_kernel: int = 3  # later passes: (occluders + unfilled) & the first mask, dilated with this kernel ...
+    next_mask_iterations: int = 1  # ... this many times
+    truncation_through_occluders: bool = False  # also truncated where an occluder touching the target reaches
+    # the border (the target may go on under it, past the image); off in the paper, whose window then cuts it
     inpaint_size: int = 512
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
-    background: str = ""  # clean background image for mixed context; "" = a generated neutral grey
+    background: str = ""  # clean background image for mixed context; "" = the paper's gray wallpaper (shipped)
     # Output (step 6)
     feather: int = 5
     visible_shrink: int = 10
+    # Quality flags (job.json "flags")
+    flag_growth_ratio: float = 4.0  # runaway_growth: amodal area over this many times the visible area
+    flag_clip_similarity: float = 0.2  # low_clip_similarity: completion-to-prompt CLIP cosine under this
+    edge_touch_margin: int = 1  # window_edge: the amodal mask comes this close to the window's edge
     # Ways in and backends
     grounder: str = "lisa"  # "lisa" (the paper) | "gdino_sam" (lighter)
     tagger: str = "ram_plus"  # "ram_plus" (the paper) | "clip" (lighter)

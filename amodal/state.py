@@ -1,4 +1,5 @@
-"""The job record: a small JSON-serialisable state machine kept with the job's artifacts."""
+"""The job record: a small JSON-serialisable state machine kept with the job's artifacts
+(docs/design.md, "Shape of the system")."""
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,11 @@ class JobState:
     image_size: tuple[int, int] | None = None  # (height, width)
     tags: list[str] = field(default_factory=list)
     prompt: str = ""
+    target_class: str = ""  # the class chosen for the target (the prompt is "a {target_class}")
     truncated: list[str] = field(default_factory=list)
     window: dict | None = None
+    passes_log: list[dict] = field(default_factory=list)  # one record per inpainting pass (amodal.quality)
+    stop: str = ""  # why the completion loop ended: one of amodal.loop.STOPS
     backends: dict[str, str] = field(default_factory=dict)
     grounder_text: str = ""
     attempts: dict[str, int] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""The method as step functions over a :class:`JobState` (DESIGN.md steps 1-6).
+"""The method as step functions over a :class:`JobState` (docs/design.md steps 1-6).
 
 Each step reads the job's artifacts, does its work, writes new artifacts under keys that depend
 only on the job and the pass (so a repeated step rewrites the same keys with the same content),
@@ -16,12 +16,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from amodal import artifacts as art
-from amodal.canvas import Window, fit_background, place_window
+from amodal.artifacts import in_pass
+from amodal.canvas import Window
 from amodal.composite import compose_rgba
-from amodal.geometry import dilate, edge_strips, near_sides, resize_image, resize_mask
+from amodal.geometry import resize_image, resize_mask
 from amodal.images import InvalidInput, encode_png, load_image, load_mask
+from amodal.loop import STOPS, next_pass, paste_inpainted, plan_first_pass, resegment, truncated_sides, window_occluders
 from amodal.models.base import InpaintRequest
-from amodal.scene import Instances, best_match, candidate_classes, occluder_masks, segment_scenes
+from amodal.quality import clip_similarities, pass_entry, record_resegment, result_flags, result_quality
+from amodal.scene import Instances, SceneRequest, candidate_classes, occluder_masks, segment_scenes
 from amodal.state import JobState
 from amodal.storage import ObjectNotFound, Storage
 
@@ -39,8 +42,12 @@ class Context:
     background: np.ndarray
 
 
-def _pass_key(state: JobState, name: str, n: int | None = None) -> str:
-    return state.key(f"p{state.passes if n is None else n}/{name}")
+def _get_rgb(state: JobState, ctx: Context, name: str) -> np.ndarray:
+    return art.get_rgb(ctx.store, state.key(name))
+
+
+def _get_mask(state: JobState, ctx: Context, name: str) -> np.ndarray:
+    return art.get_mask(ctx.store, state.key(name))
 
 
 def _read_input(ctx: Context, key: str, what: str) -> bytes:
@@ -66,8 +73,8 @@ def ground(state: JobState, ctx: Context) -> None:
     if visible is None or not visible.any():
         state.finish("no_target", f"nothing in the image matched the query {state.query!r}")
         return
-    art.put_rgb(ctx.store, state.key("image.png"), image)
-    art.put_mask(ctx.store, state.key("visible.png"), visible)
+    art.put_rgb(ctx.store, state.key(art.IMAGE), image)
+    art.put_mask(ctx.store, state.key(art.VISIBLE), visible)
     fraction = float(visible.mean())
     if fraction < s.min_target_fraction:
         state.finish("unoccluded", f"not completed: the target covers {fraction:.2%} of the image, "
@@ -76,37 +83,67 @@ def ground(state: JobState, ctx: Context) -> None:
     state.stage = "segment"
 
 
+@dataclass(frozen=True)
+class _Segmentable:
+    image: np.ndarray  # the input image (first visit) or the last inpainted window
+    visible: np.ndarray  # the target's visible mask in it
+    current: np.ndarray  # the target's mask before this pass (the visible mask on the first visit)
+
+
 def segment(states: Sequence[JobState], ctx: Context) -> None:
-    """Step 2 for a batch of jobs, each on its image (first visit: tags, scene, prompt) or on its last
-    inpainted window; every model runs once for the whole batch."""
+    """Step 2 for a batch of jobs, each on its image (first visit: tags, prompt, scene with background
+    segments) or on its last inpainted window (scene, re-segmentation of the target, CLIP similarity of
+    the completion to its prompt); every model runs once for the whole batch."""
     models = ctx.models
     with ThreadPoolExecutor(IO_THREADS) as pool:
         inputs = list(pool.map(lambda state: _segment_input(state, ctx), states))
         first = [i for i, state in enumerate(states) if state.passes == 0]
-        for i, tags in zip(first, models.tagger.tag([inputs[i][0] for i in first])):
+        later = [i for i, state in enumerate(states) if state.passes > 0]
+        # 1. tags of each input image
+        for i, tags in zip(first, models.tagger.tag([inputs[i].image for i in first])):
             states[i].tags = list(tags)[: states[i].job_settings().max_tags]
             states[i].backends["tag"] = models.tagger.name
         classes = [candidate_classes(state.tags, state.query) for state in states]
-        scenes = segment_scenes([image for image, _ in inputs], classes, models.detector, models.segmenter,
-                                [state.job_settings() for state in states])
-        choices = models.prompt_chooser.choose([inputs[i][0] for i in first], [inputs[i][1] for i in first],
+        # 2. the target's class (the inpainting prompt), on each input image
+        choices = models.prompt_chooser.choose([inputs[i].image for i in first], [inputs[i].visible for i in first],
                                                [classes[i] for i in first])
         for i, choice in zip(first, choices):
-            states[i].prompt = f"a {choice}"
-        list(pool.map(lambda state, scene, i: _segment_output(state, ctx, scene, i[1]), states, scenes, inputs))
+            states[i].target_class, states[i].prompt = choice, f"a {choice}"
+        # 3. scenes: the tags' instances; background segments on input images, the target's class on its own on windows
+        requests = [SceneRequest(x.image, c, state.job_settings(), target=x.visible if state.passes == 0 else None,
+                                 target_class=state.target_class) for state, x, c in zip(states, inputs, classes)]
+        scenes = segment_scenes(requests, models.detector, models.segmenter)
+        # 4. on windows: the target's new amodal mask, and how it came out
+        amodal = {i: _resegment(states[i], scenes[i], inputs[i]) for i in later}
+        # 5. on windows: the completion's CLIP similarity to its prompt
+        similarities = clip_similarities(models.clip, [inputs[i].image for i in later], [amodal[i] for i in later],
+                                         [states[i].prompt for i in later]) if later else []
+        for i, similarity in zip(later, similarities):
+            states[i].passes_log[-1]["clip_similarity"] = similarity
+        list(pool.map(lambda i: _segment_output(states[i], ctx, scenes[i], inputs[i].visible.shape, amodal.get(i)),
+                      range(len(states))))
 
 
-def _segment_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    """The image to segment and the target's visible mask in it."""
+def _segment_input(state: JobState, ctx: Context) -> _Segmentable:
     if state.passes == 0:
-        return art.get_rgb(ctx.store, state.key("image.png")), art.get_mask(ctx.store, state.key("visible.png"))
-    return art.get_rgb(ctx.store, _pass_key(state, "window.png")), art.get_mask(ctx.store, state.key("window/visible.png"))
+        visible = _get_mask(state, ctx, art.VISIBLE)
+        return _Segmentable(_get_rgb(state, ctx, art.IMAGE), visible, visible)
+    visible = _get_mask(state, ctx, art.WINDOW_VISIBLE)
+    current = visible if state.passes == 1 else _get_mask(state, ctx, in_pass(state.passes - 1, art.AMODAL))
+    return _Segmentable(_get_rgb(state, ctx, in_pass(state.passes, art.WINDOW)), visible, current)
 
 
-def _segment_output(state: JobState, ctx: Context, scene: Instances, visible: np.ndarray) -> None:
-    if state.passes > 0:
-        art.put_mask(ctx.store, _pass_key(state, "amodal.png"), best_match(scene, visible))
-    art.put_instances(ctx.store, _pass_key(state, "scene.npz"), scene.labels, scene.masks, visible.shape)
+def _resegment(state: JobState, scene: Instances, x: _Segmentable) -> np.ndarray:
+    amodal, redetected = resegment(scene, x.current, x.visible)
+    record_resegment(state.passes_log[-1], redetected, x.current, amodal)
+    return amodal
+
+
+def _segment_output(state: JobState, ctx: Context, scene: Instances, shape: tuple[int, int],
+                    amodal: np.ndarray | None) -> None:
+    if amodal is not None:
+        art.put_mask(ctx.store, state.key(in_pass(state.passes, art.AMODAL)), amodal)
+    art.put_instances(ctx.store, state.key(in_pass(state.passes, art.SCENE)), scene.labels, scene.masks, shape)
     state.stage = "occlusion"
 
 
@@ -122,70 +159,57 @@ def occlusion(states: Sequence[JobState], ctx: Context) -> None:
 
 def _occlusion_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray, Instances]:
     """The image, the target's mask in it (visible on the first visit, amodal after) and its scene."""
-    scene = Instances(*art.get_instances(ctx.store, _pass_key(state, "scene.npz")))
+    scene = Instances(*art.get_instances(ctx.store, state.key(in_pass(state.passes, art.SCENE))))
     if state.passes == 0:
-        return art.get_rgb(ctx.store, state.key("image.png")), art.get_mask(ctx.store, state.key("visible.png")), scene
-    return art.get_rgb(ctx.store, _pass_key(state, "window.png")), art.get_mask(ctx.store, _pass_key(state, "amodal.png")), scene
+        return _get_rgb(state, ctx, art.IMAGE), _get_mask(state, ctx, art.VISIBLE), scene
+    return (_get_rgb(state, ctx, in_pass(state.passes, art.WINDOW)),
+            _get_mask(state, ctx, in_pass(state.passes, art.AMODAL)), scene)
 
 
 def _decide(state: JobState, ctx: Context, image: np.ndarray, target: np.ndarray, occluders: np.ndarray) -> None:
+    """The loop's decision after the occlusion step: finish, or plan the next pass (amodal.loop)."""
     s = state.job_settings()
     if state.passes == 0:
         state.backends["occlusion"] = ctx.models.occlusion.name
-        state.truncated = near_sides(target, s.border_margin)
+        state.truncated = truncated_sides(target, occluders, s)
         if not occluders.any() and not state.truncated and not s.fixed_passes:
-            state.finish("unoccluded", "nothing hides the target")
+            _stop(state, "unoccluded")
             return
         _plan_first_pass(state, ctx, image, target, occluders)
         return
-    occluders = occluders | edge_strips(target.shape, near_sides(target, s.border_margin), s.edge_strip)
-    if s.fixed_passes:
-        if state.passes >= s.fixed_passes:
-            state.finish("completed", f"stopped after the fixed {s.fixed_passes} pass(es)")
-            return
-    elif not occluders.any():
-        state.finish("completed", f"complete after {state.passes} pass(es)")
+    unfilled = _get_mask(state, ctx, in_pass(state.passes, art.UNFILLED))
+    stop, mask = next_pass(state.passes, window_occluders(occluders, target, s), unfilled,
+                           _get_mask(state, ctx, art.FIRST_MASK), s)
+    if stop is not None:
+        _stop(state, stop)
         return
-    elif state.passes >= s.max_passes:
-        state.finish("completed", f"stopped at the limit of {s.max_passes} pass(es)")
-        return
-    unfilled = art.get_mask(ctx.store, _pass_key(state, "unfilled.png"))
-    first = art.get_mask(ctx.store, state.key("window/first_mask.png"))
-    mask = dilate(occluders | unfilled, 3) & first
-    if not mask.any():
-        if not s.fixed_passes:
-            state.finish("completed", f"complete after {state.passes} pass(es): nothing left to repaint")
-            return
-        mask = first
-    art.put_mask(ctx.store, _pass_key(state, "inpaint_mask.png"), mask)
+    art.put_mask(ctx.store, state.key(in_pass(state.passes, art.INPAINT_MASK)), mask)
     state.stage = "inpaint"
+
+
+def _stop(state: JobState, reason: str) -> None:
+    state.stop = reason
+    state.finish("unoccluded" if reason == "unoccluded" else "completed", STOPS[reason].format(n=state.passes))
 
 
 def _plan_first_pass(state: JobState, ctx: Context, image: np.ndarray, visible: np.ndarray,
                      occluders: np.ndarray) -> None:
-    """Canvas, window, first inpaint mask and the mixed-context input of pass 1."""
-    s = state.job_settings()
-    window = place_window(visible, state.truncated, scale=s.canvas_scale, margin=s.crop_margin,
-                          extra=s.truncation_extra)
-    state.window = window.to_dict()
-    original = window.crop(image, 255)
-    visible_w = window.crop(visible, False)
-    unfilled = window.outside_image()
-    mask = dilate(window.crop(occluders, False) | unfilled, 5, iterations=3)
-    mixed = np.where(visible_w[..., None], original, fit_background(ctx.background, window.size))
-    art.put_rgb(ctx.store, state.key("window/original.png"), original)
-    art.put_mask(ctx.store, state.key("window/visible.png"), visible_w)
-    art.put_mask(ctx.store, state.key("window/first_mask.png"), mask)
-    art.put_mask(ctx.store, _pass_key(state, "unfilled.png"), unfilled)
-    art.put_mask(ctx.store, _pass_key(state, "inpaint_mask.png"), mask)
-    art.put_rgb(ctx.store, _pass_key(state, "window.png"), mixed)
+    """Write pass 1's inputs: window, first inpaint mask and the mixed-context image."""
+    plan = plan_first_pass(image, visible, occluders, state.truncated, ctx.background, state.job_settings())
+    state.window = plan.window.to_dict()
+    art.put_rgb(ctx.store, state.key(art.WINDOW_ORIGINAL), plan.original)
+    art.put_mask(ctx.store, state.key(art.WINDOW_VISIBLE), plan.visible)
+    art.put_mask(ctx.store, state.key(art.FIRST_MASK), plan.first_mask)
+    art.put_mask(ctx.store, state.key(in_pass(0, art.UNFILLED)), plan.unfilled)
+    art.put_mask(ctx.store, state.key(in_pass(0, art.INPAINT_MASK)), plan.first_mask)
+    art.put_rgb(ctx.store, state.key(in_pass(0, art.WINDOW)), plan.mixed)
     state.stage = "inpaint"
 
 
 def _inpaint_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray, InpaintRequest]:
     s = state.job_settings()
-    image = art.get_rgb(ctx.store, _pass_key(state, "window.png"))
-    mask = art.get_mask(ctx.store, _pass_key(state, "inpaint_mask.png"))
+    image = _get_rgb(state, ctx, in_pass(state.passes, art.WINDOW))
+    mask = _get_mask(state, ctx, in_pass(state.passes, art.INPAINT_MASK))
     size = (s.inpaint_size, s.inpaint_size)
     request = InpaintRequest(resize_image(image, size), resize_mask(mask, size), state.prompt,
                              seed=s.seed + state.passes, window=Window.from_dict(state.window).image_box)
@@ -193,12 +217,11 @@ def _inpaint_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarra
 
 
 def _inpaint_output(state: JobState, ctx: Context, image: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
-    side = image.shape[0]
-    painted = np.where(mask[..., None], resize_image(out, (side, side)), image)
-    unfilled = art.get_mask(ctx.store, _pass_key(state, "unfilled.png")) & ~mask
+    painted, unfilled = paste_inpainted(image, mask, out, _get_mask(state, ctx, in_pass(state.passes, art.UNFILLED)))
     state.passes += 1
-    art.put_rgb(ctx.store, _pass_key(state, "window.png"), painted)
-    art.put_mask(ctx.store, _pass_key(state, "unfilled.png"), unfilled)
+    state.passes_log.append(pass_entry(state.passes, mask))
+    art.put_rgb(ctx.store, state.key(in_pass(state.passes, art.WINDOW)), painted)
+    art.put_mask(ctx.store, state.key(in_pass(state.passes, art.UNFILLED)), unfilled)
     state.backends["inpaint"] = ctx.models.inpainter.name
     state.stage = "segment"
 
@@ -212,26 +235,29 @@ def inpaint(states: Sequence[JobState], ctx: Context) -> None:
 
 
 def finalize(state: JobState, ctx: Context) -> None:
-    """Step 6: write the result folder (images only for jobs that found their target)."""
+    """Step 6: write the result folder (images only for jobs that found their target) and ``job.json``
+    with the result's ``quality`` and ``flags`` (amodal.quality)."""
     s = state.job_settings()
     prefix = state.result_prefix
-    summary: dict = {}
+    summary: dict = {"quality": None, "flags": []}
     if state.status == "completed":
         window = Window.from_dict(state.window)
-        visible = art.get_mask(ctx.store, state.key("window/visible.png"))
-        amodal = art.get_mask(ctx.store, _pass_key(state, "amodal.png"))
-        rgba, box = compose_rgba(
-            art.get_rgb(ctx.store, _pass_key(state, "window.png")),
-            art.get_rgb(ctx.store, state.key("window/original.png")),
-            visible, amodal, feather=s.feather, shrink=s.visible_shrink,
-        )
+        visible = _get_mask(state, ctx, art.WINDOW_VISIBLE)
+        amodal = _get_mask(state, ctx, in_pass(state.passes, art.AMODAL))
+        rgba, box = compose_rgba(_get_rgb(state, ctx, in_pass(state.passes, art.WINDOW)),
+                                 _get_rgb(state, ctx, art.WINDOW_ORIGINAL),
+                                 visible, amodal, feather=s.feather, shrink=s.visible_shrink)
         ox, oy = window.offset
         summary = _write_images(ctx.store, prefix, state.prompt, rgba, amodal, visible, box, ox, oy)
+        summary["quality"] = result_quality(visible, amodal, state.passes_log, True, s)
     elif state.status == "unoccluded":
-        image = art.get_rgb(ctx.store, state.key("image.png"))
-        visible = art.get_mask(ctx.store, state.key("visible.png"))
+        image = _get_rgb(state, ctx, art.IMAGE)
+        visible = _get_mask(state, ctx, art.VISIBLE)
         rgba, box = compose_rgba(image, image, visible, visible, feather=s.feather, shrink=0)
         summary = _write_images(ctx.store, prefix, state.prompt, rgba, visible, visible, box, 0, 0)
+        summary["quality"] = result_quality(visible, visible, state.passes_log, False, s)
+    if summary.get("quality") is not None:
+        summary["flags"] = result_flags(summary["quality"], state.stop, s)
     ctx.store.put(f"{prefix}/job.json", json.dumps(job_record(state, summary), indent=2).encode())
     _clean_artifacts(state, ctx.store)
     state.stage = "done"
@@ -256,7 +282,8 @@ def job_record(state: JobState, extra: dict) -> dict:
         "job_id": state.job_id, "dataset": state.dataset, "image": state.image_key, "query": state.query,
         "visible_mask": state.mask_key, "status": state.status, "message": state.message,
         "prompt": state.prompt, "tags": state.tags, "backends": state.backends,
-        "grounder_text": state.grounder_text, "passes": state.passes, "truncated": state.truncated,
+        "grounder_text": state.grounder_text, "passes": state.passes, "stop": state.stop,
+        "truncated": state.truncated,
         "image_size": state.image_size, "timings": state.timings, "settings": state.settings, **extra,
     }
 

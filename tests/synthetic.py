@@ -97,6 +97,8 @@ class Oracle:
     def occlusion(self): return self
     @property
     def inpainter(self): return self
+    @property
+    def clip(self): return self
 
     def _count(self, what: str) -> None:
         self.calls[what] = self.calls.get(what, 0) + 1
@@ -170,6 +172,27 @@ class Oracle:
             probs.append(1.0 if (o is not None and t is not None and o.depth < t.depth) else 0.0)
         return np.array(probs)
 
+    def image_features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """CLIP's interface: per image, the L2-normalised share of its non-black pixels of each shape's
+        colour, and of any other colour (last)."""
+        self._count("clip")
+        out = []
+        for image in images:
+            lit = image.max(axis=2) > 0
+            counts = [np.count_nonzero(colour_mask(image, s.colour) & lit) for s in self.scene.shapes]
+            out.append([*counts, np.count_nonzero(lit) - sum(counts)])
+        features = np.array(out, float)
+        return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-9)
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """CLIP's interface: "a {label}" is the shape's axis; any other text the axis of other colours."""
+        labels = [s.label for s in self.scene.shapes]
+        features = np.zeros((len(texts), len(labels) + 1))
+        for row, text in enumerate(texts):
+            label = text.removeprefix("a ")
+            features[row, labels.index(label) if label in labels else len(labels)] = 1.0
+        return features
+
     def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]:
         """Paint the prompted object's true shape (else plain background) into the masked pixels."""
         self._count("inpaint")
@@ -231,3 +254,62 @@ def synthetic_dataset(root: Path, count: int = 12, given: int | None = None) -> 
     annotations = root / "rows.jsonl"
     annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return images, annotations
+
+
+# Stand-ins that fail the way real models do (each one model's miss; the rest stays the oracle).
+
+def is_window(scene: Scene, image: np.ndarray) -> bool:
+    """Whether ``image`` is a working window rather than the scene's input image."""
+    return image.shape[:2] != (scene.height, scene.width)
+
+
+class BlindOnWindows(Oracle):
+    """The detector never finds ``missed`` on inpainted windows (a lost re-detection)."""
+
+    def __init__(self, scene: Scene, missed: str) -> None:
+        super().__init__(scene)
+        self.missed = missed
+
+    def _detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
+        found = super()._detect(image, labels)
+        return [d for d in found if not (is_window(self.scene, image) and d.label == self.missed)]
+
+
+class MissesInCrowd(Oracle):
+    """The detector finds ``missed`` only when it is asked for it alone, never among other labels
+    (one long joined prompt dilutes a class's recall)."""
+
+    def __init__(self, scene: Scene, missed: str) -> None:
+        super().__init__(scene)
+        self.missed = missed
+
+    def _detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
+        found = super()._detect(image, labels)
+        return [d for d in found if d.label != self.missed or len(labels) == 1]
+
+
+class MissesGrounded(Oracle):
+    """The detector never finds ``missed`` on the input image (the grounder did), and the occlusion
+    model reads heavy overlap as occlusion: a mask holding most of the target is put over it."""
+
+    def __init__(self, scene: Scene, missed: str) -> None:
+        super().__init__(scene)
+        self.missed = missed
+
+    def _detect(self, image: np.ndarray, labels: Sequence[str]) -> list[Detection]:
+        found = super()._detect(image, labels)
+        return [d for d in found if is_window(self.scene, image) or d.label != self.missed]
+
+    def _occluders(self, image: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+        probs = super()._occluders(image, target, others)
+        overlap = np.array([np.count_nonzero(m & target) / max(np.count_nonzero(target), 1) for m in others])
+        return np.where(overlap > 0.5, 1.0, probs)
+
+
+def border_occluder_scene() -> Scene:
+    """A red disc whose lower part is hidden by a nearer blue bar that crosses the bottom border; the
+    disc itself reaches past that border under the bar, so its visible part does not touch it."""
+    return Scene(240, 200, [
+        Shape("ball", (220, 40, 40), "disc", 110, 170, 40, 70, depth=2),
+        Shape("bar", (40, 60, 200), "rect", 110, 185, 100, 55, depth=1),
+    ])

@@ -26,7 +26,7 @@ def run_scene(tmp_path, scene: Scene, query: str, settings: Settings | None = No
         inputs.put("mask.png", encode_png(np.where(scene.visible(query), 255, 0).astype(np.uint8)))
     store = LocalStorage(tmp_path / "out")
     oracle = oracle_type(scene)
-    ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background(256))
+    ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background())
     state = JobState(job_id="j1", dataset="d", image_key="scene.png", query=query, settings=settings.to_dict(),
                      mask_key="mask.png" if given_mask else None, result_prefix="results/d/j1")
     run_job(state, ctx)
@@ -111,14 +111,15 @@ def test_tiny_target_is_not_completed(tmp_path):
 
 
 def test_pass_limit_is_respected(tmp_path):
-    """An occluder the oracle never removes (the inpainter paints nothing) stops at max_passes."""
+    """An occluder that never goes (the inpainter paints it back each time) stops at max_passes."""
     scene = occluded_scene()
     settings = Settings(max_passes=2)
 
     class Stubborn(Oracle):
         def inpaint(self, requests):
             self._count("inpaint")
-            return [r.image for r in requests]
+            return [np.where(r.mask[..., None], np.array(scene.shape("box").colour, np.uint8), r.image)
+                    for r in requests]
 
         def occluders_of(self, images, targets, others):
             return [np.ones(len(rest)) for rest in others]
@@ -127,12 +128,13 @@ def test_pass_limit_is_respected(tmp_path):
     inputs.put("scene.png", encode_png(scene.render()))
     store = LocalStorage(tmp_path / "out")
     oracle = Stubborn(scene)
-    ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background(256))
+    ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background())
     state = JobState(job_id="j2", dataset="d", image_key="scene.png", query="ball", settings=settings.to_dict(),
                      result_prefix="r/j2")
     run_job(state, ctx)
     assert state.status == "completed" and state.passes == 2 and oracle.calls["inpaint"] == 2
-    assert "limit" in state.message
+    assert "limit" in state.message and state.stop == "limit"
+    assert "stopped_at_limit" in json.loads(store.get("r/j2/job.json"))["flags"]
 
 
 def test_artifacts_cleaned_but_state_kept(tmp_path):
@@ -157,7 +159,7 @@ def test_unoccluded_target_is_still_inpainted_with_fixed_passes(tmp_path):
 
 def test_max_instances_keeps_the_best_detections():
     from amodal.models.base import Detection
-    from amodal.scene import segment_scenes
+    from amodal.scene import SceneRequest, segment_scenes
 
     class Many:
         def detect(self, images, labels):
@@ -174,8 +176,8 @@ def test_max_instances_keeps_the_best_detections():
             return out
 
     image = np.zeros((40, 40, 3), np.uint8)
-    settings = [Settings(max_instances=n, background_min_area=10**6) for n in (3, 1)]
-    scenes = segment_scenes([image, image], [["x"], ["x"]], Many(), Many(), settings)
+    requests = [SceneRequest(image, ["x"], Settings(max_instances=n)) for n in (3, 1)]
+    scenes = segment_scenes(requests, Many(), Many())
     assert [m.sum() for m in scenes[0].masks] == [13 * 13, 12 * 12, 11 * 11]  # the three best scores
     assert [m.sum() for m in scenes[1].masks] == [13 * 13]  # each image under its own settings
 
@@ -203,7 +205,7 @@ def test_jobs_batched_together_end_as_they_do_one_by_one(tmp_path):
         inputs = LocalStorage(tmp_path / "in")
         inputs.put("scene.png", encode_png(scene.render()))
         store, oracle = LocalStorage(tmp_path / folder), Oracle(scene)
-        ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background(256))
+        ctx = Context(store=store, inputs=inputs, models=oracle, background=neutral_background())
         states = [JobState(job_id=f"j{i}", dataset="d", image_key="scene.png", query=q, settings=s.to_dict(),
                            result_prefix=f"results/d/j{i}") for i, (q, s) in enumerate(zip(queries, settings))]
         if not together:
