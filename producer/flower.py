@@ -7,6 +7,7 @@ credentials (a scraper needs none: keep the port on a trusted network); every pa
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -25,11 +26,15 @@ def basic_auth_from_env() -> str:
 
 def run_flower(port: int, broker_url: str | None = None) -> None:
     """Serve Flower on ``port`` (all interfaces unless ``FLOWER_ADDRESS`` says otherwise) until
-    stopped. ``broker_url`` overrides ``AMODAL_BROKER_URL``."""
+    stopped. ``broker_url`` overrides ``AMODAL_BROKER_URL``. Exits with a message if the port is taken."""
     auth = basic_auth_from_env()
     from tasks.app import app
 
     if broker_url:
         app.conf.broker_url = broker_url
-    # In-process: the credentials never reach a command line that `ps` could show.
-    app.start(["flower", f"--port={port}", f"--basic-auth={auth}"])
+    try:  # in-process: the credentials never reach a command line that `ps` could show
+        app.start(["flower", f"--port={port}", f"--basic-auth={auth}"])
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise SystemExit(f"amodal flower: port {port} is in use; pick another with --port") from None

@@ -1,10 +1,12 @@
-"""Flower as a real process for tests: ``amodal flower`` on a free port, and its worker list."""
+"""Flower as a real process for tests: ``amodal flower`` on a free port, started as users start it (the
+installed console script, from a folder outside the repository), and what its API reports."""
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,6 +14,7 @@ from typing import Callable
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+AMODAL = str(Path(sys.executable).parent / "amodal")  # the installed console script
 
 
 def free_port() -> int:
@@ -21,19 +24,27 @@ def free_port() -> int:
 
 
 def flower_env(broker_url: str, auth: tuple[str, str] | None) -> dict[str, str]:
-    """This process's environment with the broker, the credentials (none: unset) and loopback only."""
-    env = dict(os.environ, AMODAL_BROKER_URL=broker_url, FLOWER_ADDRESS="127.0.0.1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    """This process's environment with the broker, the credentials (none: unset) and loopback only;
+    the repository is not on ``PYTHONPATH``, so Flower runs from what is installed."""
+    env = dict(os.environ, AMODAL_BROKER_URL=broker_url, FLOWER_ADDRESS="127.0.0.1")
+    paths = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     env.pop("FLOWER_BASIC_AUTH", None)
     if auth:
         env["FLOWER_BASIC_AUTH"] = ":".join(auth)
     return env
 
 
+def run_amodal_flower(env: dict[str, str], port: int, **kwargs) -> subprocess.Popen:
+    """``amodal flower --port PORT`` under ``env``, run from the temporary folder (outside the repository)."""
+    return subprocess.Popen([AMODAL, "flower", "--port", str(port)], env=env, cwd=tempfile.gettempdir(), text=True,
+                            **kwargs)
+
+
 def launch_flower(env: dict[str, str], port: int, timeout: float = 60) -> subprocess.Popen:
     """``amodal flower --port PORT`` under ``env``, returned once ``/healthcheck`` answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "amodal.cli", "flower", "--port", str(port)], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = run_amodal_flower(env, port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
