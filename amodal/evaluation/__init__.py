@@ -1,0 +1,1 @@
+"""``amodal eval``: the quality benchmark on synthetic occlusions over whole-object masks."""

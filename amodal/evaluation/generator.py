@@ -1,0 +1,219 @@
+"""Benchmark rows with known ground truth: a whole object, and another object's cut-out pasted over part of it.
+
+The target's full mask and its original pixels under the occluder are known, so a completion can be
+scored against them. Objects come from a COCO-style annotation file (polygon or RLE segmentations,
+decoded by pycocotools; the annotated mask is taken as the whole object) or from a synthetic
+generator of flat-coloured discs and boxes whose geometry is recorded, so stand-in models can answer
+from it.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from amodal.geometry import bbox
+from amodal.images import encode_png
+
+MIN_HIDDEN, MAX_HIDDEN = 0.15, 0.6  # fraction of the target the pasted occluder hides
+PLACEMENT_TRIES = 200
+BORDER = 2  # targets touching the border (within this many pixels) are truncated: not used
+SYNTHETIC_SIZE = (200, 240)  # (height, width)
+SYNTHETIC_BACKGROUND = (236, 236, 236)
+SYNTHETIC_LABELS = {"disc": "ball", "rect": "box"}
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One whole object in its image."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) bool
+    label: str
+
+
+@dataclass
+class Sample:
+    """One benchmark row and its ground truth."""
+
+    name: str
+    label: str  # the query, and the class of the CLIP score's prompt
+    image: np.ndarray  # the input: the original with the occluder pasted
+    original: np.ndarray  # before pasting: the true pixels of the hidden part
+    full: np.ndarray  # the target's whole mask
+    occluder: np.ndarray  # the pasted occluder's mask
+    shapes: list[dict] = field(default_factory=list)  # synthetic rows: the geometry of target and occluder
+
+    @property
+    def visible(self) -> np.ndarray:
+        return self.full & ~self.occluder
+
+    @property
+    def hidden(self) -> np.ndarray:
+        return self.full & self.occluder
+
+
+def paste_occluder(target: SourceObject, occluder: SourceObject, rng: np.random.Generator,
+                   name: str) -> tuple[Sample, tuple[int, int]] | None:
+    """Paste ``occluder``'s cut-out over part of ``target`` (hiding MIN_HIDDEN to MAX_HIDDEN of it).
+
+    Returns the sample and the cut-out's offset (its box's top-left in the target image), or ``None``
+    when no placement fits.
+    """
+    height, width = target.mask.shape
+    ox0, oy0, ox1, oy1 = bbox(occluder.mask)
+    cut_mask, cut_pixels = occluder.mask[oy0:oy1, ox0:ox1], occluder.image[oy0:oy1, ox0:ox1]
+    ch, cw = cut_mask.shape
+    if ch > height or cw > width:
+        return None
+    area = target.mask.sum()
+    x0, y0, x1, y1 = bbox(target.mask)
+    for _ in range(PLACEMENT_TRIES):
+        # a top-left that makes the cut-out's box overlap the target's box
+        x = int(rng.integers(max(0, x0 - cw + 1), min(width - cw, x1 - 1) + 1))
+        y = int(rng.integers(max(0, y0 - ch + 1), min(height - ch, y1 - 1) + 1))
+        pasted = np.zeros_like(target.mask)
+        pasted[y:y + ch, x:x + cw] = cut_mask
+        if MIN_HIDDEN <= (pasted & target.mask).sum() / area <= MAX_HIDDEN:
+            image = target.image.copy()
+            image[pasted] = cut_pixels[cut_mask]
+            return Sample(name, target.label, image, target.image, target.mask, pasted), (x, y)
+    return None
+
+
+def coco_objects(annotation_file: Path, images: Path, min_area: int = 1024) -> list[SourceObject]:
+    """The whole, untruncated, non-crowd objects of a COCO-style file, with their images' pixels."""
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(annotation_file))
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    objects = []
+    for image_id in sorted(coco.getImgIds()):
+        info = coco.loadImgs(image_id)[0]
+        annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)) if a["area"] >= min_area]
+        if not annotations:
+            continue
+        with Image.open(images / info["file_name"]) as file:
+            pixels = np.asarray(file.convert("RGB"))
+        for annotation in annotations:
+            mask = coco.annToMask(annotation).astype(bool)
+            box = bbox(mask)
+            if box is None or not _inside(box, mask.shape, BORDER):
+                continue
+            objects.append(SourceObject(pixels, mask, names[annotation["category_id"]]))
+    return objects
+
+
+def _inside(box: tuple[int, int, int, int], shape: tuple[int, int], margin: int) -> bool:
+    x0, y0, x1, y1 = box
+    return x0 >= margin and y0 >= margin and x1 <= shape[1] - margin and y1 <= shape[0] - margin
+
+
+def _fit(occluder: SourceObject, target: SourceObject, rng: np.random.Generator) -> SourceObject:
+    """The occluder's cut-out rescaled to 40-90% of the target's size (its larger side)."""
+    ox0, oy0, ox1, oy1 = bbox(occluder.mask)
+    tx0, ty0, tx1, ty1 = bbox(target.mask)
+    scale = rng.uniform(0.4, 0.9) * max(tx1 - tx0, ty1 - ty0) / max(ox1 - ox0, oy1 - oy0)
+    size = (max(1, round((ox1 - ox0) * scale)), max(1, round((oy1 - oy0) * scale)))
+    mask = cv2.resize(occluder.mask[oy0:oy1, ox0:ox1].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    pixels = cv2.resize(occluder.image[oy0:oy1, ox0:ox1], size, interpolation=cv2.INTER_AREA)
+    return SourceObject(pixels, mask.astype(bool), occluder.label)
+
+
+def coco_samples(objects: list[SourceObject], count: int, seed: int = 0) -> list[Sample]:
+    """Up to ``count`` rows: each target (in random order) hidden in part by another object's cut-out."""
+    rng = np.random.default_rng(seed)
+    samples: list[Sample] = []
+    for index in rng.permutation(len(objects)):
+        if len(samples) == count or len(objects) < 2:
+            break
+        other = int(rng.choice([i for i in range(len(objects)) if i != index]))
+        placed = paste_occluder(objects[index], _fit(objects[other], objects[index], rng), rng,
+                                f"row{len(samples):05d}")
+        if placed is not None:
+            samples.append(placed[0])
+    return samples
+
+
+def shape_mask(shape: dict, height: int, width: int) -> np.ndarray:
+    """A disc or box (``kind``, centre ``cx``, ``cy``, radii or half sides ``rx``, ``ry``), sampled at pixel centres."""
+    gx, gy = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    if shape["kind"] == "disc":
+        return ((gx - shape["cx"]) / shape["rx"]) ** 2 + ((gy - shape["cy"]) / shape["ry"]) ** 2 <= 1.0
+    return (np.abs(gx - shape["cx"]) <= shape["rx"]) & (np.abs(gy - shape["cy"]) <= shape["ry"])
+
+
+def palette() -> list[tuple[int, int, int]]:
+    """Flat colours at least 60 apart in some channel, none close to the background."""
+    levels = (20, 80, 140, 200)
+    return [c for c in itertools.product(levels, repeat=3)
+            if max(abs(a - b) for a, b in zip(c, SYNTHETIC_BACKGROUND)) >= 60]
+
+
+def synthetic_samples(count: int, seed: int = 0) -> list[Sample]:
+    """``count`` rows: a flat disc or box on a plain background, part hidden by a pasted object of the other
+    kind. Objects have colours of their own while the palette lasts (then colours repeat)."""
+    rng = np.random.default_rng(seed)
+    colours = palette()
+    rng.shuffle(colours)
+    samples: list[Sample] = []
+    while len(samples) < count:
+        pair = colours[(2 * len(samples)) % len(colours)], colours[(2 * len(samples) + 1) % len(colours)]
+        sample = _synthetic_sample(rng, pair, f"row{len(samples):05d}")
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def _synthetic_sample(rng: np.random.Generator, colours: tuple[tuple[int, int, int], ...], name: str) -> Sample | None:
+    height, width = SYNTHETIC_SIZE
+    kinds = ("disc", "rect") if rng.random() < 0.5 else ("rect", "disc")
+    radius = rng.uniform(28, 50, size=2)
+    target = {"kind": kinds[0], "colour": colours[0], "rx": float(radius[0]), "ry": float(radius[1]),
+              "cx": float(rng.uniform(radius[0] + 8, width - radius[0] - 8)),
+              "cy": float(rng.uniform(radius[1] + 8, height - radius[1] - 8))}
+    size = rng.uniform(0.4, 0.8, size=2) * radius
+    half = np.ceil(size).astype(int) + 1
+    occluder = {"kind": kinds[1], "colour": colours[1], "rx": float(size[0]), "ry": float(size[1]),
+                "cx": float(half[0]), "cy": float(half[1])}  # centred on a canvas of its own
+    cut = _synthetic_object(occluder, 2 * half[1], 2 * half[0])
+    placed = paste_occluder(_synthetic_object(target, height, width), cut, rng, name)
+    if placed is None:
+        return None
+    sample, (x, y) = placed
+    cx0, cy0, _, _ = bbox(cut.mask)
+    sample.shapes = [
+        {**target, "label": SYNTHETIC_LABELS[target["kind"]], "depth": 2},
+        {**occluder, "cx": occluder["cx"] + x - cx0, "cy": occluder["cy"] + y - cy0,
+         "label": SYNTHETIC_LABELS[occluder["kind"]], "depth": 1},
+    ]
+    return sample
+
+
+def _synthetic_object(shape: dict, height: int, width: int) -> SourceObject:
+    mask = shape_mask(shape, height, width)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = SYNTHETIC_BACKGROUND
+    image[mask] = shape["colour"]
+    return SourceObject(image, mask, SYNTHETIC_LABELS[shape["kind"]])
+
+
+def write_rows(samples: list[Sample], folder: Path) -> tuple[Path, Path]:
+    """Write each sample's input image and visible mask into ``folder/images`` and one JSONL row per sample
+    (``image``, ``query``, ``visible_mask``); return the images folder and the rows file."""
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for sample in samples:
+        (images / f"{sample.name}.png").write_bytes(encode_png(sample.image))
+        (images / f"{sample.name}_visible.png").write_bytes(encode_png(np.where(sample.visible, 255, 0).astype(np.uint8)))
+        rows.append({"image": f"{sample.name}.png", "query": sample.label, "visible_mask": f"{sample.name}_visible.png"})
+    annotations = folder / "rows.jsonl"
+    annotations.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return images, annotations
+
