@@ -34,12 +34,12 @@ STOPS = {
 
 def truncated_sides(target: np.ndarray, occluders: np.ndarray, s: Settings) -> list[str]:
     """1. Sides of the image the target comes within ``border_margin`` of; with
-    ``truncation_through_occluders``, also those that an occluder touching the target comes within
-    that margin of (the target may go on under it, past the border)."""
+    ``truncation_through_occluders``, also those that an occluder within ``touch_margin`` of the target
+    comes within that margin of (the target may go on under it, past the border)."""
     reach = target
     if s.truncation_through_occluders and occluders.any():
-        count, labels = cv2.connectedComponents(occluders.astype(np.uint8), connectivity=8)
-        touching = np.unique(labels[dilate(target, 3) & occluders])
+        _, labels = cv2.connectedComponents(occluders.astype(np.uint8), connectivity=8)
+        touching = np.unique(labels[dilate(target, 2 * s.touch_margin + 1) & occluders])
         reach = target | np.isin(labels, touching[touching > 0])
     return near_sides(reach, s.border_margin)
 

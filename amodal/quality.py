@@ -54,7 +54,7 @@ def result_quality(visible: np.ndarray, amodal: np.ndarray, passes_log: list[dic
         "amodal_px": amodal_px,
         "growth_ratio": round(amodal_px / max(visible_px, 1), 4),
         "passes": passes_log,
-        "window_edge": windowed and bool(near_sides(amodal, s.edge_touch_margin)),
+        "window_edge": windowed and bool(near_sides(amodal, s.touch_margin)),
         "clip_similarity": similarity[-1] if similarity else None,
     }
 

@@ -38,6 +38,7 @@ class Settings:
     first_mask_iterations: int = 3  # ... this many times
     next_mask_kernel: int = 3  # later passes: (occluders + unfilled) & the first mask, dilated with this kernel ...
     next_mask_iterations: int = 1  # ... this many times
+    touch_margin: int = 1  # masks this close touch (an occluder and the target; the amodal mask and the window's edge)
     truncation_through_occluders: bool = False  # also truncated where an occluder touching the target reaches
     # the border (the target may go on under it, past the image); off in the paper, whose window then cuts it
     inpaint_size: int = 512
@@ -51,7 +52,6 @@ class Settings:
     # Quality flags (job.json "flags")
     flag_growth_ratio: float = 4.0  # runaway_growth: amodal area over this many times the visible area
     flag_clip_similarity: float = 0.2  # low_clip_similarity: completion-to-prompt CLIP cosine under this
-    edge_touch_margin: int = 1  # window_edge: the amodal mask comes this close to the window's edge
     # Ways in and backends
     grounder: str = "lisa"  # "lisa" (the paper) | "gdino_sam" (lighter)
     tagger: str = "ram_plus"  # "ram_plus" (the paper) | "clip" (lighter)
