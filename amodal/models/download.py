@@ -33,7 +33,7 @@ from amodal.models.registry import (
 )
 
 # Model names accepted by ``which``, in download order (small first).
-MODELS = ("sam", "grounding_dino", "clip", "sd_inpaint", "instaorder", "ram_plus", "lisa")
+MODELS = ("sam", "grounding_dino", "clip", "lpips", "sd_inpaint", "instaorder", "ram_plus", "lisa")
 
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/{name}"
 # Other frameworks' weights and monolithic duplicates of the diffusers folders are not needed.
@@ -113,6 +113,14 @@ def _instaorder(target: Path) -> None:
         )
 
 
+def _lpips(model_dir: Path) -> None:
+    """``amodal eval``'s LPIPS: torchvision's AlexNet file, and the linear layers torchmetrics ships."""
+    from amodal.evaluation.lpips import BACKBONE_FILE, BACKBONE_URL, install_linear_layers
+
+    fetch_url(BACKBONE_URL, model_dir / BACKBONE_FILE)
+    install_linear_layers(model_dir)
+
+
 def download_models(model_dir: Path, which: list[str] | None = None, sam_variant: str = "vit_h") -> None:
     """Fetch the published checkpoints of ``which`` (default: all of ``MODELS``) into ``model_dir``."""
     model_dir = Path(model_dir)
@@ -131,6 +139,8 @@ def download_models(model_dir: Path, which: list[str] | None = None, sam_variant
         if name == "sam":
             target = model_dir / SAM_FILES[sam_variant]
             fetch_url(SAM_URL.format(name=target.name), target)
+        elif name == "lpips":
+            _lpips(model_dir)
         elif name == "instaorder":
             _instaorder(model_dir / INSTAORDER_FILE)
         elif name == "ram_plus":
