@@ -2,20 +2,34 @@
 
 A batched stage is a celery-batches ``Batches`` task: the worker buffers up to the stage's batch
 size of messages (its prefetch is raised to match) or waits its flush interval, then hands them to a
-pool process together. Messages are acknowledged when the batch returns, so a worker lost mid-batch
-hands every one of them back. Sizes and intervals come from ``AMODAL_<STAGE>_BATCH`` and
+pool process together. Messages are acknowledged when the batch returns: a batch whose pool process
+is lost (or killed at the hard time limit) hands its messages back to the queue at once, and a
+worker lost whole hands them back through the broker's visibility timeout. Sizes and intervals come from ``AMODAL_<STAGE>_BATCH`` and
 ``AMODAL_<STAGE>_FLUSH``.
+
+celery-batches sends no task events, so monitors (Flower) would never see these steps. Each message
+is reported as a task of its own, under its own id, by the worker's event dispatcher, as Celery's
+``Request`` reports a plain task: ``task-received`` when it is buffered, ``task-started`` when its
+batch starts in a pool process, and ``task-succeeded``, ``task-retried`` or ``task-failed`` (with
+its ``runtime``) from the outcome the pool process returns for it. The worker's own counts
+(``inspect stats``, ``active``) follow the same requests.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+import traceback
 from collections import defaultdict
-from typing import Any, Collection
+from typing import Any, Collection, NamedTuple
 
+from billiard.einfo import ExceptionInfo
+from celery import signals
+from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
 
 from amodal.state import JobState
 from amodal.steps import run_batch
@@ -37,6 +51,19 @@ def batch_size(stage: str) -> int:
 
 def flush_interval(stage: str) -> float:
     return float(os.environ.get(f"AMODAL_{stage.upper()}_FLUSH", DEFAULTS[stage][1]))
+
+
+class Outcome(NamedTuple):
+    """What became of one message in a batch: its task event (``succeeded``, ``retried`` or ``failed``)
+    and the event's fields (``runtime``: seconds from the batch's start until its step was settled)."""
+
+    event: str
+    fields: dict[str, Any]
+
+
+# The batch raised before it settled every message (celery-batches logs the error in the pool process);
+# its runtime is the batch's.
+BATCH_RAISED = Outcome("failed", {"exception": "the batch raised before this step was settled; see the worker's log"})
 
 
 class BatchPerProcess(Batches):
@@ -70,9 +97,47 @@ class BatchPerProcess(Batches):
         super()._do_flush()
 
     def flush(self, requests: Collection[Request]) -> Any:
-        job = super().flush(requests)
+        """Hand ``requests`` to a pool process as one batch; each is reported on as the batch starts and ends."""
+        requests = list(requests)
+
+        def on_started(pid: int, time_accepted: float) -> None:
+            for request in requests:
+                request.on_accepted(pid, time_accepted)  # the worker's count, active list, task-started
+
+        def on_return(outcomes: dict[str, Outcome] | None) -> None:
+            for request in requests:
+                outcome = (outcomes or {}).get(request.id, BATCH_RAISED)
+                task_ready(request, successful=outcome.event == "succeeded")
+                request.acknowledge()
+                since_start = time.time() - request.time_start if request.time_start else 0.0
+                request.send_event(f"task-{outcome.event}", **{"runtime": since_start, **outcome.fields})
+
+        def on_lost(einfo: ExceptionInfo) -> None:
+            """The pool process died or hit the hard time limit: every message goes back to the queue
+            (``task_reject_on_worker_lost``); as Celery does for a requeued task, no event is sent."""
+            log.error("%s batch of %d lost: %r", self.name, len(requests), einfo.exception)
+            for request in requests:
+                task_ready(request)
+                request.reject(requeue=True)
+
+        job = self._pool.apply_async(
+            apply_batches_task, (self, ([SimpleRequest.from_request(r) for r in requests],), 0, None),
+            accept_callback=on_started, callback=on_return, error_callback=on_lost,
+        )
         self._running = (*self._running, (job, time.monotonic()))
         return job
+
+
+@signals.task_received.connect
+def _report_buffered(sender: Any, request: Request, **_: Any) -> None:
+    """``task-received`` for a message of a batched stage, as ``celery.worker.strategy`` sends it
+    for a plain task (celery-batches buffers the message and sends only the signal)."""
+    if isinstance(request.task, Batches):
+        request.send_event(
+            "task-received", name=request.name, args=request.argsrepr, kwargs=request.kwargsrepr,
+            root_id=request.root_id, parent_id=request.parent_id, retries=request.request_dict.get("retries", 0),
+            eta=request.eta and request.eta.isoformat(), expires=request.expires and request.expires.isoformat(),
+        )
 
 
 def batched_stage(stage: str):
@@ -80,51 +145,64 @@ def batched_stage(stage: str):
 
     @app.task(name=f"amodal.{stage}", base=BatchPerProcess, flush_every=batch_size(stage),
               flush_interval=flush_interval(stage), acks_late=True)
-    def run(requests: list[SimpleRequest]) -> int:
+    def run(requests: list[SimpleRequest]) -> dict[str, Outcome]:
         return run_requests(stage, requests)
 
     return run
 
 
-def run_requests(stage: str, requests: list[SimpleRequest]) -> int:
-    """Run every live request; jobs with different settings go in separate model calls.
+def run_requests(stage: str, requests: list[SimpleRequest]) -> dict[str, Outcome]:
+    """Run every live request; jobs with different settings go in separate model calls. Returns the
+    outcome of each request, by its id (a stale message's step is done: it succeeds, as ``stale``).
 
     A job on its second or later attempt runs alone, after the others, so a job that kills its
     worker cannot take the jobs batched with it down again and again: they are committed first.
     """
-    groups: dict[str, list[JobState]] = defaultdict(list)
-    retries: list[list[JobState]] = []
+    start = time.monotonic()
+    outcomes: dict[tuple[str, int], Outcome] = {}
+
+    def settle(message: tuple[str, int], event: str, fields: dict[str, Any]) -> None:
+        outcomes[message] = Outcome(event, {**fields, "runtime": time.monotonic() - start})
+
+    groups: dict[str, list[tuple[tuple[str, int], JobState]]] = defaultdict(list)
+    retries: list[list[tuple[tuple[str, int], JobState]]] = []
     messages = dict.fromkeys(tuple(request.args[:2]) for request in requests)  # copies of one message run once
-    for job_id, version in messages:
-        state = claim(job_id, version, stage)
+    for message in messages:
+        state = claim(*message, stage)
         if state is None:
-            continue
-        if state.attempts[stage] > 1:
-            retries.append([state])
+            settle(message, "succeeded", {"result": "stale"})
+        elif state.attempts[stage] > 1:
+            retries.append([(message, state)])
         else:
-            groups[state.job_settings().result_fingerprint()].append(state)
-    batches = [*groups.values(), *retries]
-    for states in batches:
+            groups[state.job_settings().result_fingerprint()].append((message, state))
+    for batch in [*groups.values(), *retries]:
+        states = [state for _, state in batch]
         log.info("%s step of %d job(s): %s", stage, len(states), " ".join(s.job_id for s in states))
         try:
             run_batch(stage, states, context(states[0]))
         except Exception as exc:  # noqa: BLE001 - each job is retried or failed on its own
             log.exception("%s batch of %d failed", stage, len(states))
-            for state in states:
-                _retry_or_fail(stage, state, exc)
+            for message, state in batch:
+                settle(message, *_retry_or_fail(stage, state, exc))
             continue
-        for state in states:  # a job not routed on would be lost: the batch's messages are acknowledged
+        for message, state in batch:  # a job not routed on would be lost: the batch's messages are acknowledged
             try:
                 advance(state)
             except Exception as exc:  # noqa: BLE001
                 log.exception("job %s: %s step done, but not committed or routed on", state.job_id, stage)
-                _retry_or_fail(stage, state, exc)
-    return sum(len(states) for states in batches)
+                settle(message, *_retry_or_fail(stage, state, exc))
+            else:
+                settle(message, "succeeded", {"result": state.stage})
+    return {request.id: outcomes[tuple(request.args[:2])] for request in requests}
 
 
-def _retry_or_fail(stage: str, state: JobState, exc: Exception) -> None:
+def _retry_or_fail(stage: str, state: JobState, exc: Exception) -> tuple[str, dict[str, str]]:
+    """Send the job back to its step later, or fail it after its last attempt; the task event that says so."""
     attempt = state.attempts[stage]
     if attempt >= MAX_ATTEMPTS:
         fail(state.job_id, state.version, f"{type(exc).__name__}: {exc}")
+        event = "failed"
     else:
         send_stage(stage, state.job_id, state.version, countdown=min(5 * 2 ** attempt, 300))
+        event = "retried"
+    return event, {"exception": saferepr(exc), "traceback": "".join(traceback.format_exception(exc))}

@@ -74,8 +74,10 @@ def start_flower(broker_url: str, port: int, auth: tuple[str, str]) -> tuple[str
     return f"http://127.0.0.1:{port}", stop
 
 
-def flower_workers(base_url: str, auth: tuple[str, str]) -> dict:
-    """``/api/workers`` after asking the workers afresh: node name -> what Flower knows of it."""
-    response = requests.get(f"{base_url}/api/workers", params={"refresh": 1}, auth=auth, timeout=30)
+def flower_workers(base_url: str, auth: tuple[str, str], workername: str | None = None) -> dict:
+    """``/api/workers`` after asking the workers afresh: node name -> what Flower knows of it (the
+    tasks each holds, ``active`` and others, only when asked about one ``workername``)."""
+    params = {"refresh": 1, **({"workername": workername} if workername else {})}
+    response = requests.get(f"{base_url}/api/workers", params=params, auth=auth, timeout=30)
     response.raise_for_status()
     return response.json()

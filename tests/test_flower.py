@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections import Counter
 
+import json5
 import pytest
 import requests
 
@@ -142,7 +143,7 @@ def test_flower_shows_every_step_with_its_worker_state_and_runtime(tmp_path, own
     of its stage and a runtime; each worker's processed and succeeded counts are the steps it did."""
     env = cluster_env(own_redis_url, f"s3://{s3_bucket}/data", tiny_models, LIGHT)
     nodes = {stage: node_name(stage, 0 if stage in GPU_STAGES else None) for stage in WORK_STAGES}
-    rows = json.loads((paper_examples / "example_annotation.json").read_text())["annotations"][:2]
+    rows = json5.loads((paper_examples / "example_annotation.json").read_text())["annotations"][:2]  # a trailing comma
     annotations = tmp_path / "annotations.json"
     annotations.write_text(json.dumps({"annotations": rows}))
     group = start_workers(env, tmp_path / "logs")
@@ -164,7 +165,7 @@ def test_flower_shows_every_step_with_its_worker_state_and_runtime(tmp_path, own
                 break
             time.sleep(0.5)
         counts = flower_worker_counts(base)
-        stats = flowerproc.flower_workers(base, AUTH)
+        stats = {node: flowerproc.flower_workers(base, AUTH, node)[node] for node in nodes.values()}
     finally:
         output = stop()
         group.stop()
