@@ -4,8 +4,8 @@ A batched stage is a celery-batches ``Batches`` task: the worker buffers up to t
 size of messages (its prefetch is raised to match) or waits its flush interval, then hands them to a
 pool process together. Messages are acknowledged when the batch returns: a batch whose pool process
 is lost (or killed at the hard time limit) hands its messages back to the queue at once, and a
-worker lost whole hands them back through the broker's visibility timeout. Sizes and intervals come from ``AMODAL_<STAGE>_BATCH`` and
-``AMODAL_<STAGE>_FLUSH``.
+worker lost whole hands them back through the broker's visibility timeout. Sizes and intervals come
+from ``AMODAL_<STAGE>_BATCH`` and ``AMODAL_<STAGE>_FLUSH``.
 
 celery-batches sends no task events, so monitors (Flower) would never see these steps. Each message
 is reported as a task of its own, under its own id, by the worker's event dispatcher, as Celery's

@@ -157,7 +157,8 @@ def test_flower_shows_every_step_with_its_worker_state_and_runtime(tmp_path, own
         assert res.returncode == 0, res.stderr
         res = amodal(env, "status", "--dataset", "flower", "--wait", "--interval", "1", timeout=900)
         assert res.returncode == 0, res.stderr
-        manifest = [json.loads(line) for line in amodal(env, "status", "--dataset", "flower", "--manifest").stdout.splitlines()]
+        res = amodal(env, "status", "--dataset", "flower", "--manifest")
+        manifest = [json.loads(line) for line in res.stdout.splitlines()]
         expected = steps_done(open_storage(env["AMODAL_STORAGE_URL"]), [line["job_id"] for line in manifest])
         deadline = time.monotonic() + 60  # the last events are on their way
         while (steps := flower_steps(base)).keys() != expected or any(t["state"] != "SUCCESS" for t in steps.values()):
