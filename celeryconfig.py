@@ -3,13 +3,13 @@
 Each value is chosen so that a job is never lost and never done twice in effect: messages are
 acknowledged only after their step is written, and every step is idempotent (see ``tasks.stage``).
 """
-import os
-
 from kombu import Queue
 
+from amodal.config import environment
 from amodal.state import WORK_STAGES as STAGES
 
-broker_url = os.environ.get("AMODAL_BROKER_URL", "redis://127.0.0.1:6379/0")
+_env = environment()
+broker_url = _env.broker_url
 # Keep retrying the broker at start-up and after a Redis restart instead of exiting.
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
@@ -46,11 +46,10 @@ worker_prefetch_multiplier = 1
 # default policy and fails fast. Applied by workers.main.
 WORKER_PUBLISH_RETRY_POLICY = {"max_retries": None, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 5}
 
-TASK_TIME_LIMIT = int(os.environ.get("AMODAL_TASK_TIME_LIMIT", "300"))
-task_time_limit = TASK_TIME_LIMIT
-task_soft_time_limit = TASK_TIME_LIMIT - 30
+task_time_limit = _env.task_time_limit
+task_soft_time_limit = _env.task_time_limit - 30
 broker_transport_options = {
-    "visibility_timeout": int(os.environ.get("AMODAL_VISIBILITY_TIMEOUT", str(TASK_TIME_LIMIT + 60))),
+    "visibility_timeout": _env.visibility_timeout,
     # Survive short Redis outages without dropping the connection for good.
     "retry_on_timeout": True,
     "health_check_interval": 10,
@@ -59,9 +58,9 @@ broker_transport_options = {
 if broker_url.startswith("filesystem://"):
     # kombu's serverless transport over a shared folder: one host, no Redis (benchmarks on machines
     # that cannot run a broker). No visibility timeout: a message taken by a lost worker is lost.
-    _folder = os.environ.get("AMODAL_BROKER_FOLDER", "/tmp/amodal-broker")
+    _folder = _env.broker_folder
     broker_transport_options = {"data_folder_in": _folder, "data_folder_out": _folder,
-                                "control_folder": os.path.join(_folder, "control"), "polling_interval": 0.05}
+                                "control_folder": f"{_folder}/control", "polling_interval": 0.05}
 
 # Events for Flower: task lifecycle and worker heartbeats.
 worker_send_task_events = True
@@ -69,7 +68,7 @@ task_send_sent_event = True
 task_track_started = True
 
 # A worker process loads and warms its models after the fork, before it reports up: give it time.
-worker_proc_alive_timeout = float(os.environ.get("AMODAL_WARMUP_TIMEOUT", "900"))
+worker_proc_alive_timeout = _env.warmup_timeout
 
 # Workers hold large models: never recycle a process for memory leaks of small objects, and let a
 # SIGTERM finish (or hand back) the task in hand before the process exits.

@@ -1,4 +1,9 @@
-"""The ``amodal`` command."""
+"""The ``amodal`` command.
+
+Every mistake ends in one line on stderr, ``amodal: what is wrong (what to do)``, and an exit code:
+2 for bad usage or input, 1 for a service that cannot be reached or fails. ``AMODAL_DEBUG=1`` shows
+the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,40 +14,62 @@ import os
 import sys
 from pathlib import Path
 
-from amodal.settings import Settings
+from amodal.errors import ServiceError, UsageError
+
+STAGE_CHOICES = ("ground", "segment", "occlusion", "inpaint", "finalize")
+SET_HELP = "override a setting of amodal/settings.py (repeatable; after AMODAL_SETTINGS)"
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    changes = {}
-    for item in args.set or []:
-        name, _, value = item.partition("=")
-        field_type = type(getattr(Settings(), name, None))
-        if name not in Settings.__dataclass_fields__:
-            raise SystemExit(f"amodal: unknown setting {name!r}")
-        changes[name] = field_type(value) if field_type is not bool else value.lower() in ("1", "true", "yes")
-    return Settings(**changes)
+def _settings(args: argparse.Namespace):
+    from amodal.config import resolve_settings
+
+    return resolve_settings(args.set or ())
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
-    value = args.models or os.environ.get("AMODAL_MODEL_DIR")
+    from amodal.config import environment
+
+    value = getattr(args, "models", None) or environment().model_dir
     if not value:
-        raise SystemExit("amodal: no model folder: pass --models DIR or set AMODAL_MODEL_DIR")
+        raise UsageError("no model folder: pass --models DIR or set AMODAL_MODEL_DIR")
     return Path(value)
 
 
+def _existing(path: str, what: str, folder: bool) -> Path:
+    found = Path(path)
+    if not found.exists():
+        raise UsageError(f"{what} not found: {found}")
+    if folder != found.is_dir():
+        raise UsageError(f"{what} is not a {'folder' if folder else 'file'}: {found}")
+    if not os.access(found, os.R_OK | (os.X_OK if folder else 0)):
+        raise UsageError(f"{what} is not readable: {found}")
+    return found
+
+
+def _storage_url() -> str:
+    from amodal.config import environment
+
+    url = environment().storage_url
+    if not url:
+        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
+    return url
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from amodal.models.registry import ModelSet
+    from amodal.models.registry import ModelSet, check_model_dir
+    from amodal.report import write_local_report
     from amodal.runner import run_local
 
     settings = _settings(args)
-    images, annotations = Path(args.images), Path(args.annotations)
-    for path, what in ((images, "--images folder"), (annotations, "--annotations file")):
-        if not path.exists():
-            raise SystemExit(f"amodal: {what} not found: {path}")
-    outcomes = run_local(images, annotations, Path(args.out), ModelSet(_model_dir(args), settings), settings,
+    images = _existing(args.images, "--images folder", folder=True)
+    annotations = _existing(args.annotations, "--annotations file", folder=False)
+    check_model_dir(_model_dir(args), settings)
+    out = Path(args.out)
+    outcomes = run_local(images, annotations, out, ModelSet(_model_dir(args), settings), settings,
                          progress=not args.quiet)
+    page = write_local_report(out, images, outcomes)
     counts = collections.Counter(o.status for o in outcomes)
-    print(json.dumps({"rows": len(outcomes), **counts, "manifest": str(Path(args.out) / "manifest.jsonl")}))
+    print(json.dumps({"rows": len(outcomes), **counts, "manifest": str(out / "manifest.jsonl"), "report": str(page)}))
     return 0
 
 
@@ -60,41 +87,72 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def _client(settings=None):
     from producer import Client
+    from producer.checks import check_services
 
-    report = Client(settings=_settings(args)).submit_dataset(args.images, args.annotations, args.dataset,
-                                                             progress=not args.quiet)
+    client = Client(storage_url=_storage_url(), settings=settings)
+    check_services(client)
+    return client
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not args.images.startswith("s3://"):
+        _existing(args.images, "--images folder", folder=True)
+    _existing(args.annotations, "--annotations file", folder=False)
+    report = _client(settings).submit_dataset(args.images, args.annotations, args.dataset, progress=not args.quiet)
     print(json.dumps({"rows": report.rows, "enqueued": report.enqueued, "finished": report.finished,
                       "invalid": len(report.invalid)}))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from producer import Client
-    from producer.status import show_status
+    from producer.status import print_workers, show_status, write_dataset_report
 
-    client = Client()
+    if args.workers:
+        from producer.checks import check_broker
+
+        check_broker()
+        print_workers()
+        if not args.dataset:
+            return 0
+    if not args.dataset:
+        raise UsageError("status needs --dataset NAME (or --workers alone)")
+    client = _client()
     if args.manifest:
         for line in client.manifest(args.dataset):
-            print(json.dumps(line))
+            if not args.flagged or line.get("flags"):
+                print(json.dumps(line))
         return 0
-    print(json.dumps(show_status(client, args.dataset, wait=args.wait, interval=args.interval)))
+    if args.report:
+        page = write_dataset_report(client, args.dataset, Path(args.report), flagged=args.flagged)
+        print(json.dumps({"report": str(page)}))
+        return 0
+    print(json.dumps(show_status(client, args.dataset, wait=args.wait, interval=args.interval, stall=args.stall)))
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.main import run_worker
+    from amodal.config import child_environment
+    from workers.main import check_worker, run_worker
 
+    settings = _settings(args)
+    os.environ.update(child_environment(settings))  # the pool processes read their settings from here
+    check_worker(args.stage, settings)
     run_worker(args.stage, gpu=args.gpu, concurrency=args.concurrency, loglevel=args.loglevel)
     return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from amodal.config import child_environment
     from workers.launch import WorkerGroup
-    from workers.placement import costs_from_benchmark, gpu_loads, plan, DEFAULT_COSTS
+    from workers.main import check_worker
+    from workers.placement import DEFAULT_COSTS, costs_from_benchmark, gpu_loads, plan
 
-    costs = costs_from_benchmark(Path(args.costs)) if args.costs else DEFAULT_COSTS
+    settings = _settings(args)
+    costs = costs_from_benchmark(_existing(args.costs, "--costs record", folder=False)) if args.costs \
+        else DEFAULT_COSTS
     slots = plan(args.gpus, costs, finalize_workers=args.finalize)
     loads = gpu_loads(slots, costs)
     for slot in slots:
@@ -102,7 +160,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"{slot.stage:>10}  {where}")
     if args.dry_run:
         return 0
-    group = WorkerGroup(dict(os.environ), Path(args.logs))
+    for stage in sorted({slot.stage for slot in slots}):
+        check_worker(stage, settings)
+    group = WorkerGroup(child_environment(settings), Path(args.logs))
     for slot in slots:
         group.start(slot)
     group.supervise()
@@ -117,80 +177,127 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amodal", description="Open-world amodal appearance completion.")
+    parser = argparse.ArgumentParser(
+        prog="amodal", description="Open-world amodal appearance completion: find an object named by a text "
+        "query, repaint what hides it, write the whole object as an RGBA image.",
+        epilog="Exit codes: 0 done, 2 bad usage or input, 1 a service that cannot be reached or fails. "
+        "AMODAL_DEBUG=1 shows tracebacks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="the whole method in one process, results in a local folder")
+    def verb(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    run = verb("run", "run the whole method in this process over an annotation file; results, manifest.jsonl "
+                      "and index.html in a local folder")
     run.add_argument("--images", required=True, help="folder the annotation paths are relative to")
     run.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
-    run.add_argument("--out", required=True, help="output folder (results and manifest.jsonl)")
+    run.add_argument("--out", required=True, help="output folder (results, manifest.jsonl, index.html)")
     run.add_argument("--models", help="model folder (default: $AMODAL_MODEL_DIR)")
-    run.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a setting (repeatable)")
+    run.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    models = sub.add_parser("models", help="fetch or write model checkpoints")
-    msub = models.add_subparsers(dest="action", required=True)
-    tiny = msub.add_parser("tiny", help="write tiny random-weight checkpoints in the published formats")
-    tiny.add_argument("dir")
-    dl = msub.add_parser("download", help="fetch the published checkpoints")
-    dl.add_argument("dir")
+    models = verb("models", "write tiny test checkpoints or fetch the published ones")
+    msub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tiny = msub.add_parser("tiny", help="write tiny random-weight checkpoints in the published formats",
+                           description="write tiny random-weight checkpoints in the published formats "
+                                       "(they check the wiring; their results are noise)")
+    tiny.add_argument("dir", help="model folder to write into (created if missing)")
+    dl = msub.add_parser("download", help="fetch the published checkpoints",
+                         description="fetch the published checkpoints (needs network access)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dl.add_argument("dir", help="model folder to fetch into (created if missing)")
     dl.add_argument("--only", nargs="+", metavar="MODEL", help="fetch only these models (sam, grounding_dino, clip, "
                     "sd_inpaint, instaorder, ram_plus, lisa); default: all, LISA-13B included (about 26 GB)")
-    dl.add_argument("--sam-variant", default="vit_h", choices=["vit_h", "vit_l", "vit_b"])
+    dl.add_argument("--sam-variant", default="vit_h", choices=["vit_h", "vit_l", "vit_b"], help="SAM backbone")
     models.set_defaults(func=cmd_models)
 
-    submit = sub.add_parser("submit", help="enqueue one job per (image, query) row")
+    submit = verb("submit", "enqueue one job per (image, query) row of a dataset (AMODAL_BROKER_URL, "
+                            "AMODAL_STORAGE_URL); submitting again resumes")
     submit.add_argument("--images", required=True, help="local folder or s3://bucket/prefix")
     submit.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
     submit.add_argument("--dataset", required=True, help="dataset name (results/<dataset>/...)")
-    submit.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a setting (repeatable)")
+    submit.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(func=cmd_submit)
 
-    status = sub.add_parser("status", help="counts per state of a submitted dataset")
-    status.add_argument("--dataset", required=True)
-    status.add_argument("--wait", action="store_true", help="refresh until no row is pending")
+    status = verb("status", "progress of a submitted dataset: counts per state, its manifest, a results page, "
+                            "or the live workers")
+    status.add_argument("--dataset", help="dataset name given to submit")
+    status.add_argument("--wait", action="store_true", help="refresh until no row is in flight")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --wait")
+    status.add_argument("--stall", type=float, default=60.0,
+                        help="with --wait, say so after this many seconds without progress, with the live workers")
     status.add_argument("--manifest", action="store_true", help="print one JSON line per input row")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.add_argument("--flagged", action="store_true", help="with --manifest or --report: only flagged rows")
+    status.add_argument("--report", metavar="DIR", help="write a results page (DIR/index.html and its images)")
+    status.add_argument("--workers", action="store_true", help="list the live workers and their stages")
     status.set_defaults(func=cmd_status)
 
-    worker = sub.add_parser("worker", help="run one stage worker")
-    worker.add_argument("--stage", required=True, choices=["ground", "segment", "occlusion", "inpaint", "finalize"])
-    worker.add_argument("--gpu", type=int, help="GPU index (sets CUDA_VISIBLE_DEVICES before torch loads)")
+    worker = verb("worker", "run one stage's worker (AMODAL_BROKER_URL, AMODAL_STORAGE_URL, AMODAL_MODEL_DIR)")
+    worker.add_argument("--stage", required=True, choices=STAGE_CHOICES, help="the stage whose queue it serves")
+    worker.add_argument("--gpu", type=int, help="GPU index (sets CUDA_VISIBLE_DEVICES before torch loads); "
+                        "default 0 for GPU stages")
     worker.add_argument("--concurrency", type=int,
-                        help="pool processes, each holding its models (default: 2 for segment, 1 for the others)")
-    worker.add_argument("--loglevel", default="info")
+                        help="pool processes, each holding its models (default: 2 for segment and inpaint, else 1)")
+    worker.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
+    worker.add_argument("--loglevel", default="info", help="Celery log level")
     worker.set_defaults(func=cmd_worker)
 
-    launch = sub.add_parser("launch", help="start and supervise this host's workers by the placement plan")
+    launch = verb("launch", "start and supervise this host's stage workers by the placement plan")
     launch.add_argument("--gpus", type=int, required=True, help="GPUs on this host")
     launch.add_argument("--costs", help="a bench/gpu_throughput.py record to plan from (default: estimates)")
     launch.add_argument("--finalize", type=int, default=1, help="CPU finalize workers")
     launch.add_argument("--logs", default="logs", help="folder for the workers' logs")
+    launch.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
     launch.add_argument("--dry-run", action="store_true", help="print the plan only")
     launch.set_defaults(func=cmd_launch)
 
-    flower = sub.add_parser("flower", help="Flower on the same broker (basic auth from FLOWER_BASIC_AUTH)")
-    flower.add_argument("--port", type=int, default=5555)
+    flower = verb("flower", "serve Flower on the same broker (basic auth from FLOWER_BASIC_AUTH=user:password)")
+    flower.add_argument("--port", type=int, default=5555, help="TCP port to serve on")
     flower.set_defaults(func=cmd_flower)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def explain(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for an error a user can act on; None for a bug (shown with its traceback)."""
     from amodal.images import InvalidInput
     from amodal.models.base import MissingCheckpointError
     from amodal.models.download import DownloadError
+
+    if isinstance(exc, (UsageError, ServiceError)):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, (InvalidInput, MissingCheckpointError)):
+        return 2, str(exc)
+    if isinstance(exc, DownloadError):
+        return 1, str(exc)
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return 2, f"cannot use {exc.filename}: {exc.strerror}"
+    from producer.checks import explain_service_error
+
+    return explain_service_error(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from amodal.config import debug_enabled
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (InvalidInput, MissingCheckpointError, DownloadError) as exc:
-        print(f"amodal: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("amodal: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every error ends in one line unless AMODAL_DEBUG is set
+        known = explain(exc)
+        if known is None or debug_enabled():
+            raise
+        code, line = known
+        print(f"amodal: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

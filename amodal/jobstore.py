@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
+from amodal.errors import UsageError
 from amodal.state import OUTCOMES, JobState, state_key
 from amodal.storage import ObjectNotFound, Storage
 
@@ -57,8 +58,32 @@ def read_record(store: Storage, dataset: str, job: str) -> dict | None:
         return None
 
 
+class DatasetNotFound(UsageError):
+    """No dataset of that name was submitted to this storage."""
+
+    def __init__(self, dataset: str) -> None:
+        super().__init__(f"no dataset named {dataset!r} was submitted to this storage (check --dataset and "
+                         "AMODAL_STORAGE_URL)")
+
+
 def rows_key(dataset: str) -> str:
     return f"datasets/{dataset}/rows.jsonl"
+
+
+def submission_key(dataset: str) -> str:
+    return f"datasets/{dataset}/submission.json"
+
+
+def write_submission(store: Storage, dataset: str, submission: dict) -> None:
+    """How the dataset was submitted (its arguments) and how many of its jobs were sent, in row order."""
+    store.put(submission_key(dataset), json.dumps(submission, sort_keys=True).encode())
+
+
+def read_submission(store: Storage, dataset: str) -> dict | None:
+    try:
+        return json.loads(store.get(submission_key(dataset)))
+    except ObjectNotFound:
+        return None
 
 
 def write_rows(store: Storage, dataset: str, rows: list[dict]) -> None:
@@ -69,6 +94,6 @@ def read_rows(store: Storage, dataset: str) -> Iterator[dict]:
     try:
         data = store.get(rows_key(dataset))
     except ObjectNotFound:
-        raise KeyError(f"no dataset named {dataset!r} was submitted to this storage") from None
+        raise DatasetNotFound(dataset) from None
     for line in data.decode().splitlines():
         yield json.loads(line)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -16,13 +17,17 @@ from tqdm import tqdm
 
 from amodal.annotations import Row, read_annotations, resolve_input, validate_query
 from amodal.images import InvalidInput
-from amodal.jobstore import (commit_state, latest_state, outcome_counts, read_record, read_rows, record_outcome,
-                             result_prefix, write_rows)
-from amodal.settings import Settings, settings_from_env
+from amodal.config import environment, resolve_settings
+from amodal.errors import UsageError
+from amodal.jobstore import (commit_state, latest_state, outcome_counts, read_record, read_rows, read_submission,
+                             record_outcome, result_prefix, write_rows, write_submission)
+from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
 from amodal.storage import Storage, open_storage
 
-PENDING = "pending"
+PENDING = "pending"  # sent to the workers, no outcome yet
+NOT_SENT = "not_sent"  # recorded by a submission that stopped before sending its job
+SENT_EVERY = 500  # jobs sent between two records of a submission's progress
 
 
 @dataclass
@@ -38,11 +43,11 @@ class Client:
 
     def __init__(self, broker_url: str | None = None, storage_url: str | None = None,
                  settings: Settings | None = None) -> None:
-        self.storage_url = storage_url or os.environ.get("AMODAL_STORAGE_URL", "")
+        self.storage_url = storage_url or environment().storage_url
         if not self.storage_url:
-            raise ValueError("no storage: pass storage_url or set AMODAL_STORAGE_URL")
+            raise UsageError("no storage: pass storage_url or set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
         self.store: Storage = open_storage(self.storage_url)
-        self.settings = settings or settings_from_env()
+        self.settings = settings or resolve_settings()
         from tasks.app import app
 
         if broker_url:
@@ -134,40 +139,75 @@ class Client:
                     jobs.append(state)
             records.append(record)
         write_rows(self.store, dataset, records)
-        for state in tqdm(jobs, desc="enqueueing", unit="job", disable=not progress):
-            if self._enqueue(state):
-                report.enqueued += 1
-            else:
-                report.finished += 1
+        self._send_all(jobs, report, self._submission(images, annotations, dataset, len(jobs)), progress)
         return report
+
+    def _submission(self, images: str | Path, annotations: str | Path, dataset: str, jobs: int) -> dict:
+        changed = {k: v for k, v in self.settings.to_dict().items()
+                   if v != getattr(Settings(), k) and k not in Settings.RUNTIME_FIELDS}
+        local = not str(images).startswith("s3://")
+        return {"dataset": dataset, "images": str(Path(images).resolve()) if local else str(images),
+                "annotations": str(Path(annotations).resolve()), "settings": changed, "jobs": jobs, "sent": 0}
+
+    def _send_all(self, jobs: list[JobState], report: SubmitReport, submission: dict, progress: bool) -> None:
+        """Send the jobs in row order, recording how far it got: a job counts as submitted once its
+        message is in the queue, so ``status`` can tell rows never sent from rows in flight."""
+        write_submission(self.store, submission["dataset"], submission)
+        try:
+            for state in tqdm(jobs, desc="enqueueing", unit="job", disable=not progress):
+                if self._enqueue(state):
+                    report.enqueued += 1
+                else:
+                    report.finished += 1
+                submission["sent"] += 1
+                if submission["sent"] % SENT_EVERY == 0:
+                    write_submission(self.store, submission["dataset"], submission)
+        finally:
+            write_submission(self.store, submission["dataset"], submission)
 
     # -- following -------------------------------------------------------------------------
     def status(self, dataset: str) -> dict[str, int]:
-        """Rows per state: the outcomes of DESIGN.md plus ``pending``; ``total`` is the row count."""
-        rows = list(read_rows(self.store, dataset))
-        done = outcome_counts(self.store, dataset)
-        counts = {s: 0 for s in (*OUTCOMES, PENDING)}
-        for row in rows:
-            counts[self._row_status(row, done)] += 1
-        counts["total"] = len(rows)
+        """Rows per state: the outcomes of docs/design.md, ``pending`` (in flight) and ``not_sent``;
+        ``total`` is the row count."""
+        counts = {s: 0 for s in (*OUTCOMES, PENDING, NOT_SENT)}
+        for line in self._statuses(dataset):
+            counts[line["status"]] += 1
+        counts["total"] = sum(counts.values())
         return counts
 
-    @staticmethod
-    def _row_status(row: dict, done: dict[str, set[str]]) -> str:
-        if row.get("status"):
-            return row["status"]
-        return next((s for s in OUTCOMES if row["job_id"] in done[s]), PENDING)
+    def resume_command(self, dataset: str) -> str:
+        """The command that sends the rows a stopped submission left unsent."""
+        submission = read_submission(self.store, dataset) or {}
+        words = ["amodal", "submit", "--images", submission.get("images", "IMAGES"), "--annotations",
+                 submission.get("annotations", "ANNOTATIONS"), "--dataset", dataset]
+        for name, value in sorted(submission.get("settings", {}).items()):
+            words += ["--set", f"{name}={value}"]
+        return shlex.join(words)
+
+    def _statuses(self, dataset: str) -> Iterator[dict]:
+        """Each row with its ``status``: an outcome, ``pending`` or ``not_sent``."""
+        done = outcome_counts(self.store, dataset)
+        submission = read_submission(self.store, dataset)
+        unsent_from = submission["sent"] if submission else None  # jobs are sent in row order
+        index = 0
+        for row in read_rows(self.store, dataset):
+            status = row.get("status")
+            if not status:
+                status = next((s for s in OUTCOMES if row["job_id"] in done[s]), None)
+                if status is None:
+                    status = NOT_SENT if unsent_from is not None and index >= unsent_from else PENDING
+                index += 1
+            yield {**row, "status": status}
 
     def manifest(self, dataset: str) -> Iterator[dict]:
-        """One line per input row: line, image, query, job_id, status, message, result."""
-        done = outcome_counts(self.store, dataset)
-        for row in read_rows(self.store, dataset):
-            status = self._row_status(row, done)
-            line = {**row, "status": status, "message": row.get("message", ""), "result": None}
-            if row.get("job_id") and status in OUTCOMES and not row.get("status"):
+        """One line per input row: line, image, query, job_id, status, message, result, quality, flags."""
+        for row in self._statuses(dataset):
+            line = {**row, "message": row.get("message", ""), "result": None}
+            if row["status"] in OUTCOMES and row["status"] != "invalid":
                 record = read_record(self.store, dataset, row["job_id"]) or {}
-                line["message"] = record.get("message", "")
-                if status in ("completed", "unoccluded"):
+                line.update(message=record.get("message", ""), quality=record.get("quality"),
+                            flags=record.get("flags", []))
+                if row["status"] in ("completed", "unoccluded"):
                     line["result"] = self.store.url(result_prefix(dataset, row["job_id"]))
             yield line
 

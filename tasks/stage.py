@@ -11,12 +11,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from celery import Task
 
+from amodal.config import environment, worker_runtime
 from amodal.canvas import neutral_background
 from amodal.images import load_image
 from amodal.jobstore import commit_state, load_state, record_outcome
@@ -27,12 +27,12 @@ from amodal.storage import Storage, open_storage
 from tasks.app import send_stage
 
 log = logging.getLogger(__name__)
-MAX_ATTEMPTS = int(os.environ.get("AMODAL_MAX_ATTEMPTS", "4"))
+MAX_ATTEMPTS = environment().max_attempts
 
 
 @functools.cache
 def store() -> Storage:
-    url = os.environ.get("AMODAL_STORAGE_URL")
+    url = environment().storage_url
     if not url:
         raise RuntimeError("AMODAL_STORAGE_URL is not set (file:///path or s3://bucket/prefix)")
     return open_storage(url)
@@ -47,7 +47,7 @@ def inputs(url: str) -> Storage:
 def _models(settings_json: str):
     from amodal.models.registry import ModelSet  # torch loads here, in the worker process only
 
-    model_dir = os.environ.get("AMODAL_MODEL_DIR")
+    model_dir = environment().model_dir
     if not model_dir:
         raise RuntimeError("AMODAL_MODEL_DIR is not set")
     return ModelSet(Path(model_dir), Settings.from_dict(json.loads(settings_json)))
@@ -95,6 +95,7 @@ def claim(job_id: str, version: int, stage: str) -> JobState | None:
                                   "(each failed or lost its worker)")
             return None
         state.attempts[stage] = attempt
+        state.settings.update(worker_runtime())  # this worker's device, dtype and compilation, not the producer's
         return state
     log.info("job %s v%d: %s already done", job_id, version, stage)
     if after.stage == "done":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 from workers.launch import AMODAL, WorkerGroup
@@ -14,20 +15,20 @@ ONE_GPU = [Slot(s, 0) for s in ("ground", "segment", "occlusion", "inpaint")] + 
 
 
 def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) -> dict:
-    """This process's environment (S3 credentials included) plus the cluster's settings."""
-    env = dict(os.environ)
+    """This process's environment (S3 credentials included) plus the cluster's settings; nothing points
+    Python at the repository: the commands run as installed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update({
         "AMODAL_BROKER_URL": redis_url, "AMODAL_STORAGE_URL": storage_url, "AMODAL_MODEL_DIR": str(models),
         "AMODAL_SETTINGS": json.dumps(settings), "PYTHONUNBUFFERED": "1", "AMODAL_INPAINT_FLUSH": "0.3",
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     })
     return env
 
 
 def start_workers(env: dict, logs: Path, slots=ONE_GPU, concurrency: dict[str, int] | None = None) -> WorkerGroup:
     """Start the workers of ``slots`` (pool processes per stage from ``concurrency``, else the default)."""
-    group = WorkerGroup(env, logs)
+    group = WorkerGroup(env, logs, cwd=outside_repository())
     for slot in slots:
         group.start(slot, concurrency=(concurrency or {}).get(slot.stage))
     try:
@@ -38,5 +39,14 @@ def start_workers(env: dict, logs: Path, slots=ONE_GPU, concurrency: dict[str, i
     return group
 
 
+def outside_repository() -> Path:
+    """A working directory outside the repository, as a user's would be."""
+    folder = Path(tempfile.gettempdir()) / "amodal-user-cwd"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def amodal(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*AMODAL, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """The installed ``amodal`` command, run from outside the repository."""
+    return subprocess.run([*AMODAL, *args], env=env, cwd=outside_repository(), capture_output=True, text=True,
+                          timeout=timeout)

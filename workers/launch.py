@@ -13,7 +13,8 @@ from workers.main import GPU_STAGES, processes
 from workers.placement import Slot
 from workers.warmup import WARM_MESSAGE
 
-AMODAL = [sys.executable, "-m", "amodal.cli"]
+# The console script installed beside this interpreter: workers start the way users start them.
+AMODAL = [str(Path(sys.executable).parent / "amodal")]
 
 
 def slot_name(slot: Slot) -> str:
@@ -22,10 +23,11 @@ def slot_name(slot: Slot) -> str:
 
 @dataclass
 class WorkerGroup:
-    """Worker processes of one host; each writes its log to ``logs/<name>.log``."""
+    """Worker processes of one host; each writes its log to ``logs/<name>.log`` and runs in ``cwd``."""
 
     env: dict
     logs: Path
+    cwd: Path | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     slots: dict[str, Slot] = field(default_factory=dict)
     pools: dict[str, int] = field(default_factory=dict)  # pool processes of each worker
@@ -38,7 +40,7 @@ class WorkerGroup:
         pool = ["--concurrency", str(concurrency)] if concurrency else []
         with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [*AMODAL, "worker", *slot.args, *pool, "--loglevel", "info"], env=self.env,
+                [*AMODAL, "worker", *slot.args, *pool, "--loglevel", "info"], env=self.env, cwd=self.cwd,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.slots[name] = slot
         self.pools[name] = concurrency or processes(slot.stage)

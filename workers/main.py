@@ -29,10 +29,32 @@ def node_name(stage: str, gpu: int | None) -> str:
     return f"{stage}-gpu{gpu}@{socket.gethostname()}" if gpu is not None else f"{stage}@{socket.gethostname()}"
 
 
+def stage_of(node: str) -> str:
+    """The stage a worker serves, from its node name (``segment-gpu0@host`` -> ``segment``)."""
+    return node.partition("@")[0].partition("-")[0]
+
+
+def check_worker(stage: str, settings) -> None:
+    """Before a worker starts: its stage's checkpoints are in the model folder and the storage is usable."""
+    from amodal.config import environment
+    from amodal.errors import UsageError
+    from amodal.models.registry import check_model_dir, stage_checkpoints
+    from amodal.storage import check_storage, open_storage
+
+    env = environment()
+    if stage_checkpoints(stage, settings):
+        if env.model_dir is None:
+            raise UsageError("no model folder: set AMODAL_MODEL_DIR")
+        check_model_dir(env.model_dir, settings, (stage,))
+    if not env.storage_url:
+        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
+    check_storage(open_storage(env.storage_url))
+
+
 def run_worker(stage: str, gpu: int | None = None, concurrency: int | None = None, loglevel: str = "info") -> None:
     """Run a stage's worker (blocking) with ``concurrency`` pool processes (default :func:`processes`)."""
     if stage not in STAGES:
-        raise SystemExit(f"amodal: unknown stage {stage!r} (one of {', '.join(STAGES)})")
+        raise ValueError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
     if "torch" in sys.modules:
         raise RuntimeError("torch was imported before the worker pinned its GPU")
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if stage not in GPU_STAGES else str(gpu if gpu is not None else 0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -41,14 +40,15 @@ def warm(stage: str, models, size: int = 512, batch: int = 1) -> None:
 
 @worker_process_init.connect
 def _warm_this_process(**_) -> None:
-    stage = os.environ.get("AMODAL_WORKER_STAGE", "")
+    from amodal.config import environment, resolve_settings
+
+    stage = environment().worker_stage
     if stage in ("", "finalize"):
         return
-    from amodal.settings import settings_from_env
     from tasks.batching import batch_size
     from tasks.stage import models_for
 
-    settings = settings_from_env()
+    settings = resolve_settings()
     start = time.perf_counter()
     warm(stage, models_for(settings), settings.inpaint_size, batch_size("inpaint"))
     log.warning("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)

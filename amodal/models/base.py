@@ -19,9 +19,8 @@ class MissingCheckpointError(FileNotFoundError):
 
     def __init__(self, path: str) -> None:
         super().__init__(
-            f"model checkpoint not found: {path}\n"
-            f"fetch the published checkpoints with `amodal models download DIR` "
-            f"(or write tiny test ones with `amodal models tiny DIR`) and pass --models DIR"
+            f"model checkpoint not found: {path} (fetch the published checkpoints with `amodal models download "
+            f"DIR`, or write tiny test ones with `amodal models tiny DIR`, and pass --models DIR)"
         )
         self.path = path
 

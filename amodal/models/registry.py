@@ -12,6 +12,7 @@ from pathlib import Path
 
 from amodal.models.base import MissingCheckpointError
 from amodal.settings import Settings
+from amodal.state import WORK_STAGES as STAGES
 
 # Paths inside a model folder; the names are those of the published checkpoints.
 SAM_FILES = {
@@ -32,6 +33,29 @@ def require(path: Path) -> Path:
     if not path.exists():
         raise MissingCheckpointError(str(path))
     return path
+
+
+def stage_checkpoints(stage: str, settings: Settings) -> list[str]:
+    """The model folder's entries the ``stage`` worker loads with these settings."""
+    sam = SAM_FILES[settings.sam_variant]
+    grounder = [LISA_DIR] if settings.grounder == "lisa" else [GROUNDING_DINO_DIR, sam]
+    tagger = [RAM_PLUS_FILE] if settings.tagger == "ram_plus" else []
+    return {
+        "ground": grounder,
+        "segment": [*tagger, GROUNDING_DINO_DIR, sam, CLIP_DIR],
+        "occlusion": [INSTAORDER_FILE],
+        "inpaint": [SD_INPAINT_DIR],
+        "finalize": [CLIP_DIR],
+    }[stage]
+
+
+def check_model_dir(model_dir: Path, settings: Settings, stages: tuple[str, ...] = STAGES) -> None:
+    """Raise the missing-checkpoint error for the first entry ``stages`` need that ``model_dir`` lacks."""
+    if not model_dir.is_dir():
+        raise MissingCheckpointError(str(model_dir))
+    for stage in stages:
+        for relative in stage_checkpoints(stage, settings):
+            require(model_dir / relative)
 
 
 class ModelSet:

@@ -1,0 +1,128 @@
+"""Where configuration reaches the code: every ``AMODAL_*`` variable and every ``--set`` is read here.
+
+Two kinds of configuration:
+- the deployment (:class:`Environment`): broker, storage, model folder, batch sizes, time limits,
+  read from ``AMODAL_*`` variables by pydantic-settings (typed, validated, one clear error);
+- the method's :class:`~amodal.settings.Settings`: defaults, then ``AMODAL_SETTINGS`` (a JSON
+  object), then each ``--set NAME=VALUE`` of the command line, last one wins.
+
+Every verb (``run``, ``submit``, ``worker``, ``launch``, ``eval``) builds its settings with
+:func:`resolve_settings`; a worker or launcher hands the result to its child processes through
+:func:`child_environment`, so a pool process sees what its command line said.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from amodal.errors import UsageError
+from amodal.settings import Settings
+
+SETTINGS_VARIABLE = "AMODAL_SETTINGS"
+
+
+class Environment(BaseSettings):
+    """The deployment, from ``AMODAL_<NAME>`` variables (``broker_url`` is ``AMODAL_BROKER_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="AMODAL_", extra="ignore", frozen=True)
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = ""  # file:///path or s3://bucket/prefix
+    model_dir: Path | None = None
+    settings: dict = Field(default_factory=dict)  # AMODAL_SETTINGS: JSON overrides of the method's settings
+    # Jobs per model call of the batched stages (per pool process), and how long a partial batch waits.
+    # inpaint: 16 measured 1,043 images/hour on one H100 against 849 at 8 (bench/results/gpu_throughput_clip_tagger.json,
+    # gpu_throughput_b8.json). segment: 4 cut the stage's time per image from 1.88 s to 1.47 s; 8 cut it no further
+    # and, with SAM encoding 8 at once, took the card to 78 GiB (gpu_throughput_segment_batch*.json). occlusion: a job
+    # asks about 2(N-1) pairs, so 8 jobs fill InstaOrder's batch of 64.
+    segment_batch: int = Field(4, ge=1)
+    occlusion_batch: int = Field(8, ge=1)
+    inpaint_batch: int = Field(16, ge=1)
+    segment_flush: float = Field(0.2, gt=0)
+    occlusion_flush: float = Field(0.2, gt=0)
+    inpaint_flush: float = Field(0.5, gt=0)
+    task_time_limit: int = Field(300, ge=31)  # seconds; the hard limit that kills a hung step
+    # Redis hands an unacknowledged message back after this; it should outlast the longest step (default: limit + 60).
+    visibility_timeout: int | None = Field(None, ge=1)
+    max_attempts: int = Field(4, ge=1)  # deliveries of one step before its job ends `failed`
+    storage_retry_seconds: float = Field(300.0, ge=0)  # how long storage calls retry transient errors
+    warmup_timeout: float = Field(900.0, gt=0)  # seconds a pool process may take to load and warm its models
+    broker_folder: str = "/tmp/amodal-broker"  # the filesystem:// broker's shared folder
+    worker_stage: str = ""  # set by `amodal worker` for its pool processes
+
+    @model_validator(mode="after")
+    def _default_visibility_timeout(self) -> "Environment":
+        if self.visibility_timeout is None:
+            object.__setattr__(self, "visibility_timeout", self.task_time_limit + 60)
+        return self
+
+    def batch_size(self, stage: str) -> int:
+        return getattr(self, f"{stage}_batch")
+
+    def flush_interval(self, stage: str) -> float:
+        return getattr(self, f"{stage}_flush")
+
+
+def environment() -> Environment:
+    """The deployment as the environment says now; a malformed variable is a :class:`UsageError`."""
+    try:
+        return Environment()
+    except ValidationError as exc:
+        raise UsageError(_one_line(exc, "AMODAL_")) from None
+    except SettingsError as exc:  # a value that is not JSON where JSON is expected (AMODAL_SETTINGS)
+        raise UsageError(f"{exc}; AMODAL_SETTINGS takes a JSON object such as '{{\"max_passes\": 2}}'") from None
+
+
+def debug_enabled() -> bool:
+    """``AMODAL_DEBUG``: tracebacks instead of one-line errors (read alone: it must work when others are malformed)."""
+    return os.environ.get("AMODAL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+_SETTINGS_ADAPTER = TypeAdapter(Settings)
+
+
+def resolve_settings(overrides: Iterable[str] = (), env: Environment | None = None) -> Settings:
+    """Defaults, then ``AMODAL_SETTINGS``, then ``NAME=VALUE`` overrides (``--set``), typed and checked."""
+    values = dict((env or environment()).settings)
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected NAME=VALUE")
+        values[name.strip()] = value
+    unknown = sorted(set(values) - set(Settings.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"unknown setting {unknown[0]!r} (see amodal/settings.py for the names)")
+    try:
+        return _SETTINGS_ADAPTER.validate_python(values)
+    except ValidationError as exc:
+        raise UsageError(_one_line(exc, "setting ")) from None
+
+
+@functools.cache
+def worker_runtime() -> dict:
+    """The runtime settings (device, dtype, compilation) of this worker's configuration: they apply to
+    every job it runs, whatever the producer's were, and do not change results."""
+    settings = resolve_settings()
+    return {name: getattr(settings, name) for name in Settings.RUNTIME_FIELDS}
+
+
+def child_environment(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with ``settings`` as ``AMODAL_SETTINGS``: what a
+    worker's pool processes or a launcher's workers read."""
+    env = dict(os.environ if base is None else base)
+    changed = {k: v for k, v in settings.to_dict().items() if v != getattr(Settings(), k)}
+    env[SETTINGS_VARIABLE] = json.dumps(changed, sort_keys=True)
+    return env
+
+
+def _one_line(exc: ValidationError, prefix: str) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "value"
+    given = f" (got {error['input']!r})" if not isinstance(error.get("input"), dict) else ""
+    return f"{prefix}{where.upper() if prefix == 'AMODAL_' else where}: {error['msg']}{given}"
