@@ -22,7 +22,7 @@ from amodal.images import encode_png
 
 MIN_HIDDEN, MAX_HIDDEN = 0.15, 0.6  # fraction of the target the pasted occluder hides
 PLACEMENT_TRIES = 200
-BORDER = 2  # targets touching the border (within this many pixels) are truncated: not used
+BORDER = 12  # targets this close to the border may be truncated (the method takes them to be): not used
 SYNTHETIC_SIZE = (200, 240)  # (height, width)
 SYNTHETIC_BACKGROUND = (236, 236, 236)
 SYNTHETIC_LABELS = {"disc": "ball", "rect": "box"}
@@ -149,10 +149,10 @@ def shape_mask(shape: dict, height: int, width: int) -> np.ndarray:
 
 
 def palette() -> list[tuple[int, int, int]]:
-    """Flat colours at least 60 apart in some channel, none close to the background."""
+    """Flat colours at least 60 apart in some channel, and far from every grey (the background, the
+    method's grey canvas, black cut-out fills)."""
     levels = (20, 80, 140, 200)
-    return [c for c in itertools.product(levels, repeat=3)
-            if max(abs(a - b) for a, b in zip(c, SYNTHETIC_BACKGROUND)) >= 60]
+    return [c for c in itertools.product(levels, repeat=3) if max(c) - min(c) >= 120]
 
 
 def synthetic_samples(count: int, seed: int = 0) -> list[Sample]:
@@ -175,8 +175,8 @@ def _synthetic_sample(rng: np.random.Generator, colours: tuple[tuple[int, int, i
     kinds = ("disc", "rect") if rng.random() < 0.5 else ("rect", "disc")
     radius = rng.uniform(28, 50, size=2)
     target = {"kind": kinds[0], "colour": colours[0], "rx": float(radius[0]), "ry": float(radius[1]),
-              "cx": float(rng.uniform(radius[0] + 8, width - radius[0] - 8)),
-              "cy": float(rng.uniform(radius[1] + 8, height - radius[1] - 8))}
+              "cx": float(rng.uniform(radius[0] + BORDER, width - radius[0] - BORDER)),
+              "cy": float(rng.uniform(radius[1] + BORDER, height - radius[1] - BORDER))}
     size = rng.uniform(0.4, 0.8, size=2) * radius
     half = np.ceil(size).astype(int) + 1
     occluder = {"kind": kinds[1], "colour": colours[1], "rx": float(size[0]), "ry": float(size[1]),
