@@ -2,7 +2,9 @@
 
 Keys are '/'-separated relative paths. Every key is validated (see ``check_key``) so that no key
 can reach outside the storage's root folder or bucket prefix. Listings are in key order, as S3
-returns them.
+returns them, except on servers that walk folders (SeaweedFS lists "a/b" before "a-c"): callers
+that need an order sort the keys. ``check_storage`` tells, before work starts, whether a storage
+can be reached and keeps the create-only promise of ``put_if_absent``.
 """
 from __future__ import annotations
 
@@ -11,16 +13,21 @@ import os
 import random
 import re
 import secrets
+import threading
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import (BotoCoreError, ClientError, HTTPClientError, NoCredentialsError,
+                                 PartialCredentialsError)
 from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from amodal.errors import ServiceError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,8 @@ class Storage(ABC):
         return self._exists(check_key(key))
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        """Keys that start with ``prefix`` (a plain string prefix, as on S3), in key order."""
+        """Keys that start with ``prefix`` (a plain string prefix, as on S3), in key order (but see
+        the module's note on servers that walk folders)."""
         return self._list(check_prefix(prefix))
 
     def delete(self, key: str) -> None:
@@ -287,7 +295,7 @@ class S3Storage(Storage):
         self.page_size = page_size
         self.retry_seconds = (float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS))
                               if retry_seconds is None else retry_seconds)
-        self._conditional_writes = True  # until the server answers NotImplemented
+        self.conditional_writes = True  # until the server answers NotImplemented
         self._root = f"{self.prefix}/" if self.prefix else ""
 
     def _full(self, key: str) -> str:
@@ -335,7 +343,7 @@ class S3Storage(Storage):
         If a retried request finds the object holding exactly ``data``, the earlier attempt may
         have written it before its answer was lost, so it counts as created by this call.
         """
-        if not self._conditional_writes:
+        if not self.conditional_writes:
             return self._check_then_put(key, data)
         attempts = 0
 
@@ -359,7 +367,7 @@ class S3Storage(Storage):
                 raise
         log.warning("s3://%s does not support conditional writes; put_if_absent is best effort",
                     self.bucket)
-        self._conditional_writes = False
+        self.conditional_writes = False
         return self._check_then_put(key, data)
 
     def _check_then_put(self, key: str, data: bytes) -> bool:
@@ -434,3 +442,148 @@ def open_storage(url: str) -> Storage:
         return LocalStorage(Path(url))
     raise ValueError(f"unsupported storage URL {url!r}: use file:///absolute/path, a folder path "
                      "or s3://bucket/prefix")
+
+
+# Start-up check: the storage answers, and keeps put_if_absent's promise.
+PROBE_PREFIX = ".amodal-probe/"  # each probe writes under PROBE_PREFIX<random>/ and removes it
+PROBE_WRITERS = 8
+_REFUSED_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                        "AccessDenied", "403"}
+
+
+class StorageMisconfigured(UsageError):
+    """The storage cannot work as configured (missing bucket, credentials, server): the user's to fix."""
+
+
+class StorageUnavailable(ServiceError):
+    """The storage cannot be reached or keeps failing."""
+
+
+class ConditionalWritesIgnored(StorageMisconfigured):
+    """The server does not refuse a create-only write of an existing object, so job-state commits
+    (``put_if_absent``) could silently overwrite one another."""
+
+
+def check_storage(store: Storage, *, probe_writes: bool = True) -> None:
+    """Raise a :class:`StorageMisconfigured` (a :class:`ConditionalWritesIgnored` among them) or a
+    :class:`StorageUnavailable`, each with a one-line message, unless ``store`` is usable:
+
+    1. (S3) it answers a listing of its root with the configured credentials;
+    2. (``probe_writes``) it refuses a create-only write of an existing object, and lets exactly
+       one of several racing create-only writes of a new object through (:func:`probe_create_only`).
+    """
+    with _explained_errors(store):
+        if isinstance(store, S3Storage):
+            _check_bucket(store)
+        if probe_writes:
+            probe_create_only(store)
+
+
+def probe_create_only(store: Storage, writers: int = PROBE_WRITERS) -> None:
+    """Raise :class:`ConditionalWritesIgnored` unless ``put_if_absent`` keeps its promise on ``store``:
+    a second write of one key is refused and ``writers`` racing writes of another let one through.
+    Writes under a fresh key below :data:`PROBE_PREFIX` and deletes it afterwards."""
+    root = f"{PROBE_PREFIX}{secrets.token_hex(8)}/"
+    try:
+        created = store.put_if_absent(root + "once", b"first")
+        overwrote = store.put_if_absent(root + "once", b"second")
+        kept = store.get(root + "once")
+        winners = _race_put_if_absent(store, root + "raced", writers)
+        raced = store.get(root + "raced")
+    finally:
+        store.delete_prefix(root)
+    where = describe(store)
+    if isinstance(store, S3Storage) and not store.conditional_writes:
+        raise ConditionalWritesIgnored(
+            f"storage {where} does not support conditional writes (If-None-Match: *, answered "
+            "NotImplemented): use an S3 server that does (AWS S3, SeaweedFS 3.97 or later, MinIO)")
+    if not created:
+        raise ConditionalWritesIgnored(f"storage {where} refused a create-only write of a new object")
+    if overwrote or kept != b"first":
+        raise ConditionalWritesIgnored(
+            f"storage {where} does not honour conditional writes (If-None-Match: *): a second create-only "
+            "write replaced the object (SeaweedFS before 3.97 ignores the header); upgrade the S3 server")
+    if len(winners) != 1 or raced != winners[0]:
+        raise ConditionalWritesIgnored(
+            f"storage {where} does not honour conditional writes (If-None-Match: *) under concurrency: "
+            f"{len(winners)} of {writers} racing create-only writes succeeded (older SeaweedFS releases "
+            "check the condition before writing, not atomically); upgrade the S3 server")
+
+
+def describe(store: Storage) -> str:
+    """Where ``store`` keeps its objects, for messages: ``s3://bucket/prefix on ENDPOINT`` or a folder."""
+    if isinstance(store, S3Storage):
+        return f"s3://{store.bucket}/{store.prefix} on {store.client.meta.endpoint_url}"
+    return str(store.root)
+
+
+def _check_bucket(store: S3Storage) -> None:
+    """One listing request: the endpoint answers, the bucket exists, the credentials are accepted."""
+    store.client.list_objects_v2(Bucket=store.bucket, Prefix=store._root, MaxKeys=1)
+
+
+def _race_put_if_absent(store: Storage, key: str, writers: int) -> list[bytes]:
+    """The data of the ``writers`` racing ``put_if_absent`` calls on ``key`` that report success."""
+    barrier = threading.Barrier(writers)
+    won: list[bytes] = []
+    failed: list[BaseException] = []
+
+    def attempt(data: bytes) -> None:
+        try:
+            barrier.wait()
+            if store.put_if_absent(key, data):
+                won.append(data)
+        except BaseException as exc:  # re-raised in the caller's thread, below
+            failed.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=attempt, args=(f"writer {i}".encode(),)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise next((e for e in failed if not isinstance(e, threading.BrokenBarrierError)), failed[0])
+    return won
+
+
+@contextmanager
+def _explained_errors(store: Storage) -> Iterator[None]:
+    """Re-raise the errors of ``store``'s calls as StorageMisconfigured or StorageUnavailable."""
+    try:
+        yield
+    except (StorageMisconfigured, StorageUnavailable):
+        raise
+    except (BotoCoreError, ClientError, OSError) as exc:
+        raise _explain(store, exc) from exc
+
+
+def _explain(store: Storage, exc: Exception) -> StorageMisconfigured | StorageUnavailable:
+    """The one-line error a user reads for ``exc``, met while using ``store``."""
+    if isinstance(store, LocalStorage):
+        return StorageMisconfigured(f"cannot write to the storage folder {store.root} ({_reason(exc)})")
+    assert isinstance(store, S3Storage)
+    endpoint = store.client.meta.endpoint_url
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return StorageMisconfigured("no S3 credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return StorageUnavailable(f"cannot reach {endpoint} ({_reason(exc)}): check AWS_ENDPOINT_URL "
+                                  "and that the S3 server runs")
+    if isinstance(exc, ClientError):
+        code = _error_code(exc)
+        if code == "NoSuchBucket":
+            return StorageMisconfigured(f"bucket {store.bucket} does not exist on {endpoint}: create it or "
+                                        "fix AMODAL_STORAGE_URL")
+        if code in _REFUSED_CREDENTIALS:
+            return StorageMisconfigured(f"S3 credentials refused by {endpoint} for bucket {store.bucket} "
+                                        f"({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the "
+                                        "key's permissions")
+        if _is_transient(exc):
+            return StorageUnavailable(f"{endpoint} fails ({_reason(exc)})")
+        return StorageMisconfigured(f"{endpoint} refused a request on s3://{store.bucket} ({_reason(exc)})")
+    return StorageUnavailable(f"storage {describe(store)} failed ({_reason(exc)})")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

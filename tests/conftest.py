@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models, the paper's examples, an S3 server, a Redis database of our own."""
+"""Shared fixtures: tiny models, the paper's examples, S3 servers (moto, SeaweedFS), a Redis database of our own."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ import pytest
 
 from tests.paths import EXAMPLES
 from tests.s3server import start_s3_server
+from tests.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedServer, seaweedfs
 
 REDIS_DB = int(os.environ.get("AMODAL_TEST_REDIS_DB", "11"))
 
@@ -39,31 +40,82 @@ def s3_endpoint() -> Iterator[str]:
     stop()
 
 
-@pytest.fixture
-def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The usual AWS environment, pointing at the test server; returns its URL."""
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory) -> Iterator[SeaweedServer]:
+    """A real SeaweedFS (``weed server -s3``) shared by the session; it checks credentials."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def seaweed_endpoint(seaweed_server: SeaweedServer) -> str:
+    return seaweed_server.endpoint
+
+
+def _point_env_at(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    return s3_endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    return endpoint
+
+
+def _admin_client(endpoint: str):
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=REGION,
+                                          aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+
+
+def _new_bucket(admin) -> str:
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    admin.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The usual AWS environment, pointing at the moto server; returns its URL."""
+    return _point_env_at(s3_endpoint, monkeypatch)
 
 
 @pytest.fixture(scope="session")
 def s3_admin(s3_endpoint: str):
-    """A plain client of the test server, for setting up and inspecting buckets."""
-    return boto3.session.Session().client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                                          aws_access_key_id="testing", aws_secret_access_key="testing-secret")
+    """A plain client of the moto server, for setting up and inspecting buckets."""
+    return _admin_client(s3_endpoint)
 
 
 @pytest.fixture
 def s3_bucket(s3_env: str, s3_admin) -> str:
-    """A fresh, empty bucket on the test server."""
-    name = f"test-{uuid.uuid4().hex[:16]}"
-    s3_admin.create_bucket(Bucket=name)
-    return name
+    """A fresh, empty bucket on the moto server."""
+    return _new_bucket(s3_admin)
+
+
+@pytest.fixture
+def seaweed_env(seaweed_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The usual AWS environment, pointing at the SeaweedFS server; returns its URL."""
+    return _point_env_at(seaweed_endpoint, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def seaweed_admin(seaweed_endpoint: str):
+    """A plain client of the SeaweedFS server."""
+    return _admin_client(seaweed_endpoint)
+
+
+@pytest.fixture
+def seaweed_bucket(seaweed_env: str, seaweed_admin) -> Iterator[str]:
+    """A fresh, empty bucket on the SeaweedFS server, deleted afterwards with its objects (each bucket
+    holds a volume of its own)."""
+    name = _new_bucket(seaweed_admin)
+    yield name
+    seaweed_admin.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def any_s3_bucket(request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on each S3 server in turn (moto, then SeaweedFS), the environment pointing at it."""
+    return request.getfixturevalue("s3_bucket" if request.param == "moto" else "seaweed_bucket")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Storage behaviour, the same suite over a local folder and an S3 server (moto)."""
+"""Storage behaviour, the same suite over a local folder and two S3 servers (moto and a real
+SeaweedFS), and the start-up check (``check_storage``)."""
 from __future__ import annotations
 
 import os
@@ -13,17 +14,21 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from amodal.storage import (PARTIAL_MARK, LocalStorage, ObjectNotFound, S3Storage, Storage,
+from amodal.errors import ServiceError, UsageError
+from amodal.storage import (PARTIAL_MARK, PROBE_PREFIX, ConditionalWritesIgnored, LocalStorage, ObjectNotFound,
+                            S3Storage, Storage, StorageMisconfigured, StorageUnavailable, check_storage,
                             make_s3_client, open_storage)
 from tests.s3server import start_s3_server
+from tests.seaweed import free_ports, seaweedfs
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "local":
         return LocalStorage(tmp_path / "store")
+    bucket = request.getfixturevalue("s3_bucket" if request.param == "moto" else "seaweed_bucket")
     # A small page size so that listings span several pages.
-    return S3Storage(request.getfixturevalue("s3_bucket"), prefix="root/", page_size=3)
+    return S3Storage(bucket, prefix="root/", page_size=3)
 
 
 def record_requests(client, operation: str) -> list:
@@ -78,19 +83,26 @@ def test_overwrite_and_delete(store: Storage):
         store.get("a/b")
 
 
-def test_list_prefix_order_and_pages(store: Storage):
+def test_list_prefix_order_and_pages(store: Storage, request: pytest.FixtureRequest):
     keys = ["a-c", "a/b", "a/c/d", "a/c/e", "ab", "b", "b/x", "c.txt"]
     if isinstance(store, LocalStorage):
         keys.remove("b")  # in a folder, "b" cannot be both a file and the folder of "b/x"
     for key in reversed(keys):
         store.put(key, key.encode())
     pages = record_requests(store.client, "ListObjectsV2") if isinstance(store, S3Storage) else []
-    assert list(store.list()) == sorted(keys)  # S3's key order
-    assert list(store.list("")) == sorted(keys)
-    assert list(store.list("a/")) == ["a/b", "a/c/d", "a/c/e"]
-    assert list(store.list("a")) == ["a-c", "a/b", "a/c/d", "a/c/e", "ab"]
-    assert list(store.list("a/c/")) == ["a/c/d", "a/c/e"]
-    assert list(store.list("a/c/d")) == ["a/c/d"]
+    # SeaweedFS walks folders: "a/..." comes before "a-c", where the folder name "a" sorts.
+    in_key_order = request.node.callspec.params["store"] != "seaweedfs"
+
+    def listed(prefix: str) -> list[str]:
+        keys_listed = list(store.list(prefix))
+        return keys_listed if in_key_order else sorted(keys_listed)
+
+    assert listed("") == sorted(keys)  # S3's key order
+    assert list(store.list()) == list(store.list(""))
+    assert listed("a/") == ["a/b", "a/c/d", "a/c/e"]
+    assert listed("a") == ["a-c", "a/b", "a/c/d", "a/c/e", "ab"]
+    assert listed("a/c/") == ["a/c/d", "a/c/e"]
+    assert listed("a/c/d") == ["a/c/d"]
     assert list(store.list("zz")) == []
     if isinstance(store, S3Storage):
         assert len(pages) >= 3  # 8 keys at 3 per page, for the first listing alone
@@ -326,3 +338,129 @@ def test_put_survives_outage(s3_env: str, monkeypatch: pytest.MonkeyPatch, caplo
         thread.join()
         for stop_again in restarted:
             stop_again()
+
+
+# The start-up check.
+def test_check_storage_passes_and_leaves_nothing(store: Storage):
+    store.put("jobs/j1/a", b"x")
+    check_storage(store)
+    assert list(store.list()) == ["jobs/j1/a"]  # the probe's objects are gone
+    assert store.get("jobs/j1/a") == b"x"
+
+
+def strip_condition(store: S3Storage, only: str = "") -> list[str]:
+    """Make ``store``'s conditional writes (to keys containing ``only``) plain ones, as a server that
+    ignores If-None-Match would treat them; returns the keys whose condition was dropped."""
+    stripped: list[str] = []
+
+    def drop(request, **_):
+        if only in request.url and "If-None-Match" in request.headers:
+            del request.headers["If-None-Match"]
+            stripped.append(request.url)
+
+    store.client.meta.events.register("before-sign.s3.PutObject", drop)  # before signing: still valid
+    return stripped
+
+
+def test_probe_refuses_a_server_that_overwrites(any_s3_bucket: str):
+    store = S3Storage(any_s3_bucket, prefix="data")
+    stripped = strip_condition(store)
+    with pytest.raises(ConditionalWritesIgnored) as caught:
+        check_storage(store)
+    message = str(caught.value)
+    assert "\n" not in message and isinstance(caught.value, UsageError) and caught.value.exit_code == 2
+    assert message.startswith(f"storage s3://{any_s3_bucket}/data on http://127.0.0.1:")
+    assert "does not honour conditional writes (If-None-Match: *)" in message and "upgrade" in message
+    assert "a second create-only write replaced the object" in message
+    assert stripped and all(PROBE_PREFIX in url for url in stripped)
+    assert list(store.list()) == []  # the probe cleaned up after itself
+
+
+def test_probe_refuses_a_server_that_lets_racing_writers_through(any_s3_bucket: str):
+    store = S3Storage(any_s3_bucket)
+    strip_condition(store, only="/raced")
+    with pytest.raises(ConditionalWritesIgnored, match=r"under concurrency: 8 of 8 racing create-only writes"):
+        check_storage(store)
+    assert list(store.list()) == []
+
+
+def test_probe_refuses_a_server_without_conditional_writes(s3_bucket: str):
+    store = S3Storage(s3_bucket, client=make_s3_client(max_attempts=1), retry_seconds=5)
+
+    def refuse_conditional(request, **_):
+        return fake_response(request, 501, "NotImplemented") if "If-None-Match" in request.headers else None
+
+    store.client.meta.events.register("before-send.s3.PutObject", refuse_conditional)
+    with pytest.raises(ConditionalWritesIgnored, match=r"does not support conditional writes .*NotImplemented"):
+        check_storage(store)
+    check_storage(store, probe_writes=False)  # reachable all the same
+
+
+def test_probe_refuses_a_local_folder_that_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = LocalStorage(tmp_path / "store")
+    check_storage(store)
+    monkeypatch.setattr(LocalStorage, "_put_if_absent", lambda self, key, data: self._put(key, data) or True)
+    with pytest.raises(ConditionalWritesIgnored, match=f"storage {tmp_path / 'store'} does not honour"):
+        check_storage(store)
+
+
+def test_check_storage_local_folder_not_writable(tmp_path: Path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageMisconfigured, match=r"^cannot write to the storage folder .*/file/store \("):
+        check_storage(LocalStorage(tmp_path / "file" / "store"))
+
+
+def test_check_storage_missing_bucket(any_s3_bucket: str):
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    with pytest.raises(StorageMisconfigured) as caught:
+        check_storage(S3Storage(f"{any_s3_bucket}-absent", prefix="data"))
+    assert str(caught.value) == (f"bucket {any_s3_bucket}-absent does not exist on {endpoint}: create it or fix "
+                                 "AMODAL_STORAGE_URL")
+    assert caught.value.exit_code == 2 and not isinstance(caught.value, ConditionalWritesIgnored)
+
+
+@pytest.mark.parametrize("variable, value, code", [("AWS_SECRET_ACCESS_KEY", "wrong-secret", "SignatureDoesNotMatch"),
+                                                   ("AWS_ACCESS_KEY_ID", "nobody", "InvalidAccessKeyId")])
+def test_check_storage_wrong_credentials(seaweed_bucket: str, monkeypatch: pytest.MonkeyPatch, variable, value, code):
+    check_storage(S3Storage(seaweed_bucket), probe_writes=False)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(StorageMisconfigured) as caught:
+        check_storage(S3Storage(seaweed_bucket))
+    assert str(caught.value).startswith(f"S3 credentials refused by {os.environ['AWS_ENDPOINT_URL']} for bucket "
+                                        f"{seaweed_bucket} ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    assert caught.value.exit_code == 2
+
+
+def test_check_storage_no_credentials(s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageMisconfigured) as caught:
+        check_storage(S3Storage("some-bucket"))
+    assert str(caught.value) == "no S3 credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+
+
+def test_check_storage_unreachable(s3_env: str, monkeypatch: pytest.MonkeyPatch):
+    endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(StorageUnavailable) as caught:
+        check_storage(S3Storage("some-bucket", client=make_s3_client(max_attempts=1)))
+    message = str(caught.value)
+    assert message.startswith(f"cannot reach {endpoint} (") and message.endswith(
+        "check AWS_ENDPOINT_URL and that the S3 server runs") and "\n" not in message
+    assert isinstance(caught.value, ServiceError) and caught.value.exit_code == 1
+
+
+@pytest.mark.slow
+def test_seaweedfs_restart_keeps_objects(tmp_path: Path):
+    with seaweedfs(tmp_path / "s3", buckets=["kept"]) as server:
+        client = server.client()
+        client.put_object(Bucket="kept", Key="before", Body=b"1")
+        server.stop()
+        with pytest.raises(EndpointConnectionError):
+            server.client(retries={"total_max_attempts": 1}).get_object(Bucket="kept", Key="before")
+        server.start()
+        client.put_object(Bucket="kept", Key="after", Body=b"2")
+        assert [client.get_object(Bucket="kept", Key=k)["Body"].read() for k in ("before", "after")] == [b"1", b"2"]
