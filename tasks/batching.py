@@ -23,7 +23,7 @@ import traceback
 from collections import defaultdict
 from typing import Any, Collection, NamedTuple
 
-from billiard.einfo import ExceptionInfo
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import signals
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
@@ -115,7 +115,8 @@ class BatchPerProcess(Batches):
         def on_lost(einfo: ExceptionInfo) -> None:
             """The pool process died or hit the hard time limit: every message goes back to the queue
             (``task_reject_on_worker_lost``); as Celery does for a requeued task, no event is sent."""
-            log.error("%s batch of %d lost: %r", self.name, len(requests), einfo.exception)
+            exc = einfo.exception.exc if isinstance(einfo.exception, ExceptionWithTraceback) else einfo.exception
+            log.error("%s batch of %d lost: %r", self.name, len(requests), exc)
             for request in requests:
                 task_ready(request)
                 request.reject(requeue=True)
