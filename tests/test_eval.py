@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from amodal.evaluation.command import add_eval_command, evaluate
-from amodal.evaluation.generator import SYNTHETIC_SIZE, Sample, shape_mask, synthetic_samples
+from amodal.evaluation.generator import (SYNTHETIC_SIZE, Sample, coco_objects, coco_samples, shape_mask,
+                                         synthetic_samples)
 from amodal.evaluation.metrics import Prediction, Scorer, amodal_iou
 from amodal.images import encode_png
 from amodal.settings import Settings
@@ -171,3 +172,35 @@ def test_a_result_is_placed_by_its_offsets_and_pixels_past_the_frame_count_again
     np.testing.assert_array_equal(prediction.mask, full)
     assert prediction.area == 200
     assert amodal_iou(prediction, full) == pytest.approx(100 / 200)
+
+
+def test_coco_objects_decode_polygons_and_rle_and_take_occluders_from_each_other(tmp_path):
+    from pycocotools import mask as rle
+
+    height, width = 120, 160
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    (tmp_path / "a.png").write_bytes(encode_png(pixels))
+    first, second = np.zeros((height, width), bool), np.zeros((height, width), bool)
+    first[20:70, 20:80] = True
+    second[50:100, 90:140] = True
+    encoded = rle.encode(np.asfortranarray(second.astype(np.uint8)))
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 3000, "bbox": [20, 20, 60, 50],
+         "segmentation": [[20, 20, 80, 20, 80, 70, 20, 70]]},
+        {"id": 2, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 2500, "bbox": [90, 50, 50, 50],
+         "segmentation": {"size": [height, width], "counts": encoded["counts"].decode()}},
+    ]
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": height, "width": width}],
+            "categories": [{"id": 1, "name": "cup"}, {"id": 2, "name": "book"}], "annotations": annotations}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+
+    objects = coco_objects(tmp_path / "coco.json", tmp_path)
+    assert [o.label for o in objects] == ["cup", "book"]
+    np.testing.assert_array_equal(objects[0].mask, first)
+    np.testing.assert_array_equal(objects[1].mask, second)
+    samples = coco_samples(objects, 2)
+    assert sorted(s.label for s in samples) == ["book", "cup"]
+    for sample in samples:
+        assert 0.15 <= sample.hidden.sum() / sample.full.sum() <= 0.6
+        np.testing.assert_array_equal(sample.original, pixels)
+        np.testing.assert_array_equal(sample.image[~sample.occluder], pixels[~sample.occluder])

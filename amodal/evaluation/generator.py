@@ -115,10 +115,10 @@ def _inside(box: tuple[int, int, int, int], shape: tuple[int, int], margin: int)
 
 
 def _fit(occluder: SourceObject, target: SourceObject, rng: np.random.Generator) -> SourceObject:
-    """The occluder's cut-out rescaled to 40-90% of the target's size (its larger side)."""
+    """The occluder's cut-out rescaled to 60-100% of the target's size (its larger side)."""
     ox0, oy0, ox1, oy1 = bbox(occluder.mask)
     tx0, ty0, tx1, ty1 = bbox(target.mask)
-    scale = rng.uniform(0.4, 0.9) * max(tx1 - tx0, ty1 - ty0) / max(ox1 - ox0, oy1 - oy0)
+    scale = rng.uniform(0.6, 1.0) * max(tx1 - tx0, ty1 - ty0) / max(ox1 - ox0, oy1 - oy0)
     size = (max(1, round((ox1 - ox0) * scale)), max(1, round((oy1 - oy0) * scale)))
     mask = cv2.resize(occluder.mask[oy0:oy1, ox0:ox1].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     pixels = cv2.resize(occluder.image[oy0:oy1, ox0:ox1], size, interpolation=cv2.INTER_AREA)
