@@ -501,8 +501,8 @@ def probe_create_only(store: Storage, writers: int = PROBE_WRITERS) -> None:
         raise ConditionalWritesIgnored(f"storage {where} refused a create-only write of a new object")
     if overwrote or kept != b"first":
         raise ConditionalWritesIgnored(
-            f"storage {where} does not honour conditional writes (If-None-Match: *): a second create-only "
-            "write replaced the object (SeaweedFS before 3.97 ignores the header); upgrade the S3 server")
+            f"storage {where} does not honour conditional writes (If-None-Match: *): it accepted a second "
+            "create-only write of one key (SeaweedFS before 3.97 ignores the header); upgrade the S3 server")
     if len(winners) != 1 or raced != winners[0]:
         raise ConditionalWritesIgnored(
             f"storage {where} does not honour conditional writes (If-None-Match: *) under concurrency: "
