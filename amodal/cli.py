@@ -87,12 +87,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(settings=None):
+def _client(settings=None, writes: bool = False):
     from producer import Client
     from producer.checks import check_services
 
     client = Client(storage_url=_storage_url(), settings=settings)
-    check_services(client)
+    check_services(client, writes)
     return client
 
 
@@ -101,7 +101,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.images.startswith("s3://"):
         _existing(args.images, "--images folder", folder=True)
     _existing(args.annotations, "--annotations file", folder=False)
-    report = _client(settings).submit_dataset(args.images, args.annotations, args.dataset, progress=not args.quiet)
+    report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset, progress=not args.quiet)
     print(json.dumps({"rows": report.rows, "enqueued": report.enqueued, "finished": report.finished,
                       "invalid": len(report.invalid)}))
     return 0
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     dl.add_argument("dir", help="model folder to fetch into (created if missing)")
     dl.add_argument("--only", nargs="+", metavar="MODEL", help="fetch only these models (sam, grounding_dino, clip, "
-                    "sd_inpaint, instaorder, ram_plus, lisa); default: all, LISA-13B included (about 26 GB)")
+                    "sd_inpaint, instaorder, ram_plus, lisa, lpips); default: all, LISA-13B included (about 26 GB)")
     dl.add_argument("--sam-variant", default="vit_h", choices=["vit_h", "vit_l", "vit_b"], help="SAM backbone")
     models.set_defaults(func=cmd_models)
 
@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     flower = verb("flower", "serve Flower on the same broker (basic auth from FLOWER_BASIC_AUTH=user:password)")
     flower.add_argument("--port", type=int, default=5555, help="TCP port to serve on")
     flower.set_defaults(func=cmd_flower)
+
+    from amodal.evaluation.command import add_eval_command
+
+    add_eval_command(sub)
     return parser
 
 

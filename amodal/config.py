@@ -54,6 +54,7 @@ class Environment(BaseSettings):
     storage_retry_seconds: float = Field(300.0, ge=0)  # how long storage calls retry transient errors
     warmup_timeout: float = Field(900.0, gt=0)  # seconds a pool process may take to load and warm its models
     broker_folder: str = "/tmp/amodal-broker"  # the filesystem:// broker's shared folder
+    instaorder_url: str = ""  # where `amodal models download` fetches InstaOrder's checkpoint (no official mirror)
     worker_stage: str = ""  # set by `amodal worker` for its pool processes
 
     @model_validator(mode="after")

@@ -27,14 +27,13 @@ from botocore.exceptions import (BotoCoreError, ClientError, HTTPClientError, No
                                  PartialCredentialsError)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from amodal.config import environment
 from amodal.errors import ServiceError, UsageError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRY_SECONDS_ENV = "AMODAL_STORAGE_RETRY_SECONDS"
-DEFAULT_RETRY_SECONDS = 300.0
 # Local writes go through temporary files named like this; no key may contain such a segment.
 PARTIAL_MARK = ".amodal-partial-"
 
@@ -293,8 +292,7 @@ class S3Storage(Storage):
         self.prefix = check_key(prefix) if prefix else ""
         self.client = client if client is not None else make_s3_client()
         self.page_size = page_size
-        self.retry_seconds = (float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS))
-                              if retry_seconds is None else retry_seconds)
+        self.retry_seconds = environment().storage_retry_seconds if retry_seconds is None else retry_seconds
         self.conditional_writes = True  # until the server answers NotImplemented
         self._root = f"{self.prefix}/" if self.prefix else ""
 

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from amodal.images import encode_png  # noqa: E402
 from amodal.settings import Settings  # noqa: E402
-from tasks.batching import DEFAULTS  # noqa: E402
+from amodal.config import Environment  # noqa: E402
+from amodal.steps import BATCHED  # noqa: E402
 from workers.launch import WorkerGroup  # noqa: E402
 from workers.placement import plan  # noqa: E402
 
@@ -157,7 +158,7 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
         group.stop()
     calls = {stage: [int(line.split(f"{stage} step of ", 1)[1].split()[0])
                      for name in group.procs for line in group.log(name).splitlines() if f"{stage} step of " in line]
-             for stage in DEFAULTS}
+             for stage in BATCHED}
     loops = [loop for name in group.procs for loop in denoising_loops(group.log(name)) if loop[0] > started]  # not warm-up
     states = [latest_state(client.store, line["job_id"]) for line in lines]
     statuses: dict[str, int] = {}
@@ -245,7 +246,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--baseline-images", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16, help="inpaint batch size")
-    ap.add_argument("--segment-batch", type=int, default=DEFAULTS["segment"][0],
+    ap.add_argument("--segment-batch", type=int, default=Environment.model_fields["segment_batch"].default,
                     help="segment batch size (1: one job per call)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)

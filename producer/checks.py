@@ -27,11 +27,12 @@ def check_broker(timeout: float = BROKER_TIMEOUT) -> None:
                                "or point AMODAL_BROKER_URL at it") from exc
 
 
-def check_services(client) -> None:
-    """Before a producer command: the client's storage is usable and the broker answers."""
+def check_services(client, writes: bool = True) -> None:
+    """Before a producer command: the client's storage answers (and, for one that ``writes``, keeps
+    create-only writes) and the broker answers."""
     from amodal.storage import check_storage
 
-    check_storage(client.store)
+    check_storage(client.store, probe_writes=writes)
     check_broker()
 
 

@@ -17,7 +17,6 @@ its ``runtime``) from the outcome the pool process returns for it. The worker's 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from collections import defaultdict
@@ -31,26 +30,24 @@ from celery.worker.state import task_ready
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
+from amodal.config import environment
 from amodal.state import JobState
 from amodal.steps import run_batch
 from tasks.app import app, send_stage
 from tasks.stage import MAX_ATTEMPTS, advance, claim, context, fail
 
 log = logging.getLogger(__name__)
-# inpaint: 16 measured 1,043 images/hour on one H100 against 849 at 8 (bench/results/gpu_throughput_clip_tagger.json,
-# gpu_throughput_b8.json). segment: 4 jobs per call cut the stage's time per image from 1.88 s to 1.47 s
-# (bench/results/gpu_throughput_segment_batch1.json, gpu_throughput_segment_batch4.json); 8 cut it no further
-# and, with SAM encoding 8 at once, took the card to 78 GiB. occlusion: a job asks about 2(N-1) pairs, so 8 jobs
-# fill InstaOrder's batch of 64 (an H100 runs a pair in 5.1 ms alone, 0.33 ms in a bf16 batch of 64).
-DEFAULTS = {"segment": (4, 0.2), "occlusion": (8, 0.2), "inpaint": (16, 0.5)}
 
 
 def batch_size(stage: str) -> int:
-    return int(os.environ.get(f"AMODAL_{stage.upper()}_BATCH", DEFAULTS[stage][0]))
+    """Jobs per model call of a batched stage (``AMODAL_<STAGE>_BATCH``; defaults and their measurements in
+    :mod:`amodal.config`)."""
+    return environment().batch_size(stage)
 
 
 def flush_interval(stage: str) -> float:
-    return float(os.environ.get(f"AMODAL_{stage.upper()}_FLUSH", DEFAULTS[stage][1]))
+    """Seconds a partial batch waits for more jobs (``AMODAL_<STAGE>_FLUSH``)."""
+    return environment().flush_interval(stage)
 
 
 class Outcome(NamedTuple):

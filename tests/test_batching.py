@@ -23,7 +23,7 @@ class Pool:
         self.batches: list[list[str]] = []
         self.jobs: list[PoolJob] = []
 
-    def apply_async(self, target, args, accept_callback=None, callback=None):
+    def apply_async(self, target, args, accept_callback=None, callback=None, error_callback=None):
         _, (requests,), *_ = args
         self.batches.append([r.args[0] for r in requests])
         self.jobs.append(PoolJob())
@@ -112,7 +112,8 @@ def test_a_job_that_cannot_be_routed_on_is_retried_not_dropped(monkeypatch):
     from tasks import batching
 
     settings = SimpleNamespace(result_fingerprint=lambda: "same")
-    states = {j: SimpleNamespace(job_id=j, version=0, attempts={"inpaint": 1}, job_settings=lambda: settings) for j in "ab"}
+    states = {j: SimpleNamespace(job_id=j, version=0, stage="finalize", attempts={"inpaint": 1},
+                                 job_settings=lambda: settings) for j in "ab"}
     advanced, sent = [], []
 
     def advance(state):
@@ -125,5 +126,7 @@ def test_a_job_that_cannot_be_routed_on_is_retried_not_dropped(monkeypatch):
     monkeypatch.setattr(batching, "run_batch", lambda stage, batch, ctx: None)
     monkeypatch.setattr(batching, "advance", advance)
     monkeypatch.setattr(batching, "send_stage", lambda stage, job_id, version, countdown=None: sent.append((stage, job_id)))
-    assert batching.run_requests("inpaint", [SimpleNamespace(args=(j, 0)) for j in "ab"]) == 2
+    outcomes = batching.run_requests("inpaint", [SimpleNamespace(id=f"m{j}", args=(j, 0)) for j in "ab"])
+    assert {k: (v.event, v.fields.get("result")) for k, v in outcomes.items()} == {
+        "ma": ("retried", None), "mb": ("succeeded", "finalize")}
     assert advanced == ["b"] and sent == [("inpaint", "a")]  # "a" comes back to its step; "b" moved on

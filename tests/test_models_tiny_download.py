@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from amodal.evaluation.lpips import BACKBONE_FILE, BACKBONE_URL, LINEAR_FILE
 from amodal.models import download, tiny
 from amodal.models.download import DownloadError, download_models, fetch_url
 from amodal.models.instaorder import InstaOrder
@@ -207,11 +208,14 @@ def test_a_present_file_is_not_fetched_again(network, tmp_path):
 def test_every_model_lands_at_its_registry_path(network, tmp_path, monkeypatch):
     sam_url = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth"
     instaorder_url = "https://mirror.example.test/InstaOrder_InstaOrderNet_od.pth.tar"
-    network["responses"].update({sam_url: FakeResponse(b"sam"), instaorder_url: FakeResponse(b"order")})
+    network["responses"].update({sam_url: FakeResponse(b"sam"), instaorder_url: FakeResponse(b"order"),
+                                 BACKBONE_URL: FakeResponse(b"alexnet")})
     monkeypatch.setenv(download.INSTAORDER_URL_ENV, instaorder_url)
     download_models(tmp_path, sam_variant="vit_l")
 
-    assert network["urls"] == [sam_url, instaorder_url]
+    assert network["urls"] == [sam_url, BACKBONE_URL, instaorder_url]
+    assert (tmp_path / BACKBONE_FILE).read_bytes() == b"alexnet"
+    assert (tmp_path / LINEAR_FILE).is_file()
     assert (tmp_path / SAM_FILES["vit_l"]).read_bytes() == b"sam"
     assert (tmp_path / INSTAORDER_FILE).read_bytes() == b"order"
     snapshots = {repo: (local_dir, kwargs) for repo, local_dir, kwargs in network["snapshots"]}

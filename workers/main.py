@@ -67,9 +67,10 @@ def run_worker(stage: str, gpu: int | None = None, concurrency: int | None = Non
 
     app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
 
-    from tasks.batching import DEFAULTS, batch_size
+    from amodal.steps import BATCHED
+    from tasks.batching import batch_size
 
-    prefetch = batch_size(stage) if stage in DEFAULTS else 1
+    prefetch = batch_size(stage) if stage in BATCHED else 1
     app.conf.worker_concurrency = concurrency or processes(stage)  # batched stages run a batch per process
     app.worker_main([
         "worker", "--queues", stage, "--concurrency", str(app.conf.worker_concurrency), "--pool", "prefork",

@@ -22,6 +22,7 @@ from urllib.request import urlopen
 from huggingface_hub import hf_hub_download, snapshot_download
 from tqdm import tqdm
 
+from amodal.config import environment
 from amodal.models.registry import (
     CLIP_DIR,
     GROUNDING_DINO_DIR,
@@ -98,7 +99,7 @@ def fetch_url(url: str, target: Path) -> Path:
 
 
 def _instaorder(target: Path) -> None:
-    url = os.environ.get(INSTAORDER_URL_ENV)
+    url = environment().instaorder_url
     if url:
         fetch_url(url, target)
     elif target.exists():
