@@ -1,0 +1,126 @@
+"""``amodal metrics``: the collector against messages sent through Celery and kombu's own Redis transport,
+and the exporter as a process while real workers drain a dataset."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from kombu import Connection
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
+
+from amodal.jobstore import record_outcome, write_submission
+from amodal.state import WORK_STAGES, JobState
+from amodal.storage import open_storage
+from producer.metrics import AmodalCollector
+from tests.cluster import cluster_env, outside_repository, start_workers
+from tests.flowerproc import AMODAL, free_port
+
+METRICS_REDIS_DB = 8
+
+
+def samples(text: str) -> dict[tuple, float]:
+    """(sample name, label pairs...) -> value, from the exposition text."""
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def collect(collector: AmodalCollector) -> dict[tuple, float]:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return samples(generate_latest(registry).decode())
+
+
+def depth(found: dict, stage: str, name: str = "amodal_queue_depth") -> float:
+    return found[(name, ("stage", stage))]
+
+
+def outcomes(found: dict, dataset: str) -> dict[str, float]:
+    return {dict(key[1:])["status"]: v for key, v in found.items()
+            if key[0] == "amodal_dataset_outcomes_total" and dict(key[1:])["dataset"] == dataset and v}
+
+
+@pytest.fixture
+def own_redis_url():
+    url = f"redis://127.0.0.1:6379/{METRICS_REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
+
+
+def job(dataset: str, number: int) -> JobState:
+    return JobState(job_id=f"{dataset}-{number:04d}", dataset=dataset, image_key="k", query="q", settings={})
+
+
+def test_collector_counts_queued_held_and_finished_work(own_redis_url, tmp_path):
+    from tasks.app import app
+
+    # 1. Messages as the producer sends them (one with a priority, so it lands in a suffixed list),
+    #    and one taken by a consumer and not acknowledged.
+    with app.connection_for_write(own_redis_url) as conn:
+        for _ in range(3):
+            app.send_task("amodal.inpaint", args=["j", 0], queue="inpaint", connection=conn)
+        app.send_task("amodal.inpaint", args=["j", 0], queue="inpaint", connection=conn, priority=6)
+        for _ in range(2):
+            app.send_task("amodal.segment", args=["j", 0], queue="segment", connection=conn)
+    client = redis.Redis.from_url(own_redis_url)
+    assert {k.decode() for k in client.keys("inpaint*")} == {"inpaint", "inpaint\x06\x166"}
+    consumer = Connection(own_redis_url)
+    taken = consumer.default_channel.basic_get("segment", no_ack=False)
+    assert taken is not None
+
+    # 2. Two datasets: one finished, one with jobs in flight.
+    store = open_storage(str(tmp_path / "store"))
+    write_submission(store, "done", {"dataset": "done", "jobs": 2, "sent": 2})
+    write_submission(store, "busy", {"dataset": "busy", "jobs": 5, "sent": 4})
+    for state, status in ((job("done", 0), "completed"), (job("done", 1), "no_target"), (job("busy", 0), "failed")):
+        state.status = status
+        record_outcome(store, state)
+
+    collector = AmodalCollector(client, store)
+    found = collect(collector)
+    assert {stage: depth(found, stage) for stage in WORK_STAGES} == \
+        {"ground": 0, "segment": 1, "occlusion": 0, "inpaint": 4, "finalize": 0}
+    assert {stage: depth(found, stage, "amodal_queue_unacked") for stage in WORK_STAGES} == \
+        {"ground": 0, "segment": 1, "occlusion": 0, "inpaint": 0, "finalize": 0}
+    assert outcomes(found, "done") == {"completed": 1, "no_target": 1}
+    assert outcomes(found, "busy") == {"failed": 1}
+    assert found[("amodal_dataset_jobs", ("dataset", "busy"))] == 5
+    assert found[("amodal_jobs_in_flight", ("dataset", "busy"))] == 3  # 4 sent, 1 finished
+    assert found[("amodal_jobs_in_flight", ("dataset", "done"))] == 0
+    assert found[("amodal_source_up", ("source", "broker"))] == found[("amodal_source_up", ("source", "storage"))] == 1
+
+    # 3. The message acknowledged, another taken; more outcomes. A finished dataset is not listed
+    #    again until its submission record changes.
+    taken.ack()
+    consumer.default_channel.basic_get("inpaint", no_ack=False)
+    for state, status in ((job("busy", 1), "completed"), (job("done", 2), "completed")):
+        state.status = status
+        record_outcome(store, state)
+    found = collect(collector)
+    assert depth(found, "segment", "amodal_queue_unacked") == 0 and depth(found, "segment") == 1
+    assert depth(found, "inpaint", "amodal_queue_unacked") == 1 and depth(found, "inpaint") == 3
+    assert outcomes(found, "busy") == {"failed": 1, "completed": 1}
+    assert outcomes(found, "done") == {"completed": 1, "no_target": 1}
+    write_submission(store, "done", {"dataset": "done", "jobs": 3, "sent": 3})
+    assert outcomes(collect(collector), "done") == {"completed": 2, "no_target": 1}
+    consumer.release()
+
+
+def test_an_unreachable_broker_is_reported_not_raised(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    found = collect(AmodalCollector(client, open_storage(str(tmp_path))))
+    assert found[("amodal_source_up", ("source", "broker"))] == 0
+    assert found[("amodal_source_up", ("source", "storage"))] == 1
+    assert not any(key[0] == "amodal_queue_depth" for key in found)
