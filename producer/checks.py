@@ -41,10 +41,14 @@ def explain_service_error(exc: BaseException) -> tuple[int, str] | None:
     import botocore.exceptions as boto
     from kombu.exceptions import OperationalError
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
 
     if isinstance(exc, (OperationalError, RedisConnectionError)):
         return 1, f"the broker at {broker_url()} does not answer ({_reason(exc)}); start Redis or point " \
                   "AMODAL_BROKER_URL at it"
+    if isinstance(exc, ResponseError) and str(exc).startswith("OOM"):
+        return 1, f"the broker at {broker_url()} is full and refused a message ({_reason(exc)}); give Redis more " \
+                  "maxmemory or let the workers drain it, then run the same command again"
     if isinstance(exc, boto.NoCredentialsError):
         return 2, "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
     if isinstance(exc, (boto.EndpointConnectionError, boto.ConnectTimeoutError, boto.ReadTimeoutError)):

@@ -11,22 +11,24 @@ import errno
 import os
 import re
 
+from amodal.errors import ServiceError, UsageError
+
 _CREDENTIAL = re.compile(r"[^:,\s]+:[^,\s]+")
 
 
 def basic_auth_from_env() -> str:
     """``FLOWER_BASIC_AUTH``: ``user:password``, or several pairs joined by commas (Flower splits
-    the list on commas, so no password may hold one). Exits with a message if unset or malformed."""
+    the list on commas, so no password may hold one). Raises :class:`UsageError` if unset or malformed."""
     value = os.environ.get("FLOWER_BASIC_AUTH", "")
     if not value or not all(_CREDENTIAL.fullmatch(pair) for pair in value.split(",")):
-        raise SystemExit("amodal flower: set FLOWER_BASIC_AUTH to user:password (no spaces or commas; "
-                         "several pairs separated by commas); Flower is not started without auth")
+        raise UsageError("set FLOWER_BASIC_AUTH to user:password (no spaces or commas; several pairs separated "
+                         "by commas); Flower is not started without auth")
     return value
 
 
 def run_flower(port: int, broker_url: str | None = None) -> None:
     """Serve Flower on ``port`` (all interfaces unless ``FLOWER_ADDRESS`` says otherwise) until
-    stopped. ``broker_url`` overrides ``AMODAL_BROKER_URL``. Exits with a message if the port is taken."""
+    stopped. ``broker_url`` overrides ``AMODAL_BROKER_URL``. Raises :class:`ServiceError` if the port is taken."""
     auth = basic_auth_from_env()
     from tasks.app import app
 
@@ -37,4 +39,4 @@ def run_flower(port: int, broker_url: str | None = None) -> None:
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        raise SystemExit(f"amodal flower: port {port} is in use; pick another with --port") from None
+        raise ServiceError(f"port {port} is in use; pick another with --port") from None

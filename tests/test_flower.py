@@ -11,6 +11,8 @@ from collections import Counter
 
 import json5
 import pytest
+
+from amodal.errors import UsageError
 import requests
 
 from amodal.jobstore import load_state
@@ -70,7 +72,7 @@ def test_flower_refuses_to_start_without_basic_auth(own_redis_url):
     proc = flowerproc.run_amodal_flower(flowerproc.flower_env(own_redis_url, None), free_port(),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stderr = proc.communicate(timeout=60)[1]
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "set FLOWER_BASIC_AUTH to user:password" in stderr and "Traceback" not in stderr
 
 
@@ -83,7 +85,7 @@ def test_flower_on_a_port_in_use_says_so_in_one_line(own_redis_url):
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert stderr.strip() == f"amodal flower: port {port} is in use; pick another with --port", stderr
+    assert stderr.strip() == f"amodal: port {port} is in use; pick another with --port", stderr
     assert stdout == ""
 
 
@@ -92,7 +94,7 @@ def test_malformed_auth_is_refused(monkeypatch, value):
     from producer.flower import basic_auth_from_env
 
     monkeypatch.setenv("FLOWER_BASIC_AUTH", value)
-    with pytest.raises(SystemExit, match="FLOWER_BASIC_AUTH"):
+    with pytest.raises(UsageError, match="FLOWER_BASIC_AUTH"):
         basic_auth_from_env()
 
 

@@ -6,6 +6,7 @@ import collections
 import json
 from pathlib import Path
 
+from amodal.errors import UsageError
 from amodal.evaluation.generator import Sample, coco_objects, coco_samples, synthetic_samples, write_rows
 from amodal.evaluation.metrics import Prediction, Scorer
 from amodal.evaluation.report import METRICS, write_report
@@ -44,12 +45,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings, model_dir = _settings(args), _model_dir(args)
     if args.coco:
         if not args.images:
-            raise SystemExit("amodal: --coco needs --images")
+            raise UsageError("--coco needs --images")
         samples = coco_samples(coco_objects(Path(args.coco), Path(args.images)), args.limit, args.seed)
     else:
         samples = synthetic_samples(args.synthetic, args.seed)
     if not samples:
-        raise SystemExit("amodal: no usable objects to evaluate on")
+        raise UsageError("no usable objects to evaluate on (objects of 1024 px or more, clear of the border)")
     models = ModelSet(model_dir, settings)
     report = evaluate(samples, Path(args.out), models, Scorer.from_model_dir(model_dir, models.device), settings,
                       args.iou_floor, progress=not args.quiet)

@@ -1,0 +1,168 @@
+"""The distributed verbs as users type them, against a real S3 server (SeaweedFS) and Redis:
+``amodal launch`` starts the stage workers, ``amodal submit`` and ``amodal status`` follow a dataset,
+and the settings given on each command line or in the environment reach the results."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.browser import image_states
+from tests.cluster import AMODAL, amodal, outside_repository
+from tests.synthetic import synthetic_dataset
+
+pytestmark = pytest.mark.slow
+STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
+
+
+def launch_env(redis_url: str, storage: str, models: Path, server) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith(("AMODAL_", "AWS_"))}
+    env.update(server.env, AMODAL_BROKER_URL=redis_url, AMODAL_STORAGE_URL=storage, AMODAL_MODEL_DIR=str(models),
+               AMODAL_SETTINGS=json.dumps({"dtype": "float32"}), AMODAL_INPAINT_FLUSH="0.3",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture
+def launched(tmp_path, redis_url, seaweed_server, seaweed_bucket, tiny_models):
+    """``amodal launch --gpus 1`` (every stage's worker) under a worker-side ``--set``, until it is stopped."""
+    env = launch_env(redis_url, f"s3://{seaweed_bucket}/data", tiny_models, seaweed_server)
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen([*AMODAL, "launch", "--gpus", "1", "--logs", str(logs), "--set", "compile_unet=false"],
+                            env=env, cwd=outside_repository(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        wait_for_workers(env, proc, logs)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for_workers(env: dict, proc: subprocess.Popen, logs: Path, timeout: float = 600) -> None:
+    """Until ``amodal status --workers`` lists a worker of every stage whose models are warm."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        res = amodal(env, "status", "--workers", timeout=60)
+        live = {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
+        warm = all("models loaded and warmed" in (logs / f"{stage}-gpu0.log").read_text(errors="replace")
+                   for stage in STAGES[:-1] if (logs / f"{stage}-gpu0.log").exists())
+        if live >= set(STAGES) and warm:
+            return
+        time.sleep(2)
+    raise TimeoutError("the launched workers did not come up:\n" + "\n".join(
+        p.read_text(errors="replace")[-2000:] for p in logs.glob("*.log")))
+
+
+def test_launch_submit_status_and_report(launched, tmp_path):
+    """Settings reach job.json from every way in: the producer's AMODAL_SETTINGS and --set, the workers'
+    AMODAL_SETTINGS and launch --set; status follows the run and writes a page that loads."""
+    env = dict(launched)
+    images, annotations = synthetic_dataset(tmp_path, count=4, given=4)
+    env["AMODAL_SETTINGS"] = json.dumps({"num_inference_steps": 2, "max_passes": 1, "seed": 1})
+    res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset", "cmds",
+                 "--set", "seed=3", "-q")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["enqueued"] == 4
+
+    waited = amodal(env, "status", "--dataset", "cmds", "--wait", "--interval", "1", timeout=900)
+    assert waited.returncode == 0, waited.stderr
+    counts = json.loads(waited.stdout)
+    assert counts["total"] == 4 and counts["completed"] + counts["unoccluded"] == 4, counts
+    assert "cmds" in waited.stderr  # progress was shown
+
+    manifest = [json.loads(line) for line in amodal(env, "status", "--dataset", "cmds", "--manifest").stdout.splitlines()]
+    assert len(manifest) == 4
+    from amodal.storage import open_storage
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    store = open_storage(env["AMODAL_STORAGE_URL"])
+    for line in manifest:
+        record = json.loads(store.get(f"results/cmds/{line['job_id']}/job.json"))
+        settings = record["settings"]
+        assert settings["num_inference_steps"] == 2 and settings["max_passes"] == 1  # producer AMODAL_SETTINGS
+        assert settings["seed"] == 3  # producer --set, over its AMODAL_SETTINGS
+        assert settings["dtype"] == "float32"  # the workers' AMODAL_SETTINGS
+        assert settings["compile_unet"] is False  # launch --set, handed to every worker
+        assert line["quality"] is not None and isinstance(line["flags"], list)
+
+    report = tmp_path / "report"
+    res = amodal(env, "status", "--dataset", "cmds", "--report", str(report))
+    assert res.returncode == 0, res.stderr
+    shown = image_states(report / "index.html")
+    assert len(shown) == 4 * 4 and all(i["ok"] for i in shown), shown
+
+
+def test_status_wait_says_when_nothing_moves(tmp_path, redis_url, seaweed_server, seaweed_bucket, paper_examples):
+    """No worker runs: ``status --wait`` shows progress at once, then says nothing moves and which stages
+    have no live worker."""
+    env = launch_env(redis_url, f"s3://{seaweed_bucket}/data", tmp_path, seaweed_server)
+    res = amodal(env, "submit", "--images", str(paper_examples / "images"), "--annotations",
+                 str(paper_examples / "example_annotation.json"), "--dataset", "idle", "-q")
+    assert res.returncode == 0, res.stderr
+    proc = subprocess.Popen([*AMODAL, "status", "--dataset", "idle", "--wait", "--interval", "0.5", "--stall", "3"],
+                            env=env, cwd=outside_repository(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        time.sleep(12)
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "idle" in err and "0/7" in err, err
+    assert "no progress for" in err and "ground 0 (none: start one)" in err, err
+
+
+def test_a_stopped_submission_reports_rows_never_sent_and_resumes(tmp_path, seaweed_server, seaweed_bucket,
+                                                                 paper_examples):
+    """A broker that fills up mid-submission (``maxmemory``, ``noeviction``): the rows it refused are
+    reported ``not_sent`` with the command that sends them, not ``pending`` for good."""
+    server = shutil.which("redis-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    redis_proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                   "no", "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        images, annotations = synthetic_dataset(tmp_path, count=60, given=60)
+        env = launch_env(f"redis://127.0.0.1:{port}/0", f"s3://{seaweed_bucket}/{uuid.uuid4().hex}", tmp_path,
+                         seaweed_server)
+        # room for a few messages only
+        client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 20_000)
+        res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset", "full",
+                     "-q")
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr and res.stderr.startswith("amodal: "), res.stderr
+        status = amodal(env, "status", "--dataset", "full")
+        counts = json.loads(status.stdout)
+        assert counts["not_sent"] > 0 and counts["pending"] + counts["not_sent"] == 60, counts
+        assert "amodal submit --images" in status.stderr and "--dataset full" in status.stderr, status.stderr
+        client.config_set("maxmemory", 0)  # room again: the printed command sends the rest
+        command = status.stderr.split("amodal submit", 1)[1].splitlines()[0]
+        res = amodal(env, "submit", *shlex.split(command), "-q")
+        assert res.returncode == 0, res.stderr
+        counts = json.loads(amodal(env, "status", "--dataset", "full").stdout)
+        assert counts["not_sent"] == 0 and counts["pending"] == 60, counts
+    finally:
+        redis_proc.terminate()
