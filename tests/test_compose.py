@@ -3,6 +3,7 @@ runs here). Each check is a function, so the last test can show that a broken fi
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = (*GPU_STAGES, "finalize")
 SECRETS = {"AMODAL_REDIS_PASSWORD": "redispw1", "AMODAL_S3_ACCESS_KEY": "key1", "AMODAL_S3_SECRET_KEY": "secret1",
            "FLOWER_BASIC_AUTH": "ops:flowerpw1"}
-SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FLOWER_BASIC_AUTH", "REDISCLI_AUTH", *SECRETS}
+SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FLOWER_BASIC_AUTH", "REDISCLI_AUTH",
+                    "GF_SECURITY_ADMIN_PASSWORD", *SECRETS}
 
 
 class Override(list):
@@ -91,20 +93,20 @@ def check_wiring(compose: dict) -> None:
     resolved = interpolate(compose, SECRETS)
     services = resolved["services"]
     bucket = re.search(r"s3 mb s3://([\w.-]+)", " ".join(services["s3-init"]["command"])).group(1)
-    for name in (*STAGES, "flower"):
+    for name in (*STAGES, "flower", "metrics"):
         env = services[name]["environment"]
         broker = urlsplit(env["AMODAL_BROKER_URL"])
         assert (broker.scheme, broker.hostname, broker.port, broker.password) == \
             ("redis", "redis", 6379, SECRETS["AMODAL_REDIS_PASSWORD"])
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
-    for stage in STAGES:
-        s = services[stage]
+    for name in (*STAGES, "metrics"):
+        s = services[name]
         env = s["environment"]
         assert urlsplit(env["AMODAL_STORAGE_URL"])[:2] == ("s3", bucket)
         assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and services["s3"]["ports"] == ["127.0.0.1:8333:8333"]
         assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == \
             (SECRETS["AMODAL_S3_ACCESS_KEY"], SECRETS["AMODAL_S3_SECRET_KEY"])
-        assert env["AMODAL_MODEL_DIR"] == "/models" and "./models:/models:ro" in s["volumes"]
+        assert name == "metrics" or (env["AMODAL_MODEL_DIR"] == "/models" and "./models:/models:ro" in s["volumes"])
         assert env["HF_HUB_OFFLINE"] == "1"
         assert s["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
     for s in services.values():  # a healthy-condition dependency must have a healthcheck to pass
@@ -176,7 +178,7 @@ def check_no_secret_on_a_command_line(compose: dict) -> None:
             line = " ".join(service.get(key) or [])
             assert not any(value in line for value in SECRETS.values()), f"{name}.{key} holds a secret"
         assert not any(value in " ".join(service.get("healthcheck", {}).get("test", [])) for value in SECRETS.values())
-    for name in ("redis", "s3", "s3-init"):
+    for name in ("redis", "s3", "s3-init", "grafana"):
         env = " ".join(f"{k}={v}" for k, v in (resolved["services"][name].get("environment") or {}).items())
         assert not any(value in env for value in SECRETS.values()), f"{name} gets a secret through its environment"
         assert all(secret in resolved["secrets"] for secret in resolved["services"][name]["secrets"])
@@ -194,9 +196,46 @@ def check_hardening(compose: dict) -> None:
             assert port.startswith("${AMODAL_BIND:-127.0.0.1}:"), f"{name} publishes {port} on every interface"
     published = {name: s["ports"] for name, s in interpolate(compose, SECRETS)["services"].items() if "ports" in s}
     assert published == {"redis": ["127.0.0.1:6379:6379"], "s3": ["127.0.0.1:8333:8333"],
-                         "flower": ["127.0.0.1:5555:5555"]}
+                         "flower": ["127.0.0.1:5555:5555"], "grafana": ["127.0.0.1:3000:3000"]}
     opted_in = interpolate(compose, {**SECRETS, "AMODAL_BIND": "10.0.0.5"})["services"]
     assert opted_in["redis"]["ports"] == ["10.0.0.5:6379:6379"]
+
+
+def check_monitoring(compose: dict) -> None:
+    """The exporter, Prometheus and Grafana: pinned images, Prometheus scraping the exporter and Flower
+    where they listen, Grafana provisioned with that Prometheus and the dashboard folder, its login
+    from a secret file."""
+    services = compose["services"]
+    metrics, prometheus, grafana = services["metrics"], services["prometheus"], services["grafana"]
+    assert metrics["command"][0] == "metrics" and "ports" not in metrics and "ports" not in prometheus
+    port = metrics["command"][metrics["command"].index("--port") + 1]
+    assert metrics["command"][-2:] == ["--address", "0.0.0.0"] and f":{port}/metrics" in " ".join(
+        metrics["healthcheck"]["test"])
+    for service in (prometheus, grafana):
+        assert re.fullmatch(r"[\w/.-]+:v?\d+\.\d+\.\d+", service["image"]), service["image"]
+    mounts = dict(volume.rsplit(":", 2)[:2] for volume in prometheus["volumes"] + grafana["volumes"]
+                  if volume.endswith(":ro"))
+    config_file = "./infra/prometheus/prometheus.yml"
+    assert f"--config.file={mounts[config_file]}" in prometheus["command"]
+    config = yaml.safe_load((ROOT / config_file).read_text())
+    targets = {job["job_name"]: (job.get("metrics_path", "/metrics"), target)
+               for job in config["scrape_configs"] for group in job["static_configs"] for target in group["targets"]}
+    flower_port = services["flower"]["command"][services["flower"]["command"].index("--port") + 1]
+    assert targets == {"amodal": ("/metrics", f"metrics:{port}"), "flower": ("/metrics", f"flower:{flower_port}")}
+    provisioning = ROOT / "infra/grafana/provisioning"
+    assert mounts["./infra/grafana/provisioning"] == "/etc/grafana/provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards/amodal.yml").read_text())["providers"]
+    assert mounts["./infra/grafana/dashboards"] == provider["options"]["path"]
+    dashboard = json.loads((ROOT / "infra/grafana/dashboards/amodal.json").read_text())
+    assert {panel["datasource"]["uid"] for panel in dashboard["panels"] if panel["type"] != "row"} == {source["uid"]}
+    login = " ".join(grafana["command"])
+    assert grafana["secrets"] == ["monitoring_auth"] and "/run/secrets/monitoring_auth" in login
+    assert "GF_SECURITY_ADMIN_PASSWORD__FILE=" in login and "exec /run.sh" in login
+    assert compose["secrets"]["monitoring_auth"] == {"environment": "FLOWER_BASIC_AUTH"}
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert {"prometheus-data", "grafana-data"} <= set(compose["volumes"])
 
 
 def size_bytes(size: str) -> int:
@@ -305,6 +344,10 @@ def test_env_template_lists_every_variable_the_files_read(compose, override):
     assert required == set(SECRETS) and all(re.search(rf"^{name}=", template, re.M) for name in required)
 
 
+def test_exporter_prometheus_and_grafana(compose):
+    check_monitoring(compose)
+
+
 def test_restart_health_and_graceful_stop(compose):
     check_lifecycle(compose)
 
@@ -367,6 +410,14 @@ BREAKAGES = {
     "port on every interface": (check_hardening, lambda c: c["services"]["flower"].update(ports=["5555:5555"])),
     "logs unrotated": (check_hardening, _drop(["services", "segment", "logging"])),
     "no memory cap": (check_hardening, _drop(["services", "s3-init", "mem_limit"])),
+    "Grafana on every interface": (check_hardening, lambda c: c["services"]["grafana"].update(ports=["3000:3000"])),
+    "Prometheus unpinned": (check_monitoring, lambda c: c["services"]["prometheus"].update(image="prom/prometheus")),
+    "exporter on another port": (check_monitoring, lambda c: c["services"]["metrics"].update(
+        command=["metrics", "--port", "9100", "--address", "0.0.0.0"])),
+    "Grafana password in its environment": (check_no_hard_coded_secrets, lambda c: c["services"]["grafana"][
+        "environment"].update(GF_SECURITY_ADMIN_PASSWORD="admin")),
+    "exporter without storage": (check_wiring, lambda c: c["services"]["metrics"].update(environment={
+        k: v for k, v in c["services"]["metrics"]["environment"].items() if k != "AMODAL_STORAGE_URL"})),
 }
 
 
