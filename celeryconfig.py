@@ -50,6 +50,10 @@ task_time_limit = _env.task_time_limit
 task_soft_time_limit = _env.task_time_limit - 30
 broker_transport_options = {
     "visibility_timeout": _env.visibility_timeout,
+    # Sweep the unacknowledged messages of lost workers every 5 s (kombu's default scans every 10th
+    # 10-second sweep, so a lost message came back up to ~100 s after the visibility timeout).
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
     # Survive short Redis outages without dropping the connection for good.
     "retry_on_timeout": True,
     "health_check_interval": 10,

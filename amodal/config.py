@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from amodal.errors import UsageError
 from amodal.settings import Settings
+from amodal.stages import BY_NAME
 
 SETTINGS_VARIABLE = "AMODAL_SETTINGS"
 
@@ -36,17 +37,14 @@ class Environment(BaseSettings):
     storage_url: str = ""  # file:///path or s3://bucket/prefix
     model_dir: Path | None = None
     settings: dict = Field(default_factory=dict)  # AMODAL_SETTINGS: JSON overrides of the method's settings
-    # Jobs per model call of the batched stages (per pool process), and how long a partial batch waits.
-    # inpaint: 16 measured 1,043 images/hour on one H100 against 849 at 8 (bench/results/gpu_throughput_clip_tagger.json,
-    # gpu_throughput_b8.json). segment: 4 cut the stage's time per image from 1.88 s to 1.47 s; 8 cut it no further
-    # and, with SAM encoding 8 at once, took the card to 78 GiB (gpu_throughput_segment_batch*.json). occlusion: a job
-    # asks about 2(N-1) pairs, so 8 jobs fill InstaOrder's batch of 64.
-    segment_batch: int = Field(4, ge=1)
-    occlusion_batch: int = Field(8, ge=1)
-    inpaint_batch: int = Field(16, ge=1)
-    segment_flush: float = Field(0.2, gt=0)
-    occlusion_flush: float = Field(0.2, gt=0)
-    inpaint_flush: float = Field(0.5, gt=0)
+    # Jobs per model call of the batched stages (per pool process), and how long a partial batch waits:
+    # defaults and their measurements in amodal.stages.
+    segment_batch: int = Field(BY_NAME["segment"].batch, ge=1)
+    occlusion_batch: int = Field(BY_NAME["occlusion"].batch, ge=1)
+    inpaint_batch: int = Field(BY_NAME["inpaint"].batch, ge=1)
+    segment_flush: float = Field(BY_NAME["segment"].flush, gt=0)
+    occlusion_flush: float = Field(BY_NAME["occlusion"].flush, gt=0)
+    inpaint_flush: float = Field(BY_NAME["inpaint"].flush, gt=0)
     task_time_limit: int = Field(300, ge=31)  # seconds; the hard limit that kills a hung step
     # Redis hands an unacknowledged message back after this; it should outlast the longest step (default: limit + 60).
     visibility_timeout: int | None = Field(None, ge=1)
@@ -56,6 +54,15 @@ class Environment(BaseSettings):
     broker_folder: str = "/tmp/amodal-broker"  # the filesystem:// broker's shared folder
     instaorder_url: str = ""  # where `amodal models download` fetches InstaOrder's checkpoint (no official mirror)
     worker_stage: str = ""  # set by `amodal worker` for its pool processes
+    # `amodal dispatch`: jobs in flight (sent to the stages, no outcome yet) at most; each has at most one
+    # message queued, so this bounds the broker's memory (about 1 KB a message) whatever a dataset's size.
+    dispatch_high_water: int = Field(2000, ge=1)
+    dispatch_interval: float = Field(2.0, gt=0)  # seconds between two rounds of feeding
+    dispatch_scan_interval: float = Field(15.0, gt=0)  # seconds between two checks of the jobs in flight
+    # A job in flight whose state has not advanced for task_time_limit + visibility_timeout + this margin,
+    # with no message of its in the broker, is stalled: its current step is sent again.
+    stall_margin: int = Field(60, ge=0)
+    submit_concurrency: int = Field(16, ge=1)  # storage calls a submission makes at once
 
     @model_validator(mode="after")
     def _default_visibility_timeout(self) -> "Environment":
@@ -64,10 +71,11 @@ class Environment(BaseSettings):
         return self
 
     def batch_size(self, stage: str) -> int:
-        return getattr(self, f"{stage}_batch")
+        """Jobs per model call of ``stage`` (1 for the stages that are not batched)."""
+        return getattr(self, f"{stage}_batch", BY_NAME[stage].batch)
 
     def flush_interval(self, stage: str) -> float:
-        return getattr(self, f"{stage}_flush")
+        return getattr(self, f"{stage}_flush", BY_NAME[stage].flush)
 
 
 def environment() -> Environment:

@@ -36,14 +36,25 @@ def record_outcome(store: Storage, state: JobState) -> None:
     store.put(f"outcomes/{state.dataset}/{state.status}/{state.job_id}", b"")
 
 
+def outcomes(store: Storage, dataset: str) -> Iterator[tuple[str, str]]:
+    """(status, job id) of every job of the dataset that has an outcome, from the marker listing."""
+    for key in store.list(f"outcomes/{dataset}/"):
+        _, _, status, job = key.split("/", 3)
+        if status in OUTCOMES:
+            yield status, job
+
+
 def outcome_counts(store: Storage, dataset: str) -> dict[str, set[str]]:
     """Job ids per outcome status, from the marker listing."""
     found: dict[str, set[str]] = {s: set() for s in OUTCOMES}
-    for key in store.list(f"outcomes/{dataset}/"):
-        _, _, status, job = key.split("/", 3)
-        if status in found:
-            found[status].add(job)
+    for status, job in outcomes(store, dataset):
+        found[status].add(job)
     return found
+
+
+def outcome_of(store: Storage, dataset: str) -> dict[str, str]:
+    """Job id -> outcome status, from the marker listing."""
+    return {job: status for status, job in outcomes(store, dataset)}
 
 
 def result_prefix(dataset: str, job: str) -> str:
@@ -66,8 +77,17 @@ class DatasetNotFound(UsageError):
                          "AMODAL_STORAGE_URL)")
 
 
-def rows_key(dataset: str) -> str:
-    return f"datasets/{dataset}/rows.jsonl"
+ROWS_PER_CHUNK = 10_000  # rows per object of a dataset's row record
+
+
+def rows_prefix(dataset: str) -> str:
+    return f"datasets/{dataset}/rows/"
+
+
+def rows_chunk_key(dataset: str, generation: int, index: int) -> str:
+    """One object of a dataset's rows: a submission writes its rows ``ROWS_PER_CHUNK`` at a time, in row
+    order; a submission of a changed annotation file starts a new ``generation``."""
+    return f"{rows_prefix(dataset)}{generation:04d}-{index:06d}.jsonl"
 
 
 def submission_key(dataset: str) -> str:
@@ -75,7 +95,8 @@ def submission_key(dataset: str) -> str:
 
 
 def write_submission(store: Storage, dataset: str, submission: dict) -> None:
-    """How the dataset was submitted (its arguments) and how many of its jobs were sent, in row order."""
+    """How the dataset was submitted (its arguments, the job settings) and how many of its rows are
+    recorded (``sent``: accepted for sending, in row order) of how many (``rows``)."""
     store.put(submission_key(dataset), json.dumps(submission, sort_keys=True).encode())
 
 
@@ -86,14 +107,24 @@ def read_submission(store: Storage, dataset: str) -> dict | None:
         return None
 
 
-def write_rows(store: Storage, dataset: str, rows: list[dict]) -> None:
-    store.put(rows_key(dataset), "".join(json.dumps(r) + "\n" for r in rows).encode())
+def write_rows_chunk(store: Storage, dataset: str, generation: int, index: int, rows: list[dict]) -> None:
+    store.put(rows_chunk_key(dataset, generation, index), "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def read_rows_chunk(store: Storage, dataset: str, generation: int, index: int) -> list[dict]:
+    """The rows of one chunk; [] if it is not written (yet)."""
+    try:
+        data = store.get(rows_chunk_key(dataset, generation, index))
+    except ObjectNotFound:
+        return []
+    return [json.loads(line) for line in data.decode().splitlines()]
 
 
 def read_rows(store: Storage, dataset: str) -> Iterator[dict]:
-    try:
-        data = store.get(rows_key(dataset))
-    except ObjectNotFound:
-        raise DatasetNotFound(dataset) from None
-    for line in data.decode().splitlines():
-        yield json.loads(line)
+    """The recorded rows of the dataset in row order, one chunk in memory at a time."""
+    submission = read_submission(store, dataset)
+    if submission is None:
+        raise DatasetNotFound(dataset)
+    chunks = -(-submission["sent"] // ROWS_PER_CHUNK)
+    for index in range(chunks):
+        yield from read_rows_chunk(store, dataset, submission["generation"], index)

@@ -1,41 +1,79 @@
-"""The Python client: submit jobs, follow a dataset, read its outcomes and results.
+"""The Python client: submit datasets, follow them, read their outcomes and results.
 
-Images from a local folder are uploaded once, under their content hash; images under an ``s3://``
-prefix are read in place by the workers. Job ids are content hashes, so submitting a dataset again
-enqueues only the rows that have no outcome yet: an interrupted submission or run resumes.
+Submitting records a dataset's rows in storage, ``ROWS_PER_CHUNK`` at a time in row order, and sends
+nothing: ``amodal dispatch`` (producer.dispatch) starts the jobs as the queues drain. The annotation
+file is read as a stream (JSONL; the paper's one-document format is read whole), each distinct input
+file is hashed and uploaded once, and storage calls run in a pool of ``AMODAL_SUBMIT_CONCURRENCY``.
+Job ids are content hashes, so a job submitted twice runs once; submitting the same file again resumes
+a submission that stopped, from its last recorded chunk.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import os
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from amodal.annotations import Row, read_annotations, resolve_input, validate_query
+from amodal.annotations import Row, _jsonl_row, read_annotations, resolve_input, validate_query
 from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
-from amodal.jobstore import (commit_state, latest_state, outcome_counts, read_record, read_rows, read_submission,
-                             record_outcome, result_prefix, write_rows, write_submission)
+from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcome_of, outcomes, read_record,
+                             read_rows, read_submission, result_prefix, rows_prefix, write_rows_chunk,
+                             write_submission)
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
 from amodal.storage import Storage, open_storage
+from producer.dispatch import adopt, open_dataset, stalled
 
-PENDING = "pending"  # sent to the workers, no outcome yet
-NOT_SENT = "not_sent"  # recorded by a submission that stopped before sending its job
-SENT_EVERY = 500  # jobs sent between two records of a submission's progress
+PENDING = "pending"  # recorded, no outcome yet (waiting for the dispatcher, or in flight)
+NOT_SENT = "not_sent"  # in the annotation file, not recorded: the submission stopped before them
+STALLED = "stalled"  # pending jobs that have not advanced for producer.dispatch.stall_after() (being sent again)
 
 
 @dataclass
 class SubmitReport:
     rows: int = 0
-    enqueued: int = 0  # new jobs, or unfinished ones sent on again
+    enqueued: int = 0  # rows recorded by this submission whose job has no outcome (the dispatcher starts them)
     finished: int = 0  # rows whose job already has an outcome
     invalid: list[dict] = field(default_factory=list)  # rows refused at submission, with the reason
+
+
+def annotation_rows(path: Path) -> tuple[int, Iterable[Row]]:
+    """(row count, rows in file order). JSONL is streamed (one counting pass, then one reading pass);
+    anything else goes through ``read_annotations`` whole, which also refuses what is not annotations."""
+    with open(path, "rb") as f:
+        first = next((line.strip().removeprefix(b"\xef\xbb\xbf") for line in f if line.strip()), b"")
+    try:
+        value = json.loads(first)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or "annotations" in value:
+        rows = read_annotations(path)
+        return len(rows), rows
+    with open(path, "rb") as f:
+        count = sum(1 for line in f if line.strip())
+
+    def stream() -> Iterator[Row]:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
+                if line.strip():
+                    yield _jsonl_row(number, line.rstrip(b"\r\n"))
+
+    return count, stream()
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class Client:
@@ -43,11 +81,15 @@ class Client:
 
     def __init__(self, broker_url: str | None = None, storage_url: str | None = None,
                  settings: Settings | None = None) -> None:
-        self.storage_url = storage_url or environment().storage_url
+        env = environment()
+        self.storage_url = storage_url or env.storage_url
         if not self.storage_url:
             raise UsageError("no storage: pass storage_url or set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
         self.store: Storage = open_storage(self.storage_url)
         self.settings = settings or resolve_settings()
+        self.pool = ThreadPoolExecutor(env.submit_concurrency)
+        self._inputs: dict[tuple[str, str], tuple[str, str] | str] = {}  # (root, relative) -> (url, key) or error
+        self._sources: dict[str, Storage] = {}
         from tasks.app import app
 
         if broker_url:
@@ -55,27 +97,54 @@ class Client:
         self.app = app
 
     # -- submitting ------------------------------------------------------------------------
-    def _upload(self, data: bytes, suffix: str) -> str:
-        key = f"inputs/{hashlib.sha256(data).hexdigest()}{suffix.lower()}"
+    def _upload(self, path: Path) -> str:
+        with open(path, "rb") as f:
+            key = f"inputs/{hashlib.file_digest(f, 'sha256').hexdigest()}{path.suffix.lower()}"
         if not self.store.exists(key):
-            self.store.put(key, data)
+            self.store.put(key, path.read_bytes())
         return key
 
-    def _input_key(self, images: str | Path, relative: str, what: str = "image") -> tuple[str, str]:
-        """(storage URL, key) of one input file; local files are uploaded first."""
-        if str(images).startswith("s3://"):
-            source = open_storage(str(images))
+    def _source(self, url: str) -> Storage:
+        if url not in self._sources:
+            self._sources[url] = open_storage(url)
+        return self._sources[url]
+
+    def _find_input(self, images: str, relative: str, what: str) -> tuple[str, str]:
+        """(storage URL, key) of one input file; local files are uploaded first (one hash and upload per file)."""
+        if images.startswith("s3://"):
+            source = self._source(images)
             key = str(PurePosixPath(relative))
             if not source.exists(key):
                 fallback = PurePosixPath(relative).name
                 if not source.exists(fallback):
                     raise InvalidInput(f"{what} not found: {relative}")
                 key = fallback
-            return str(images), key
-        path = resolve_input(Path(images).resolve(), relative, what)
-        return "", self._upload(path.read_bytes(), path.suffix)
+            return images, key
+        return "", self._upload(resolve_input(Path(images).resolve(), relative, what))
 
-    def _job_for(self, row: Row, images: str | Path, dataset: str) -> JobState:
+    def _input_key(self, images: str, relative: str, what: str = "image") -> tuple[str, str]:
+        """:meth:`_find_input`, remembered per file (an InvalidInput is remembered too)."""
+        if (images, relative) not in self._inputs:
+            self._resolve([(images, relative, what)])
+        found = self._inputs[(images, relative)]
+        if isinstance(found, str):
+            raise InvalidInput(found)
+        return found
+
+    def _resolve(self, files: Iterable[tuple[str, str, str]]) -> None:
+        """Look up (and upload) the files not seen yet, concurrently."""
+        def one(item: tuple[str, str, str]) -> tuple[str, str] | str:
+            try:
+                return self._find_input(*item)
+            except InvalidInput as exc:
+                return str(exc)
+
+        todo = list({(images, rel): (images, rel, what) for images, rel, what in files
+                     if rel and (images, rel) not in self._inputs}.values())
+        for (images, rel, _), found in zip(todo, self.pool.map(one, todo)):
+            self._inputs[(images, rel)] = found
+
+    def _job_for(self, row: Row, images: str, dataset: str) -> JobState:
         if row.error:
             raise InvalidInput(row.error)
         query = validate_query(row.query, self.settings.max_query_chars)
@@ -85,22 +154,11 @@ class Client:
         return JobState(job_id=jid, dataset=dataset, image_key=image_key, query=query, mask_key=mask_key,
                         inputs=inputs, settings=self.settings.to_dict(), result_prefix=result_prefix(dataset, jid))
 
-    def _enqueue(self, state: JobState) -> bool:
-        """Send the job on unless it has an outcome; True if a message was sent."""
+    def submit(self, image: str | Path, query: str, dataset: str, visible_mask: str | Path | None = None) -> str:
+        """Submit one (image, query) at once (no dispatcher needed to start it; it watches it for stalls);
+        ``image`` is a local file or an ``s3://`` URL. Returns the job id."""
         from tasks.app import send_stage
 
-        if read_record(self.store, state.dataset, state.job_id) is not None:
-            return False
-        if not commit_state(self.store, state):
-            state = latest_state(self.store, state.job_id)
-            if state.stage == "done":
-                record_outcome(self.store, state)
-                return False
-        send_stage(state.stage, state.job_id, state.version)
-        return True
-
-    def submit(self, image: str | Path, query: str, dataset: str, visible_mask: str | Path | None = None) -> str:
-        """Submit one (image, query); ``image`` is a local file or an ``s3://`` URL. Returns the job id."""
         image = str(image)
         if image.startswith("s3://"):
             root, _, name = image.rpartition("/")
@@ -112,71 +170,120 @@ class Client:
             mask = os.path.relpath(Path(visible_mask).resolve(), images) if not images.startswith("s3://") \
                 else str(visible_mask).rpartition("/")[2]
         state = self._job_for(Row(line=1, image=relative, query=query, visible_mask=mask, error=None), images, dataset)
-        self._enqueue(state)
+        if commit_state(self.store, state):
+            send_stage(state.stage, state.job_id, state.version)
+        adopt(self.store, dataset, state.job_id)
         return state.job_id
 
     def submit_dataset(self, images: str | Path, annotations: str | Path, dataset: str,
                        progress: bool = True) -> SubmitReport:
-        """Submit every row of an annotation file; record the rows for ``status``/``manifest``."""
-        rows = read_annotations(Path(annotations))
-        report = SubmitReport(rows=len(rows))
-        records, jobs, seen = [], [], {}
-        for row in tqdm(rows, desc="checking rows", unit="row", disable=not progress):
+        """Record every row of an annotation file for the dispatcher, chunk by chunk; resume a stopped
+        submission of the same file."""
+        # 1. the rows, and where a submission of the same file stopped
+        images = str(images) if str(images).startswith("s3://") else str(Path(images).resolve())
+        total, rows = annotation_rows(Path(annotations))
+        submission = self._begin(images, Path(annotations), dataset, total)
+        report = SubmitReport(rows=total)
+        # 2. the jobs recorded before (duplicates are told against them) and those with an outcome
+        seen: dict[str, int] = {}
+        for record in read_rows(self.store, dataset):
+            if record.get("status") == "invalid":
+                report.invalid.append(record)
+            else:
+                seen[record["job_id"]] = record["line"]
+        finished = set(outcome_of(self.store, dataset))
+        report.finished = sum(1 for job in seen if job in finished)
+        # 3. record the rest, a chunk at a time
+        rest = itertools.islice(rows, submission["sent"], None)
+        bar = tqdm(total=total, initial=submission["sent"], desc="recording rows", unit="row", disable=not progress)
+        with bar:
+            for index in itertools.count(submission["sent"] // ROWS_PER_CHUNK):
+                chunk = list(itertools.islice(rest, ROWS_PER_CHUNK))
+                if not chunk:
+                    break
+                records = self._records(chunk, images, dataset, seen)
+                write_rows_chunk(self.store, dataset, submission["generation"], index, records)
+                for record in records:
+                    if record.get("status") == "invalid":
+                        report.invalid.append(record)
+                    elif record["job_id"] in finished:
+                        report.finished += 1
+                    else:
+                        report.enqueued += 1
+                submission.update(sent=submission["sent"] + len(records), jobs=len(seen),
+                                  invalid=len(report.invalid))
+                write_submission(self.store, dataset, submission)
+                open_dataset(self.store, dataset)
+                bar.update(len(records))
+        # 4. complete
+        submission["complete"] = True
+        write_submission(self.store, dataset, submission)
+        open_dataset(self.store, dataset)
+        return report
+
+    def _begin(self, images: str, annotations: Path, dataset: str, total: int) -> dict:
+        """The dataset's submission record: the stored one if it is of the same file, images and settings
+        (a resumption), else a new generation of rows (the previous rows are dropped)."""
+        fingerprint = hashlib.sha256(json.dumps([images, file_digest(annotations), self.settings.result_fingerprint()])
+                                     .encode()).hexdigest()
+        old = read_submission(self.store, dataset)
+        if old is not None and old.get("fingerprint") == fingerprint:
+            return old
+        if old is not None:
+            self.store.delete_prefix(rows_prefix(dataset))
+        changed = {k: v for k, v in self.settings.to_dict().items()
+                   if v != getattr(Settings(), k) and k not in Settings.RUNTIME_FIELDS}
+        submission = {"dataset": dataset, "images": images, "annotations": str(annotations.resolve()),
+                      "settings": changed, "job_settings": self.settings.to_dict(),
+                      "inputs": images if images.startswith("s3://") else "", "fingerprint": fingerprint,
+                      "generation": old.get("generation", -1) + 1 if old else 0, "rows": total, "sent": 0, "jobs": 0,
+                      "invalid": 0, "complete": False}
+        write_submission(self.store, dataset, submission)
+        return submission
+
+    def _records(self, chunk: list[Row], images: str, dataset: str, seen: dict[str, int]) -> list[dict]:
+        """The chunk's rows as recorded: a job's id and input keys, or ``invalid`` with the reason (a row
+        whose job an earlier row has, by ``seen``: job id -> first line, is a duplicate)."""
+        self._resolve(item for row in chunk if not row.error for item in
+                      ((images, row.image, "image"), (images, row.visible_mask or "", "visible mask")))
+        records = []
+        for row in chunk:
             record = {"line": row.line, "image": row.image, "query": row.query, "job_id": None}
             try:
                 state = self._job_for(row, images, dataset)
             except InvalidInput as exc:
                 record.update(status="invalid", message=str(exc))
-                report.invalid.append(record)
             else:
-                record["job_id"] = state.job_id
-                if state.job_id in seen:
-                    record.update(status="invalid", message=f"duplicate of line {seen[state.job_id]} "
-                                                            "(same image, query and mask)")
-                    report.invalid.append(record)
-                else:
-                    seen[state.job_id] = row.line
-                    jobs.append(state)
+                record.update(job_id=state.job_id, image_key=state.image_key)
+                if state.mask_key:
+                    record["mask_key"] = state.mask_key
+                earlier = seen.setdefault(state.job_id, row.line)
+                if earlier != row.line:
+                    record.update(status="invalid", message=f"duplicate of line {earlier} (same image, query and mask)")
             records.append(record)
-        write_rows(self.store, dataset, records)
-        self._send_all(jobs, report, self._submission(images, annotations, dataset, len(jobs)), progress)
-        return report
-
-    def _submission(self, images: str | Path, annotations: str | Path, dataset: str, jobs: int) -> dict:
-        changed = {k: v for k, v in self.settings.to_dict().items()
-                   if v != getattr(Settings(), k) and k not in Settings.RUNTIME_FIELDS}
-        local = not str(images).startswith("s3://")
-        return {"dataset": dataset, "images": str(Path(images).resolve()) if local else str(images),
-                "annotations": str(Path(annotations).resolve()), "settings": changed, "jobs": jobs, "sent": 0}
-
-    def _send_all(self, jobs: list[JobState], report: SubmitReport, submission: dict, progress: bool) -> None:
-        """Send the jobs in row order, recording how far it got: a job counts as submitted once its
-        message is in the queue, so ``status`` can tell rows never sent from rows in flight."""
-        write_submission(self.store, submission["dataset"], submission)
-        try:
-            for state in tqdm(jobs, desc="enqueueing", unit="job", disable=not progress):
-                if self._enqueue(state):
-                    report.enqueued += 1
-                else:
-                    report.finished += 1
-                submission["sent"] += 1
-                if submission["sent"] % SENT_EVERY == 0:
-                    write_submission(self.store, submission["dataset"], submission)
-        finally:
-            write_submission(self.store, submission["dataset"], submission)
+        return records
 
     # -- following -------------------------------------------------------------------------
     def status(self, dataset: str) -> dict[str, int]:
-        """Rows per state: the outcomes of docs/design.md, ``pending`` (in flight) and ``not_sent``;
-        ``total`` is the row count."""
+        """Rows per state: the outcomes of docs/design.md, ``pending`` (recorded, no outcome yet) and
+        ``not_sent``; ``total`` is the row count; ``stalled`` counts the pending jobs that have not advanced
+        for ``producer.dispatch.stall_after()`` (the dispatcher sends their step again). From the
+        submission record, the outcome marker listing and the dispatcher's progress: no read per row."""
+        submission = read_submission(self.store, dataset)
+        if submission is None:
+            raise DatasetNotFound(dataset)
         counts = {s: 0 for s in (*OUTCOMES, PENDING, NOT_SENT)}
-        for line in self._statuses(dataset):
-            counts[line["status"]] += 1
-        counts["total"] = sum(counts.values())
+        for status, _ in outcomes(self.store, dataset):
+            counts[status] += 1
+        counts[PENDING] = max(submission["jobs"] - sum(counts.values()), 0)
+        counts["invalid"] += submission["invalid"]  # refused at submission: no job, no marker
+        counts[NOT_SENT] = submission["rows"] - submission["sent"]
+        counts["total"] = submission["rows"]
+        counts[STALLED] = stalled(self.store).get(dataset, 0)
         return counts
 
     def resume_command(self, dataset: str) -> str:
-        """The command that sends the rows a stopped submission left unsent."""
+        """The command that records the rows a stopped submission left."""
         submission = read_submission(self.store, dataset) or {}
         words = ["amodal", "submit", "--images", submission.get("images", "IMAGES"), "--annotations",
                  submission.get("annotations", "ANNOTATIONS"), "--dataset", dataset]
@@ -184,32 +291,28 @@ class Client:
             words += ["--set", f"{name}={value}"]
         return shlex.join(words)
 
-    def _statuses(self, dataset: str) -> Iterator[dict]:
-        """Each row with its ``status``: an outcome, ``pending`` or ``not_sent``."""
-        done = outcome_counts(self.store, dataset)
-        submission = read_submission(self.store, dataset)
-        unsent_from = submission["sent"] if submission else None  # jobs are sent in row order
-        index = 0
-        for row in read_rows(self.store, dataset):
-            status = row.get("status")
-            if not status:
-                status = next((s for s in OUTCOMES if row["job_id"] in done[s]), None)
-                if status is None:
-                    status = NOT_SENT if unsent_from is not None and index >= unsent_from else PENDING
-                index += 1
-            yield {**row, "status": status}
-
     def manifest(self, dataset: str) -> Iterator[dict]:
-        """One line per input row: line, image, query, job_id, status, message, result, quality, flags."""
-        for row in self._statuses(dataset):
-            line = {**row, "message": row.get("message", ""), "result": None}
-            if row["status"] in OUTCOMES and row["status"] != "invalid":
-                record = read_record(self.store, dataset, row["job_id"]) or {}
+        """One line per recorded row, in row order: line, image, query, job_id, status, message, result,
+        quality, flags. Streams the rows a chunk at a time; reads the outcome records of a chunk's
+        finished rows concurrently."""
+        done = outcome_of(self.store, dataset)
+        rows = read_rows(self.store, dataset)
+        while chunk := list(itertools.islice(rows, ROWS_PER_CHUNK)):
+            lines = []
+            for row in chunk:
+                status = row.get("status") or done.get(row["job_id"], PENDING)
+                lines.append({"line": row["line"], "image": row["image"], "query": row["query"],
+                              "job_id": row["job_id"], "status": status, "message": row.get("message", ""),
+                              "result": None})
+            finished = [line for line in lines if line["status"] in OUTCOMES and line["status"] != "invalid"]
+            jobs = [line["job_id"] for line in finished]
+            for line, record in zip(finished, self.pool.map(lambda job: read_record(self.store, dataset, job), jobs)):
+                record = record or {}
                 line.update(message=record.get("message", ""), quality=record.get("quality"),
                             flags=record.get("flags", []))
-                if row["status"] in ("completed", "unoccluded"):
-                    line["result"] = self.store.url(result_prefix(dataset, row["job_id"]))
-            yield line
+                if line["status"] in ("completed", "unoccluded"):
+                    line["result"] = self.store.url(result_prefix(dataset, line["job_id"]))
+            yield from lines
 
     def results(self, dataset: str) -> Iterator[tuple[dict, dict[str, bytes]]]:
         """(manifest line, {file name: bytes}) for every row that has a result folder."""

@@ -9,9 +9,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from amodal.state import OUTCOMES, WORK_STAGES
-from producer.client import NOT_SENT, PENDING, Client
+from producer.client import NOT_SENT, PENDING, STALLED, Client
+from producer.dispatch import heartbeat, stall_after
 
 PING_TIMEOUT = 2.0  # seconds workers have to answer a ping
+DISPATCH_SILENT = 60.0  # seconds without a dispatcher round after which status says to start one
 
 
 def live_workers(timeout: float = PING_TIMEOUT) -> dict[str, list[str]]:
@@ -40,7 +42,7 @@ def print_workers() -> None:
 
 
 def _summary(counts: dict[str, int]) -> str:
-    return ", ".join(f"{state} {counts[state]}" for state in (*OUTCOMES, PENDING, NOT_SENT) if counts[state])
+    return ", ".join(f"{state} {counts[state]}" for state in (*OUTCOMES, PENDING, STALLED, NOT_SENT) if counts[state])
 
 
 def show_status(client: Client, dataset: str, wait: bool, interval: float = 2.0, stall: float = 60.0) -> dict[str, int]:
@@ -69,6 +71,14 @@ def show_status(client: Client, dataset: str, wait: bool, interval: float = 2.0,
     if counts[NOT_SENT]:
         print(f"{counts[NOT_SENT]} rows were recorded but never sent (the submission stopped); send them with:\n"
               f"  {client.resume_command(dataset)}", file=sys.stderr)
+    if counts[STALLED]:
+        print(f"{counts[STALLED]} jobs have not advanced for {stall_after():.0f} s; `amodal dispatch` sends their "
+              "step again", file=sys.stderr)
+    beat = heartbeat(client.store)
+    if counts[PENDING] and (beat is None or time.time() - beat > DISPATCH_SILENT):
+        print(f"{counts[PENDING]} rows wait for `amodal dispatch`, which has not run "
+              f"{'yet' if beat is None else f'for {time.time() - beat:.0f} s'}: start it (one per deployment)",
+              file=sys.stderr)
     if counts["failed"]:
         print("failed:", file=sys.stderr)
         for line in client.manifest(dataset):

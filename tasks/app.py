@@ -6,6 +6,7 @@ app.config_from_object("celeryconfig")
 app.conf.include = ["tasks.ground", "tasks.segment", "tasks.occlusion", "tasks.inpaint", "tasks.finalize"]
 
 
-def send_stage(stage: str, job_id: str, version: int, countdown: float | None = None) -> None:
-    """Enqueue the step ``stage`` of a job at ``version`` (by task name: no task import needed)."""
-    app.send_task(f"amodal.{stage}", args=[job_id, version], queue=stage, countdown=countdown)
+def send_stage(stage: str, job_id: str, version: int, countdown: float | None = None, producer=None) -> None:
+    """Enqueue the step ``stage`` of a job at ``version`` (by task name: no task import needed); many sends
+    in a row share one ``producer`` (``app.producer_or_acquire()``)."""
+    app.send_task(f"amodal.{stage}", args=[job_id, version], queue=stage, countdown=countdown, producer=producer)
