@@ -6,17 +6,18 @@ Flower's metrics cover tasks and workers; these cover the backlog and the datase
   a queue as a Redis list named after it plus one list per priority step (``<queue>\\x06\\x16<step>``).
 - ``amodal_queue_unacked{stage}``: messages a worker of the stage holds and has not acknowledged yet
   (running or prefetched), from the transport's ``unacked`` hash.
-- ``amodal_jobs_in_flight{dataset}``: jobs sent and without an outcome yet.
-- ``amodal_dataset_jobs{dataset}``: jobs a dataset's submission has to run (rows refused at submission
-  are not jobs).
+- ``amodal_jobs_waiting{dataset}``, ``amodal_jobs_in_flight{dataset}``, ``amodal_jobs_stalled{dataset}``:
+  rows recorded and not started, jobs started without an outcome, and those of them that have not
+  advanced for the stall limit, as the dispatcher (``producer.dispatch``) records them.
 - ``amodal_dataset_outcomes_total{dataset,status}``: jobs with each outcome, from the outcome markers
   (a counter: outcomes only accrue, so ``rate()`` gives throughput per dataset).
+- ``amodal_dispatch_last_round_timestamp_seconds``: when the dispatcher last finished a round.
 - ``amodal_source_up{source}``: 1 if the broker (``broker``) or the storage (``storage``) answered this scrape.
 
 Redis reads are a few ``LLEN`` and one ``HVALS`` of the unacknowledged messages (at most the workers'
-prefetch). Storage reads are one listing of ``datasets/``, one read of each submission record and a
-listing of each unfinished dataset's outcome markers; a finished dataset's counts are kept until its
-submission record changes (a resubmission).
+prefetch). Storage reads are the dispatcher's progress record, one listing of ``datasets/``, each
+submission record and a listing of each unfinished dataset's outcome markers; a finished dataset's
+counts are kept until its submission record changes (a resubmission).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from amodal.errors import ServiceError, UsageError
 from amodal.jobstore import outcome_counts, read_submission
 from amodal.state import OUTCOMES, WORK_STAGES
 from amodal.storage import S3Storage, Storage
+from producer.dispatch import heartbeat, in_flight, stalled, waiting
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +80,26 @@ def dataset_names(store: Storage) -> list[str]:
     return sorted(key[len("datasets/"):-len(suffix)] for key in store.list("datasets/") if key.endswith(suffix))
 
 
-class DatasetCounts:
-    """Per dataset: its submission record and jobs per outcome; finished datasets are not listed again."""
+class OutcomeCounts:
+    """Jobs per outcome of each dataset, from its markers. A finished dataset (nothing waiting or in
+    flight) keeps its counts until its submission record changes, so it is not listed at every scrape."""
 
     def __init__(self, store: Storage) -> None:
         self.store = store
-        self._finished: dict[str, tuple[dict, dict[str, int]]] = {}
+        self._finished: dict[str, tuple[dict | None, dict[str, int]]] = {}
 
-    def __call__(self) -> dict[str, tuple[dict, dict[str, int]]]:
+    def __call__(self, datasets: Iterable[str], finished: set[str]) -> dict[str, dict[str, int]]:
         found = {}
-        for name in dataset_names(self.store):
+        for name in datasets:
             submission = read_submission(self.store, name)
-            if submission is None:
-                continue
-            kept = self._finished.get(name)
-            if kept is not None and kept[0] == submission:
-                found[name] = kept
-                continue
-            counts = {status: len(jobs) for status, jobs in outcome_counts(self.store, name).items()}
-            found[name] = (submission, counts)
-            if submission["sent"] >= submission["jobs"] and sum(counts.values()) >= submission["jobs"]:
-                self._finished[name] = found[name]
+            kept = self._finished.pop(name, None)
+            if kept is not None and kept[0] == submission and name in finished:
+                counts = kept[1]
+            else:
+                counts = {status: len(jobs) for status, jobs in outcome_counts(self.store, name).items()}
+            if name in finished:
+                self._finished[name] = (submission, counts)
+            found[name] = counts
         return found
 
 
@@ -106,8 +107,8 @@ class AmodalCollector(Collector):
     """The metrics above, read from Redis and the storage at each ``collect()``."""
 
     def __init__(self, client: redis.Redis, store: Storage) -> None:
-        self.client = client
-        self.datasets = DatasetCounts(store)
+        self.client, self.store = client, store
+        self.outcomes = OutcomeCounts(store)
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("amodal_source_up", "1 if the source answered this scrape", labels=["source"])
@@ -134,26 +135,40 @@ class AmodalCollector(Collector):
         yield held
 
     def _dataset_metrics(self, up: GaugeMetricFamily) -> Iterator[Metric]:
+        # 1. What the dispatcher recorded, then the outcome markers (after it: a job leaves the jobs in
+        #    flight only once its marker is written).
         try:
-            datasets = self.datasets()
+            flying, stuck, last_round = in_flight(self.store), stalled(self.store), heartbeat(self.store)
+            names = sorted(set(dataset_names(self.store)) | set(flying))
+            queued = {name: waiting(self.store, name) for name in names}
+            counts = self.outcomes(names, {n for n in names if not flying.get(n) and not queued[n]})
         except Exception as exc:  # noqa: BLE001 - boto3, the filesystem and JSON each raise their own
             log.warning("storage unreadable: %s", exc)
             up.add_metric(["storage"], 0)
             return
         up.add_metric(["storage"], 1)
-        jobs = GaugeMetricFamily("amodal_dataset_jobs", "Jobs the dataset's submission has to run",
-                                 labels=["dataset"])
-        in_flight = GaugeMetricFamily("amodal_jobs_in_flight", "Jobs sent without an outcome yet", labels=["dataset"])
+        # 2. The families.
+        families = {
+            "waiting": GaugeMetricFamily("amodal_jobs_waiting", "Rows recorded that the dispatcher has not "
+                                         "started yet", labels=["dataset"]),
+            "in_flight": GaugeMetricFamily("amodal_jobs_in_flight", "Jobs started without an outcome yet",
+                                           labels=["dataset"]),
+            "stalled": GaugeMetricFamily("amodal_jobs_stalled", "Jobs in flight whose state has not advanced "
+                                         "for the dispatcher's stall limit", labels=["dataset"]),
+        }
         outcomes = CounterMetricFamily("amodal_dataset_outcomes", "Jobs with each outcome",
                                        labels=["dataset", "status"])
-        for name, (submission, counts) in datasets.items():
-            jobs.add_metric([name], submission["jobs"])
-            in_flight.add_metric([name], max(submission["sent"] - sum(counts.values()), 0))
+        for name in names:
+            families["waiting"].add_metric([name], queued[name])
+            families["in_flight"].add_metric([name], flying.get(name, 0))
+            families["stalled"].add_metric([name], stuck.get(name, 0))
             for status in OUTCOMES:
-                outcomes.add_metric([name, status], counts[status])
-        yield jobs
-        yield in_flight
+                outcomes.add_metric([name, status], counts[name][status])
+        yield from families.values()
         yield outcomes
+        if last_round is not None:
+            yield GaugeMetricFamily("amodal_dispatch_last_round_timestamp_seconds",
+                                    "When the dispatcher last finished a round (Unix time)", value=last_round)
 
 
 def serve(collector: Collector, port: int, address: str) -> None:

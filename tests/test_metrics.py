@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -20,11 +21,13 @@ from prometheus_client.registry import CollectorRegistry
 from amodal.jobstore import record_outcome, write_submission
 from amodal.state import WORK_STAGES, JobState
 from amodal.storage import open_storage
+from producer.dispatch import STATE_KEY, Flight, Progress
 from producer.metrics import AmodalCollector
 from tests.cluster import cluster_env, outside_repository, start_workers
 from tests.flowerproc import AMODAL, free_port
 
 METRICS_REDIS_DB = 8
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def samples(text: str) -> dict[tuple, float]:
@@ -41,6 +44,10 @@ def collect(collector: AmodalCollector) -> dict[tuple, float]:
 
 def depth(found: dict, stage: str, name: str = "amodal_queue_depth") -> float:
     return found[(name, ("stage", stage))]
+
+
+def per_dataset(found: dict, name: str) -> dict[str, float]:
+    return {dict(key[1:])["dataset"]: v for key, v in found.items() if key[0] == name}
 
 
 def outcomes(found: dict, dataset: str) -> dict[str, float]:
@@ -77,10 +84,15 @@ def test_collector_counts_queued_held_and_finished_work(own_redis_url, tmp_path)
     taken = consumer.default_channel.basic_get("segment", no_ack=False)
     assert taken is not None
 
-    # 2. Two datasets: one finished, one with jobs in flight.
+    # 2. Two datasets: one finished; one with a row waiting and three jobs in flight, one stalled.
     store = open_storage(str(tmp_path / "store"))
-    write_submission(store, "done", {"dataset": "done", "jobs": 2, "sent": 2})
-    write_submission(store, "busy", {"dataset": "busy", "jobs": 5, "sent": 4})
+    write_submission(store, "done", {"dataset": "done", "generation": 0, "sent": 2, "complete": True})
+    write_submission(store, "busy", {"dataset": "busy", "generation": 0, "sent": 5, "complete": True})
+    now = time.time()
+    flights = {"busy-0001": Flight("busy", 2, "inpaint", now), "busy-0002": Flight("busy", 0, "ground", now),
+               "busy-0003": Flight("busy", 1, "segment", now - 10_000)}
+    store.put(STATE_KEY, Progress({"done": [0, 2], "busy": [0, 4]}, flights, heartbeat=now,
+                                  stall_after=600).to_json())
     for state, status in ((job("done", 0), "completed"), (job("done", 1), "no_target"), (job("busy", 0), "failed")):
         state.status = status
         record_outcome(store, state)
@@ -93,9 +105,10 @@ def test_collector_counts_queued_held_and_finished_work(own_redis_url, tmp_path)
         {"ground": 0, "segment": 1, "occlusion": 0, "inpaint": 0, "finalize": 0}
     assert outcomes(found, "done") == {"completed": 1, "no_target": 1}
     assert outcomes(found, "busy") == {"failed": 1}
-    assert found[("amodal_dataset_jobs", ("dataset", "busy"))] == 5
-    assert found[("amodal_jobs_in_flight", ("dataset", "busy"))] == 3  # 4 sent, 1 finished
-    assert found[("amodal_jobs_in_flight", ("dataset", "done"))] == 0
+    assert per_dataset(found, "amodal_jobs_waiting") == {"busy": 1, "done": 0}
+    assert per_dataset(found, "amodal_jobs_in_flight") == {"busy": 3, "done": 0}
+    assert per_dataset(found, "amodal_jobs_stalled") == {"busy": 1, "done": 0}
+    assert found[("amodal_dispatch_last_round_timestamp_seconds",)] == pytest.approx(now)
     assert found[("amodal_source_up", ("source", "broker"))] == found[("amodal_source_up", ("source", "storage"))] == 1
 
     # 3. The message acknowledged, another taken; more outcomes. A finished dataset is not listed
@@ -110,7 +123,7 @@ def test_collector_counts_queued_held_and_finished_work(own_redis_url, tmp_path)
     assert depth(found, "inpaint", "amodal_queue_unacked") == 1 and depth(found, "inpaint") == 3
     assert outcomes(found, "busy") == {"failed": 1, "completed": 1}
     assert outcomes(found, "done") == {"completed": 1, "no_target": 1}
-    write_submission(store, "done", {"dataset": "done", "jobs": 3, "sent": 3})
+    write_submission(store, "done", {"dataset": "done", "generation": 1, "sent": 3, "complete": True})
     assert outcomes(collect(collector), "done") == {"completed": 2, "no_target": 1}
     consumer.release()
 
@@ -124,3 +137,26 @@ def test_an_unreachable_broker_is_reported_not_raised(tmp_path):
     assert found[("amodal_source_up", ("source", "broker"))] == 0
     assert found[("amodal_source_up", ("source", "storage"))] == 1
     assert not any(key[0] == "amodal_queue_depth" for key in found)
+
+
+def test_dashboard_shows_every_exported_metric_and_only_those(own_redis_url, tmp_path):
+    """Each ``amodal_*`` family the exporter serves is on the dashboard, and the dashboard names no
+    other; the Flower metrics it names are ones Flower serves."""
+    from flower.events import get_prometheus_metrics
+
+    store = open_storage(str(tmp_path))
+    write_submission(store, "d", {"dataset": "d", "generation": 0, "sent": 0, "complete": True})
+    store.put(STATE_KEY, Progress({}, {}, heartbeat=time.time()).to_json())
+    registry = CollectorRegistry()
+    registry.register(AmodalCollector(redis.Redis.from_url(own_redis_url), store))
+    exported = {s.name for family in text_string_to_metric_families(generate_latest(registry).decode())
+                for s in family.samples}
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    flower = {family.name + suffix for metric in vars(get_prometheus_metrics()).values()
+              for family in metric.describe() for suffix in suffixes[family.type]}
+    dashboard = json.loads((ROOT / "infra/grafana/dashboards/amodal.json").read_text())
+    named = {name for panel in dashboard["panels"] for target in panel.get("targets", ())
+             for name in re.findall(r"\b((?:amodal|flower)_\w+)", target["expr"])}
+    assert {n for n in named if n.startswith("amodal_")} == exported
+    assert {n for n in named if n.startswith("flower_")} <= flower
+    assert {"flower_events_total", "flower_task_runtime_seconds_bucket", "flower_worker_online"} <= named
