@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from amodal.errors import ServiceError, UsageError
+from amodal.stages import NAMES
 
-STAGE_CHOICES = ("ground", "segment", "occlusion", "inpaint", "finalize")
 SET_HELP = "override a setting of amodal/settings.py (repeatable; after AMODAL_SETTINGS)"
 
 
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     worker = verb("worker", "run one stage's worker (AMODAL_BROKER_URL, AMODAL_STORAGE_URL, AMODAL_MODEL_DIR)")
-    worker.add_argument("--stage", required=True, choices=STAGE_CHOICES, help="the stage whose queue it serves")
+    worker.add_argument("--stage", required=True, choices=NAMES, help="the stage whose queue it serves")
     worker.add_argument("--gpu", type=int, help="GPU index (sets CUDA_VISIBLE_DEVICES before torch loads); "
                         "default 0 for GPU stages")
     worker.add_argument("--concurrency", type=int,

@@ -8,11 +8,12 @@ import json
 from dataclasses import dataclass, field
 
 from amodal.settings import Settings
+from amodal.stages import NAMES
 
-# Stages in the order a job moves through them; the completion loop returns from
+# Stages in the order a job moves through them (amodal.stages); the completion loop returns from
 # ``occlusion`` to ``inpaint`` and from ``inpaint`` to ``segment``.
-STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize", "done")
-WORK_STAGES = STAGES[:-1]  # one queue and one worker kind each
+WORK_STAGES = NAMES  # one queue and one worker kind each
+STAGES = (*WORK_STAGES, "done")
 OUTCOMES = ("completed", "unoccluded", "no_target", "invalid", "failed")
 
 

@@ -23,6 +23,7 @@ from amodal.geometry import resize_image, resize_mask
 from amodal.images import InvalidInput, encode_png, load_image, load_mask
 from amodal.loop import STOPS, next_pass, paste_inpainted, plan_first_pass, resegment, truncated_sides, window_occluders
 from amodal.models.base import InpaintRequest
+from amodal.stages import BY_NAME
 from amodal.quality import clip_similarities, pass_entry, record_resegment, result_flags, result_quality
 from amodal.scene import Instances, SceneRequest, candidate_classes, occluder_masks, segment_scenes
 from amodal.state import JobState
@@ -57,8 +58,12 @@ def _read_input(ctx: Context, key: str, what: str) -> bytes:
         raise InvalidInput(f"{what} not found: {key}") from None
 
 
-def ground(state: JobState, ctx: Context) -> None:
-    """Step 1: the visible mask, given with the job or found from the query."""
+def ground(states: Sequence[JobState], ctx: Context) -> None:
+    """Step 1 for each job: the visible mask, given with the job or found from the query."""
+    _each(states, ctx, _ground)
+
+
+def _ground(state: JobState, ctx: Context) -> None:
     s = state.job_settings()
     image = load_image(_read_input(ctx, state.image_key, "image"), max_pixels=s.max_pixels, min_side=s.min_side)
     state.image_size = image.shape[:2]
@@ -234,7 +239,12 @@ def inpaint(states: Sequence[JobState], ctx: Context) -> None:
         list(pool.map(lambda state, i, out: _inpaint_output(state, ctx, i[0], i[1], out), states, inputs, outputs))
 
 
-def finalize(state: JobState, ctx: Context) -> None:
+def finalize(states: Sequence[JobState], ctx: Context) -> None:
+    """Step 6 for each job."""
+    _each(states, ctx, _finalize)
+
+
+def _finalize(state: JobState, ctx: Context) -> None:
     """Step 6: write the result folder (images only for jobs that found their target) and ``job.json``
     with the result's ``quality`` and ``flags`` (amodal.quality)."""
     s = state.job_settings()
@@ -296,22 +306,20 @@ def _clean_artifacts(state: JobState, store: Storage) -> None:
             store.delete(key)
 
 
-BATCHED: dict[str, Callable[[Sequence[JobState], Context], None]] = {
-    "segment": segment, "occlusion": occlusion, "inpaint": inpaint,
-}
-STEPS: dict[str, Callable[[JobState, Context], None]] = {
-    "ground": ground,
-    "segment": lambda state, ctx: segment([state], ctx),
-    "occlusion": lambda state, ctx: occlusion([state], ctx),
-    "inpaint": lambda state, ctx: inpaint([state], ctx),
-    "finalize": finalize,
-}
+def _each(states: Sequence[JobState], ctx: Context, step: Callable[[JobState, Context], None]) -> None:
+    """Run a step that takes one job at a time over a batch; a job's bad input ends it ``invalid``."""
+    for state in states:
+        try:
+            step(state, ctx)
+        except InvalidInput as exc:
+            state.finish("invalid", str(exc))
 
 
 def run_batch(stage: str, states: Sequence[JobState], ctx: Context) -> None:
-    """Run a batched step (``BATCHED``) of several jobs in one call; each job is charged its share of the time."""
+    """Run the step of ``stage`` (amodal.stages) over several jobs in one call; each job is charged its share
+    of the time."""
     start = time.perf_counter()
-    BATCHED[stage](states, ctx)
+    BY_NAME[stage].step(states, ctx)
     share = (time.perf_counter() - start) / len(states)
     for state in states:
         state.add_time(stage, share)
@@ -319,12 +327,10 @@ def run_batch(stage: str, states: Sequence[JobState], ctx: Context) -> None:
 
 
 def run_step(state: JobState, ctx: Context) -> None:
-    """Run the job's current step; bad input ends the job as ``invalid`` instead of raising."""
+    """Run the job's current step alone; bad input ends the job as ``invalid`` instead of raising."""
     stage = state.stage
-    start = time.perf_counter()
     try:
-        STEPS[stage](state, ctx)
+        run_batch(stage, [state], ctx)
     except InvalidInput as exc:
         state.finish("invalid", str(exc))
-    state.add_time(stage, time.perf_counter() - start)
-    state.version += 1
+        state.version += 1

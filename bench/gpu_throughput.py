@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from amodal.images import encode_png  # noqa: E402
 from amodal.settings import Settings  # noqa: E402
 from amodal.config import Environment  # noqa: E402
-from amodal.steps import BATCHED  # noqa: E402
+from amodal.stages import BATCHED_STAGES  # noqa: E402
 from workers.launch import WorkerGroup  # noqa: E402
 from workers.placement import plan  # noqa: E402
 
@@ -158,7 +158,7 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
         group.stop()
     calls = {stage: [int(line.split(f"{stage} step of ", 1)[1].split()[0])
                      for name in group.procs for line in group.log(name).splitlines() if f"{stage} step of " in line]
-             for stage in BATCHED}
+             for stage in BATCHED_STAGES}
     loops = [loop for name in group.procs for loop in denoising_loops(group.log(name)) if loop[0] > started]  # not warm-up
     states = [latest_state(client.store, line["job_id"]) for line in lines]
     statuses: dict[str, int] = {}

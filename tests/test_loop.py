@@ -195,7 +195,8 @@ def test_max_tags_keeps_the_best_tags(tmp_path):
 
 
 def test_jobs_batched_together_end_as_they_do_one_by_one(tmp_path):
-    from amodal.steps import BATCHED, run_batch, run_step
+    from amodal.stages import BATCHED_STAGES
+    from amodal.steps import run_batch, run_step
 
     scene = Scene(240, 200, [*occluded_scene().shapes, *truncated_scene().shapes])
     queries = ["ball", "melon", "box", "ball"]
@@ -214,7 +215,7 @@ def test_jobs_batched_together_end_as_they_do_one_by_one(tmp_path):
         while together and (live := [s for s in states if s.stage != "done"]):
             stage = live[0].stage
             same = [s for s in live if s.stage == stage]
-            if stage in BATCHED:
+            if stage in BATCHED_STAGES:
                 run_batch(stage, same, ctx)
             else:
                 for state in same:

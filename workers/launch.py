@@ -1,4 +1,8 @@
-"""Start and supervise a host's stage workers (``amodal launch``), one process group each."""
+"""Start and supervise a host's stage workers and the dispatcher (``amodal launch``), one process group each.
+
+The dispatcher (``amodal dispatch``, producer.dispatch) starts submitted jobs and recovers stalled ones;
+it holds a lock in Redis, so a deployment of several hosts, each launching one, has one at work.
+"""
 from __future__ import annotations
 
 import os
@@ -12,9 +16,11 @@ from pathlib import Path
 from workers.main import GPU_STAGES, processes
 from workers.placement import Slot
 from workers.warmup import WARM_MESSAGE
+from producer.dispatch import READY_MESSAGE as DISPATCH_READY
 
 # The console script installed beside this interpreter: workers start the way users start them.
 AMODAL = [str(Path(sys.executable).parent / "amodal")]
+DISPATCH = "dispatch"  # the dispatcher's name in a group
 
 
 def slot_name(slot: Slot) -> str:
@@ -36,15 +42,21 @@ class WorkerGroup:
         name = slot_name(slot)
         if name in self.procs:
             name = f"{name}-{len([n for n in self.procs if n.startswith(name)])}"
-        self.logs.mkdir(parents=True, exist_ok=True)
         pool = ["--concurrency", str(concurrency)] if concurrency else []
-        with open(self.logs / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(
-                [*AMODAL, "worker", *slot.args, *pool, "--loglevel", "info"], env=self.env, cwd=self.cwd,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._spawn(name, ["worker", *slot.args, *pool, "--loglevel", "info"])
         self.slots[name] = slot
         self.pools[name] = concurrency or processes(slot.stage)
         return name
+
+    def start_dispatcher(self) -> str:
+        self._spawn(DISPATCH, [DISPATCH])
+        return DISPATCH
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen([*AMODAL, *args], env=self.env, cwd=self.cwd, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
@@ -63,6 +75,8 @@ class WorkerGroup:
 
     def _ready(self, name: str) -> bool:
         log = self.log(name)
+        if name == DISPATCH:
+            return DISPATCH_READY in log
         warm = self.slots[name].stage not in GPU_STAGES or log.count(WARM_MESSAGE) >= self.pools[name]
         return " ready." in log and warm
 
@@ -81,7 +95,8 @@ class WorkerGroup:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def supervise(self, poll: float = 5.0) -> None:
-        """Restart any worker that exits, until SIGTERM or SIGINT stops the whole group."""
+        """Start the dispatcher if the group has none, then restart any process that exits, until SIGTERM
+        or SIGINT stops the whole group."""
         stopping = False
 
         def _stop(*_) -> None:
@@ -90,11 +105,16 @@ class WorkerGroup:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        if DISPATCH not in self.procs:
+            self.start_dispatcher()
         while not stopping:
             for name, proc in list(self.procs.items()):
                 if proc.poll() is not None:
-                    print(f"worker {name} exited with {proc.returncode}; restarting", file=sys.stderr)
+                    print(f"{name} exited with {proc.returncode}; restarting", file=sys.stderr)
                     del self.procs[name]
-                    self.start(self.slots.pop(name), concurrency=self.pools.pop(name))
+                    if name == DISPATCH:
+                        self.start_dispatcher()
+                    else:
+                        self.start(self.slots.pop(name), concurrency=self.pools.pop(name))
             time.sleep(poll)
         self.stop()

@@ -10,19 +10,13 @@ import os
 import socket
 import sys
 
-from amodal.state import WORK_STAGES as STAGES
+from amodal.stages import BY_NAME, GPU_STAGES, NAMES as STAGES
 
-GPU_STAGES = ("ground", "segment", "occlusion", "inpaint")
-# Pool processes per worker unless told otherwise. Two processes of a stage overlap one's CPU work (image
-# coding, pre- and post-processing, storage calls) with the other's GPU work. On one H100 with every stage
-# sharing it: two segment processes 2,971 against 2,547 images per hour (bench/results/gpu_throughput_segment2.json,
-# gpu_throughput_segment1.json); two inpaint processes 3,204 against 2,911 (gpu_throughput_inpaint2.json,
-# gpu_throughput_segment_batch4.json), for 13 GiB more.
-PROCESSES = {"segment": 2, "inpaint": 2}
 
 
 def processes(stage: str) -> int:
-    return PROCESSES.get(stage, 1)
+    """Pool processes of a stage's worker unless told otherwise (amodal.stages)."""
+    return BY_NAME[stage].processes
 
 
 def node_name(stage: str, gpu: int | None) -> str:
@@ -67,10 +61,9 @@ def run_worker(stage: str, gpu: int | None = None, concurrency: int | None = Non
 
     app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
 
-    from amodal.steps import BATCHED
     from tasks.batching import batch_size
 
-    prefetch = batch_size(stage) if stage in BATCHED else 1
+    prefetch = batch_size(stage)
     app.conf.worker_concurrency = concurrency or processes(stage)  # batched stages run a batch per process
     app.worker_main([
         "worker", "--queues", stage, "--concurrency", str(app.conf.worker_concurrency), "--pool", "prefork",

@@ -14,13 +14,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.main import GPU_STAGES
+from amodal.stages import GPU_STAGES, STAGES
+from workers.main import stage_of
 
-# Busy GPU seconds per image at the paper's settings (3 passes, 50 steps), measured on one H100 with
-# every stage sharing it, two segment and two inpaint processes (busy seconds / processes;
-# bench/results/gpu_throughput.json; masks given: LISA adds about 1.5 s to ground). A plan made from
-# another benchmark record (--costs) replaces them.
-DEFAULT_COSTS = {"ground": 0.09, "segment": 0.99, "occlusion": 0.11, "inpaint": 0.92}
+# Busy GPU seconds per image of each stage (amodal.stages); a plan made from a benchmark record (--costs)
+# replaces them.
+DEFAULT_COSTS = {stage.name: stage.cost for stage in STAGES if stage.gpu}
 
 
 @dataclass(frozen=True)
@@ -76,5 +75,5 @@ def costs_from_benchmark(path: Path) -> dict[str, float]:
     stage's pool processes (its processes' busy times overlap on one GPU)."""
     ours = json.loads(Path(path).read_text())["ours"]
     pools = ours.get("processes_per_worker", {})
-    return {s: float(ours["stage_seconds_per_image"][s]) / max([n for w, n in pools.items() if w.split("-")[0] == s] or [1])
+    return {s: float(ours["stage_seconds_per_image"][s]) / max([n for w, n in pools.items() if stage_of(w) == s] or [1])
             for s in GPU_STAGES}

@@ -3,39 +3,47 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 from celery.signals import worker_process_init
 
 from amodal.models.base import InpaintRequest
+from amodal.stages import BY_NAME
 
 log = logging.getLogger(__name__)
 WARM_MESSAGE = "models loaded and warmed"
 
 
-def warm(stage: str, models, size: int = 512, batch: int = 1) -> None:
-    """Touch every model of ``stage`` (loading it) and run it once on a synthetic image.
+def _warm_inpainter(models, image: np.ndarray, mask: np.ndarray, size: int, batch: int) -> None:
+    """A compiled UNet runs a full ``batch`` first, so both of its graphs (the full batch's, then a dynamic
+    one for every other size) are compiled before the worker takes work."""
+    request = InpaintRequest(np.resize(image, (size, size, 3)), np.resize(mask, (size, size)), "an object", seed=0)
+    for n in (batch, 1) if getattr(models.inpainter, "compiled", False) and batch > 1 else (1,):
+        models.inpainter.inpaint([request] * n)
 
-    A compiled UNet also runs a full ``batch`` first, so both of its graphs (the full batch's, then a
-    dynamic one for every other size) are compiled before the worker takes work.
-    """
+
+# One synthetic call per ModelSet attribute (amodal.stages names each stage's).
+WARMERS: dict[str, Callable[..., object]] = {
+    "grounder": lambda models, image, mask, size, batch: models.grounder.ground(image, "object"),
+    "tagger": lambda models, image, mask, size, batch: models.tagger.tag([image]),
+    "detector": lambda models, image, mask, size, batch: models.detector.detect([image], [["object"]]),
+    "segmenter": lambda models, image, mask, size, batch: models.segmenter.segment([image], [[(64.0, 64.0, 192.0, 192.0)]]),
+    "prompt_chooser": lambda models, image, mask, size, batch: models.prompt_chooser.choose([image], [mask], [["object"]]),
+    "clip": lambda models, image, mask, size, batch: models.clip.text_features(["an object"]),
+    "occlusion": lambda models, image, mask, size, batch: models.occlusion.occluders_of(
+        [image], [mask], [[np.roll(mask, 40, axis=1)]]),
+    "inpainter": _warm_inpainter,
+}
+
+
+def warm(stage: str, models, size: int = 512, batch: int = 1) -> None:
+    """Touch every model of ``stage`` (loading it) and run it once on a synthetic image."""
     image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     mask = np.zeros((256, 256), bool)
     mask[64:192, 64:192] = True
-    if stage == "ground":
-        models.grounder.ground(image, "object")
-    elif stage == "segment":
-        models.tagger.tag([image])
-        models.detector.detect([image], [["object"]])
-        models.segmenter.segment([image], [[(64.0, 64.0, 192.0, 192.0)]])
-        models.prompt_chooser.choose([image], [mask], [["object"]])
-    elif stage == "occlusion":
-        models.occlusion.occluders_of([image], [mask], [[np.roll(mask, 40, axis=1)]])
-    elif stage == "inpaint":
-        request = InpaintRequest(np.resize(image, (size, size, 3)), np.resize(mask, (size, size)), "an object", seed=0)
-        batches = (batch, 1) if getattr(models.inpainter, "compiled", False) and batch > 1 else (1,)
-        for n in batches:
-            models.inpainter.inpaint([request] * n)
+    for model in BY_NAME[stage].models:
+        WARMERS[model](models, image, mask, size, batch)
 
 
 @worker_process_init.connect
@@ -43,7 +51,7 @@ def _warm_this_process(**_) -> None:
     from amodal.config import environment, resolve_settings
 
     stage = environment().worker_stage
-    if stage in ("", "finalize"):
+    if not stage or not BY_NAME[stage].models:
         return
     from tasks.batching import batch_size
     from tasks.stage import models_for

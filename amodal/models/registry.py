@@ -12,7 +12,7 @@ from pathlib import Path
 
 from amodal.models.base import MissingCheckpointError
 from amodal.settings import Settings
-from amodal.state import WORK_STAGES as STAGES
+from amodal.stages import BY_NAME, NAMES as STAGES
 
 # Paths inside a model folder; the names are those of the published checkpoints.
 SAM_FILES = {
@@ -35,18 +35,20 @@ def require(path: Path) -> Path:
     return path
 
 
-def stage_checkpoints(stage: str, settings: Settings) -> list[str]:
-    """The model folder's entries the ``stage`` worker loads with these settings."""
+def model_files(model: str, settings: Settings) -> list[str]:
+    """The model folder's entries the :class:`ModelSet` attribute ``model`` loads with these settings."""
     sam = SAM_FILES[settings.sam_variant]
-    grounder = [LISA_DIR] if settings.grounder == "lisa" else [GROUNDING_DINO_DIR, sam]
-    tagger = [RAM_PLUS_FILE] if settings.tagger == "ram_plus" else []
     return {
-        "ground": grounder,
-        "segment": [*tagger, GROUNDING_DINO_DIR, sam, CLIP_DIR],
-        "occlusion": [INSTAORDER_FILE],
-        "inpaint": [SD_INPAINT_DIR],
-        "finalize": [CLIP_DIR],
-    }[stage]
+        "grounder": [LISA_DIR] if settings.grounder == "lisa" else [GROUNDING_DINO_DIR, sam],
+        "tagger": [RAM_PLUS_FILE] if settings.tagger == "ram_plus" else [CLIP_DIR],
+        "detector": [GROUNDING_DINO_DIR], "segmenter": [sam], "clip": [CLIP_DIR], "prompt_chooser": [CLIP_DIR],
+        "occlusion": [INSTAORDER_FILE], "inpainter": [SD_INPAINT_DIR],
+    }[model]
+
+
+def stage_checkpoints(stage: str, settings: Settings) -> list[str]:
+    """The model folder's entries the ``stage`` worker loads with these settings (amodal.stages)."""
+    return list(dict.fromkeys(f for model in BY_NAME[stage].models for f in model_files(model, settings)))
 
 
 def check_model_dir(model_dir: Path, settings: Settings, stages: tuple[str, ...] = STAGES) -> None:

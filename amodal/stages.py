@@ -1,0 +1,55 @@
+"""The stages a job moves through, each described once (docs/design.md, "The stages").
+
+Queues, task registration, workers and their pool sizes, placement, warm-up, the command's choices,
+the benchmark and the compose services all read this table. A stage's step runs over a batch of jobs
+(a stage that is not batched takes batches of one); its models are the :class:`ModelSet` attributes
+it uses, which is what its worker loads, warms and checks for in the model folder.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    gpu: bool  # its worker pins one GPU
+    batch: int  # jobs per model call by default (AMODAL_<STAGE>_BATCH); 1: one job per call
+    flush: float  # seconds a partial batch waits for more jobs (AMODAL_<STAGE>_FLUSH)
+    processes: int  # pool processes per worker by default, each holding the stage's models
+    cost: float  # busy GPU seconds per image, for placement when no benchmark record is given
+    models: tuple[str, ...]  # the ModelSet attributes its step uses
+
+    @property
+    def batched(self) -> bool:
+        return self.batch > 1
+
+    @property
+    def step(self) -> Callable:
+        """The step function over a batch of jobs, ``step(states, ctx)`` (``amodal.steps.<name>``)."""
+        return getattr(importlib.import_module("amodal.steps"), self.name)
+
+
+# Batch sizes: inpaint 16 measured 1,043 images/hour on one H100 against 849 at 8
+# (bench/results/gpu_throughput_clip_tagger.json, gpu_throughput_b8.json); segment 4 cut the stage's time per
+# image from 1.88 s to 1.47 s, 8 cut it no further and, with SAM encoding 8 at once, took the card to 78 GiB
+# (gpu_throughput_segment_batch*.json); occlusion: a job asks about 2(N-1) pairs, so 8 jobs fill InstaOrder's
+# batch of 64. Processes: two segment processes overlap one's CPU work with the other's GPU work, 2,971 against
+# 2,547 images/hour (gpu_throughput_segment2.json, _segment1.json); two inpaint processes 3,204 against 2,911
+# (gpu_throughput_inpaint2.json, _segment_batch4.json) for 13 GiB more. Costs: busy seconds per image / processes
+# at the paper's settings on one H100 with every stage sharing it (gpu_throughput.json; masks given: LISA adds
+# about 1.5 s to ground).
+STAGES: tuple[Stage, ...] = (
+    Stage("ground", gpu=True, batch=1, flush=0.0, processes=1, cost=0.09, models=("grounder",)),
+    Stage("segment", gpu=True, batch=4, flush=0.2, processes=2, cost=0.99,
+          models=("tagger", "detector", "segmenter", "prompt_chooser", "clip")),
+    Stage("occlusion", gpu=True, batch=8, flush=0.2, processes=1, cost=0.11, models=("occlusion",)),
+    Stage("inpaint", gpu=True, batch=16, flush=0.5, processes=2, cost=0.92, models=("inpainter",)),
+    Stage("finalize", gpu=False, batch=1, flush=0.0, processes=1, cost=0.0, models=()),
+)
+BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+GPU_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.gpu)
+BATCHED_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.batched)
