@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     flower.set_defaults(func=cmd_flower)
 
     from amodal.evaluation.command import add_eval_command
+    from producer.dispatch import add_dispatch_command
     from producer.metrics import add_metrics_command
 
+    add_dispatch_command(sub)
     add_eval_command(sub)
     add_metrics_command(sub)
     return parser
