@@ -34,9 +34,11 @@ import json
 import logging
 import signal
 import threading
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from amodal.config import Environment, environment
 from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_rows_chunk, read_submission,
@@ -52,6 +54,7 @@ ADOPT_PREFIX = "dispatch/adopt/"  # dispatch/adopt/<dataset>/<job>: a job sent b
 LOCK_NAME = "amodal:dispatch"
 LOCK_SECONDS = 60  # a dispatcher that stops renewing its lock loses it after this
 READY_MESSAGE = "dispatching:"  # logged once the lock is held and the stored progress loaded
+ALIVE_FILE = Path(tempfile.gettempdir()) / "amodal-dispatch.alive"  # touched every round: the container's healthcheck
 
 
 def stall_after(env: Environment | None = None) -> float:
@@ -314,6 +317,7 @@ def run_dispatcher(stop: threading.Event | None = None) -> None:
     client = redis.Redis.from_url(env.broker_url) if env.broker_url.startswith(("redis://", "rediss://")) else None
     held = client.lock(LOCK_NAME, timeout=LOCK_SECONDS) if client is not None else None
     while held is not None and not held.acquire(blocking=True, blocking_timeout=5):
+        ALIVE_FILE.touch()
         if stop.is_set():
             return
         log.info("another dispatcher holds the lock; waiting")
@@ -328,6 +332,7 @@ def run_dispatcher(stop: threading.Event | None = None) -> None:
                 log.exception("dispatch round failed; retrying")
             if held is not None:
                 held.reacquire()
+            ALIVE_FILE.touch()
             stop.wait(env.dispatch_interval)
     finally:
         if held is not None and held.owned():

@@ -21,16 +21,19 @@ def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) 
     env.update({
         "AMODAL_BROKER_URL": redis_url, "AMODAL_STORAGE_URL": storage_url, "AMODAL_MODEL_DIR": str(models),
         "AMODAL_SETTINGS": json.dumps(settings), "PYTHONUNBUFFERED": "1", "AMODAL_INPAINT_FLUSH": "0.3",
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "AMODAL_DISPATCH_INTERVAL": "0.5",
+        "AMODAL_DISPATCH_SCAN_INTERVAL": "2",
     })
     return env
 
 
 def start_workers(env: dict, logs: Path, slots=ONE_GPU, concurrency: dict[str, int] | None = None) -> WorkerGroup:
-    """Start the workers of ``slots`` (pool processes per stage from ``concurrency``, else the default)."""
+    """Start the workers of ``slots`` (pool processes per stage from ``concurrency``, else the default) and
+    the dispatcher (``amodal dispatch``), as a deployment runs them."""
     group = WorkerGroup(env, logs, cwd=outside_repository())
     for slot in slots:
         group.start(slot, concurrency=(concurrency or {}).get(slot.stage))
+    group.start_dispatcher()
     try:
         group.wait_ready()
     except Exception:

@@ -93,20 +93,20 @@ def check_wiring(compose: dict) -> None:
     resolved = interpolate(compose, SECRETS)
     services = resolved["services"]
     bucket = re.search(r"s3 mb s3://([\w.-]+)", " ".join(services["s3-init"]["command"])).group(1)
-    for name in (*STAGES, "flower", "metrics"):
+    for name in (*STAGES, "flower", "metrics", "dispatch"):
         env = services[name]["environment"]
         broker = urlsplit(env["AMODAL_BROKER_URL"])
         assert (broker.scheme, broker.hostname, broker.port, broker.password) == \
             ("redis", "redis", 6379, SECRETS["AMODAL_REDIS_PASSWORD"])
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
-    for name in (*STAGES, "metrics"):
+    for name in (*STAGES, "metrics", "dispatch"):
         s = services[name]
         env = s["environment"]
         assert urlsplit(env["AMODAL_STORAGE_URL"])[:2] == ("s3", bucket)
         assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and services["s3"]["ports"] == ["127.0.0.1:8333:8333"]
         assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == \
             (SECRETS["AMODAL_S3_ACCESS_KEY"], SECRETS["AMODAL_S3_SECRET_KEY"])
-        assert name == "metrics" or (env["AMODAL_MODEL_DIR"] == "/models" and "./models:/models:ro" in s["volumes"])
+        assert name in ("metrics", "dispatch") or (env["AMODAL_MODEL_DIR"] == "/models" and "./models:/models:ro" in s["volumes"])
         assert env["HF_HUB_OFFLINE"] == "1"
         assert s["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
     for s in services.values():  # a healthy-condition dependency must have a healthcheck to pass
@@ -244,6 +244,16 @@ def size_bytes(size: str) -> int:
     return int(number) * 2 ** {"k": 10, "m": 20, "g": 30}[unit]
 
 
+def check_dispatch(compose: dict) -> None:
+    """One dispatcher, on no GPU and with no models, whose healthcheck reads the file it touches every round."""
+    from producer.dispatch import ALIVE_FILE
+
+    dispatch = compose["services"]["dispatch"]
+    assert dispatch["command"] == ["dispatch"] and "deploy" not in dispatch and dispatch["volumes"] == []
+    assert f"find {ALIVE_FILE} -mmin" in " ".join(dispatch["healthcheck"]["test"])
+    assert [n for n, s in compose["services"].items() if s.get("command") == ["dispatch"]] == ["dispatch"]
+
+
 def check_lifecycle(compose: dict) -> None:
     import celeryconfig
 
@@ -348,6 +358,10 @@ def test_exporter_prometheus_and_grafana(compose):
     check_monitoring(compose)
 
 
+def test_one_dispatcher(compose):
+    check_dispatch(compose)
+
+
 def test_restart_health_and_graceful_stop(compose):
     check_lifecycle(compose)
 
@@ -416,6 +430,10 @@ BREAKAGES = {
         command=["metrics", "--port", "9100", "--address", "0.0.0.0"])),
     "Grafana password in its environment": (check_no_hard_coded_secrets, lambda c: c["services"]["grafana"][
         "environment"].update(GF_SECURITY_ADMIN_PASSWORD="admin")),
+    "dispatcher on a GPU": (check_dispatch, lambda c: c["services"]["dispatch"].update(
+        deploy=copy.deepcopy(c["services"]["ground"]["deploy"]))),
+    "dispatcher without storage": (check_wiring, lambda c: c["services"]["dispatch"].update(environment={
+        k: v for k, v in c["services"]["dispatch"]["environment"].items() if k != "AMODAL_STORAGE_URL"})),
     "exporter without storage": (check_wiring, lambda c: c["services"]["metrics"].update(environment={
         k: v for k, v in c["services"]["metrics"]["environment"].items() if k != "AMODAL_STORAGE_URL"})),
 }
