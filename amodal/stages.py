@@ -42,12 +42,12 @@ class Stage:
 # at the paper's settings on one H100 with every stage sharing it (gpu_throughput.json; masks given: LISA adds
 # about 1.5 s to ground).
 STAGES: tuple[Stage, ...] = (
-    Stage("ground", gpu=True, batch=1, flush=0.0, processes=1, cost=0.09, models=("grounder",)),
+    Stage("ground", gpu=True, batch=1, flush=0.1, processes=1, cost=0.09, models=("grounder",)),
     Stage("segment", gpu=True, batch=4, flush=0.2, processes=2, cost=0.99,
           models=("tagger", "detector", "segmenter", "prompt_chooser", "clip")),
     Stage("occlusion", gpu=True, batch=8, flush=0.2, processes=1, cost=0.11, models=("occlusion",)),
     Stage("inpaint", gpu=True, batch=16, flush=0.5, processes=2, cost=0.92, models=("inpainter",)),
-    Stage("finalize", gpu=False, batch=1, flush=0.0, processes=1, cost=0.0, models=()),
+    Stage("finalize", gpu=False, batch=1, flush=0.1, processes=1, cost=0.0, models=()),
 )
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

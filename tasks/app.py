@@ -3,7 +3,7 @@ from celery import Celery
 
 app = Celery("amodal")
 app.config_from_object("celeryconfig")
-app.conf.include = ["tasks.ground", "tasks.segment", "tasks.occlusion", "tasks.inpaint", "tasks.finalize"]
+app.conf.include = ["tasks.stages"]
 
 
 def send_stage(stage: str, job_id: str, version: int, countdown: float | None = None, producer=None) -> None:

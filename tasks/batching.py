@@ -1,6 +1,7 @@
-"""Stages that serve many jobs per model call (``segment``, ``occlusion`` and ``inpaint``).
+"""The one job protocol of every stage: jobs served many per model call (``segment``, ``occlusion`` and
+``inpaint`` by default; a stage that is not batched takes batches of one).
 
-A batched stage is a celery-batches ``Batches`` task: the worker buffers up to the stage's batch
+A stage's task is a celery-batches ``Batches`` task: the worker buffers up to the stage's batch
 size of messages (its prefetch is raised to match) or waits its flush interval, then hands them to a
 pool process together. Messages are acknowledged when the batch returns: a batch whose pool process
 is lost (or killed at the hard time limit) hands its messages back to the queue at once, and a

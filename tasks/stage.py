@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from celery import Task
 
 from amodal.config import environment, worker_runtime
 from amodal.canvas import neutral_background
@@ -116,15 +115,6 @@ def advance(state: JobState) -> None:
         send_stage(state.stage, state.job_id, state.version)
 
 
-def handle(stage: str, job_id: str, version: int) -> str:
-    state = claim(job_id, version, stage)
-    if state is None:
-        return "stale"
-    run_step(state, context(state))
-    advance(state)
-    return state.stage
-
-
 def fail(job_id: str, version: int, message: str) -> None:
     """Retries exhausted: end the job as ``failed`` with its reason (finalize runs here, no models)."""
     state = load_state(store(), job_id, version)
@@ -133,30 +123,3 @@ def fail(job_id: str, version: int, message: str) -> None:
     state.finish("failed", message)
     run_step(state, context(state))
     advance(state)
-
-
-class StageTask(Task):
-    """Retries any error with exponential backoff, then records the job as failed."""
-
-    autoretry_for = (Exception,)
-    max_retries = MAX_ATTEMPTS - 1
-    retry_backoff = 5
-    retry_backoff_max = 300
-    retry_jitter = True
-    acks_late = True
-
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        job_id, version = args[:2]
-        log.error("job %s v%d failed for good at %s: %s", job_id, version, self.name, exc)
-        fail(job_id, version, f"{type(exc).__name__}: {exc}")
-
-
-def stage_task(stage: str):
-    """The Celery task of a one-job-per-message stage."""
-    from tasks.app import app
-
-    @app.task(name=f"amodal.{stage}", base=StageTask, bind=True)
-    def run(self: Task, job_id: str, version: int) -> str:
-        return handle(stage, job_id, version)
-
-    return run

@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.inpaint import inpaint
+from tasks.stages import TASKS
+
+inpaint = TASKS["inpaint"]
 
 
 class PoolJob:
