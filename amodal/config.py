@@ -39,9 +39,11 @@ class Environment(BaseSettings):
     settings: dict = Field(default_factory=dict)  # AMODAL_SETTINGS: JSON overrides of the method's settings
     # Jobs per model call of the batched stages (per pool process), and how long a partial batch waits:
     # defaults and their measurements in amodal.stages.
+    ground_batch: int = Field(BY_NAME["ground"].batch, ge=1)
     segment_batch: int = Field(BY_NAME["segment"].batch, ge=1)
     occlusion_batch: int = Field(BY_NAME["occlusion"].batch, ge=1)
     inpaint_batch: int = Field(BY_NAME["inpaint"].batch, ge=1)
+    ground_flush: float = Field(BY_NAME["ground"].flush, gt=0)
     segment_flush: float = Field(BY_NAME["segment"].flush, gt=0)
     occlusion_flush: float = Field(BY_NAME["occlusion"].flush, gt=0)
     inpaint_flush: float = Field(BY_NAME["inpaint"].flush, gt=0)
@@ -62,7 +64,8 @@ class Environment(BaseSettings):
     # A job in flight whose state has not advanced for task_time_limit + visibility_timeout + this margin,
     # with no message of its in the broker, is stalled: its current step is sent again.
     stall_margin: int = Field(60, ge=0)
-    submit_concurrency: int = Field(16, ge=1)  # storage calls a submission makes at once
+    # Storage calls a submission (or the dispatcher) makes at once: boto3's connection pool holds 10.
+    submit_concurrency: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _default_visibility_timeout(self) -> "Environment":

@@ -98,10 +98,10 @@ class Client:
 
     # -- submitting ------------------------------------------------------------------------
     def _upload(self, path: Path) -> str:
-        with open(path, "rb") as f:
-            key = f"inputs/{hashlib.file_digest(f, 'sha256').hexdigest()}{path.suffix.lower()}"
-        if not self.store.exists(key):
-            self.store.put(key, path.read_bytes())
+        """Upload a file under its content hash: one create-only write, refused if it is there already."""
+        data = path.read_bytes()
+        key = f"inputs/{hashlib.sha256(data).hexdigest()}{path.suffix.lower()}"
+        self.store.put_if_absent(key, data)
         return key
 
     def _source(self, url: str) -> Storage:

@@ -197,7 +197,7 @@ class Dispatcher:
         self.progress = read_progress(store)
         self.progress.stall_after = self.stall_after
         self._chunk: dict[str, tuple[tuple[int, int], list[dict]]] = {}  # dataset -> (generation, index), rows
-        self._next_scan = 0.0
+        self._next_scan = time.monotonic() + self.scan_interval
 
     def round(self) -> None:
         """One round: watch adopted jobs, start jobs while there is room, check the jobs in flight

@@ -1,0 +1,323 @@
+"""Submissions that stream and resume, the dispatcher's high-water mark, stalled-job recovery and
+resubmission without duplicate messages: on a real Redis and a local storage (fast), then through real
+workers (slow)."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+import amodal.jobstore
+import producer.client
+import producer.dispatch
+from amodal.jobstore import commit_state, latest_state
+from amodal.state import WORK_STAGES
+from producer import Client
+from producer.dispatch import Dispatcher, in_flight, queued_messages, stalled, waiting
+from tasks.app import app
+from tests.cluster import cluster_env, start_workers
+from tests.synthetic import synthetic_dataset
+
+DB = 13  # a database of these tests' own
+
+
+@pytest.fixture
+def redis_url():
+    url = f"redis://127.0.0.1:6379/{DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def broker(redis_url, monkeypatch) -> redis.Redis:
+    monkeypatch.setenv("AMODAL_BROKER_URL", redis_url)
+    monkeypatch.setattr(app.conf, "broker_url", redis_url)
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    for module in (amodal.jobstore, producer.client, producer.dispatch):
+        monkeypatch.setattr(module, "ROWS_PER_CHUNK", 4)
+
+
+def dataset(tmp_path: Path, rows: int, images: int = 3, name: str = "rows.jsonl") -> tuple[Path, Path]:
+    """``rows`` rows over ``images`` small PNGs (several queries per image)."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    for i in range(images):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    annotations = tmp_path / name
+    annotations.write_text("".join(json.dumps({"image": f"{r % images}.png", "query": f"thing {r // images}"}) + "\n"
+                                   for r in range(rows)))
+    return folder, annotations
+
+
+def queued(broker: redis.Redis) -> int:
+    return sum(broker.llen(stage) for stage in WORK_STAGES)
+
+
+def finish(client: Client, job: str) -> None:
+    """What a worker leaves when a job ends: its last state, ``done``."""
+    state = latest_state(client.store, job)
+    state.version, state.stage, state.status = state.version + 1, "done", "completed"
+    assert commit_state(client.store, state)
+
+
+class Counting:
+    """Wraps a storage: counts writes per key prefix, and fails the ``fail_at``-th write of a rows chunk."""
+
+    def __init__(self, store, fail_at: int | None = None):
+        self.store, self.fail_at, self.writes = store, fail_at, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def put(self, key, data):
+        self._note(key)
+        return self.store.put(key, data)
+
+    def put_if_absent(self, key, data):
+        self._note(key)
+        return self.store.put_if_absent(key, data)
+
+    def _note(self, key):
+        if "/rows/" in key and self.fail_at is not None and sum("/rows/" in k for k in self.writes) + 1 == self.fail_at:
+            raise ConnectionError("storage went away")
+        self.writes.append(key)
+
+
+def test_interrupted_submission_resumes_without_redoing_rows(tmp_path, broker, small_chunks, monkeypatch):
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    images, annotations = dataset(tmp_path, 18, images=6)
+    client = Client()
+    store = client.store
+    client.store = Counting(store, fail_at=3)  # the third chunk's write fails: rows 9-18 never recorded
+    with pytest.raises(ConnectionError):
+        client.submit_dataset(images, annotations, "big", progress=False)
+    counts = client.status("big")
+    assert (counts["pending"], counts["not_sent"], counts["total"]) == (8, 10, 18)
+    assert "amodal submit --images" in client.resume_command("big")
+    assert queued(broker) == 0  # a submission publishes nothing
+
+    client = Client()
+    client.store = Counting(store)
+    report = client.submit_dataset(images, annotations, "big", progress=False)
+    chunks = sorted(k.rsplit("/", 1)[1] for k in client.store.writes if "/rows/" in k)
+    assert chunks == ["0000-000002.jsonl", "0000-000003.jsonl", "0000-000004.jsonl"]  # not chunks 0 and 1
+    uploads = [k for k in client.store.writes if k.startswith("inputs/")]
+    assert len(uploads) == 6  # rows 9-18 name all six images, each uploaded once
+    assert report.enqueued == 10 and report.rows == 18
+    assert [m["line"] for m in client.manifest("big")] == list(range(1, 19))
+    assert client.status("big")["pending"] == 18 and client.status("big")["not_sent"] == 0
+
+    # the same file once more: nothing recorded or uploaded again
+    client.store = Counting(store)
+    again = client.submit_dataset(images, annotations, "big", progress=False)
+    assert not [k for k in client.store.writes if "/rows/" in k or k.startswith("inputs/")]
+    assert again.enqueued == 0 and again.finished == 0
+
+
+def test_duplicates_across_chunks_are_refused(tmp_path, broker, small_chunks, monkeypatch):
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    images, annotations = dataset(tmp_path, 6)
+    annotations.write_text(annotations.read_text() + json.dumps({"image": "1.png", "query": "thing 0"}) + "\n")
+    report = Client().submit_dataset(images, annotations, "dups", progress=False)
+    assert [(r["line"], r["message"]) for r in report.invalid] == [(7, "duplicate of line 2 (same image, query and mask)")]
+
+
+def test_dispatcher_feeds_up_to_the_mark_and_survives_a_restart(tmp_path, broker, small_chunks, monkeypatch):
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    monkeypatch.setenv("AMODAL_DISPATCH_HIGH_WATER", "5")
+    images, annotations = dataset(tmp_path, 13)
+    client = Client()
+    client.submit_dataset(images, annotations, "fed", progress=False)
+    dispatcher = Dispatcher(client.store, app, redis_client=broker)
+    dispatcher.round()
+    dispatcher.round()
+    assert queued(broker) == 5 and in_flight(client.store) == {"fed": 5} and waiting(client.store, "fed") == 8
+    rows = list(client.manifest("fed"))
+    fed = {job for job, _ in queued_messages(broker)}
+    assert fed == {m["job_id"] for m in rows[:5]}  # in row order
+
+    for m in rows[:3]:  # three jobs end; their messages were taken by workers
+        finish(client, m["job_id"])
+    broker.delete("ground")
+    dispatcher.scan()
+    dispatcher.round()
+    assert queued(broker) == 3 and in_flight(client.store) == {"fed": 5}
+    assert client.status("fed")["completed"] == 3  # outcome markers written when the dispatcher saw `done`
+
+    restarted = Dispatcher(client.store, app, redis_client=broker)  # a new process: progress from storage
+    restarted.round()
+    assert queued(broker) == 3 and waiting(client.store, "fed") == 5
+    for m in rows[3:8]:
+        finish(client, m["job_id"])
+    restarted.scan()
+    restarted.round()
+    restarted.round()
+    assert queued(broker) == 3 + 5 and waiting(client.store, "fed") == 0
+    assert {job for job, _ in queued_messages(broker)} == {m["job_id"] for m in rows[5:]}
+
+
+def test_stalled_job_is_sent_again_once(tmp_path, broker, monkeypatch):
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    images, annotations = dataset(tmp_path, 3)
+    client = Client()
+    client.submit_dataset(images, annotations, "lost", progress=False)
+    dispatcher = Dispatcher(client.store, app, redis_client=broker)
+    dispatcher.round()
+    jobs = [m["job_id"] for m in client.manifest("lost")]
+    lost = jobs[0]
+    # the message lost as kombu can lose it: taken off the queue, never recorded as unacknowledged
+    assert broker.rpop("ground") is not None and lost not in {j for j, _ in queued_messages(broker)}
+    for flight in dispatcher.progress.flights.values():
+        flight.since -= dispatcher.stall_after + 1  # nothing advanced for longer than the bound
+    dispatcher.round()
+    assert stalled(client.store) == {"lost": 3} and client.status("lost")["stalled"] == 3
+    dispatcher.scan()
+    assert sorted(queued_messages(broker)) == sorted((j, 0) for j in jobs)  # only the lost one sent again
+    assert queued(broker) == 3
+    dispatcher.scan()
+    assert queued(broker) == 3  # not again before another stall_after
+    assert dispatcher.progress.flights[lost].resent == 1
+
+
+def test_resubmission_in_flight_sends_no_duplicates(tmp_path, broker, small_chunks, monkeypatch):
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    images, annotations = dataset(tmp_path, 6)
+    client = Client()
+    client.submit_dataset(images, annotations, "again", progress=False)
+    dispatcher = Dispatcher(client.store, app, redis_client=broker)
+    dispatcher.round()
+    assert queued(broker) == 6
+    client.submit_dataset(images, annotations, "again", progress=False)
+    dispatcher.round()
+    assert queued(broker) == 6
+    # a changed file: a new generation of rows; its old rows' jobs exist and get no message
+    images, bigger = dataset(tmp_path, 9, name="more.jsonl")
+    report = client.submit_dataset(images, bigger, "again", progress=False)
+    assert report.enqueued == 9
+    fresh = Dispatcher(client.store, app, redis_client=broker)
+    fresh.round()
+    fresh.round()
+    assert queued(broker) == 9 and len({j for j, _ in queued_messages(broker)}) == 9
+
+
+# -- through real workers ------------------------------------------------------------------------
+SETTINGS = {"num_inference_steps": 2, "max_passes": 2}
+
+
+@pytest.fixture
+def env(tmp_path, redis_url, s3_bucket, tiny_models, monkeypatch):
+    env = cluster_env(redis_url, f"s3://{s3_bucket}/data", tiny_models, SETTINGS)
+    # a stalled job is sent again after 60 + 10 + 5 s
+    env.update(AMODAL_VISIBILITY_TIMEOUT="10", AMODAL_TASK_TIME_LIMIT="60", AMODAL_STALL_MARGIN="5")
+    for key in ("AMODAL_BROKER_URL", "AMODAL_STORAGE_URL"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setattr(app.conf, "broker_url", redis_url)
+    return env
+
+
+def submit(env: dict, tmp_path: Path, count: int, name: str) -> Client:
+    from tests.cluster import amodal
+
+    images, annotations = synthetic_dataset(tmp_path, count, given=count)
+    res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset", name, "-q",
+                 *[f"--set={k}={v}" for k, v in SETTINGS.items()])
+    assert res.returncode == 0, res.stderr
+    return Client()
+
+
+@pytest.mark.slow
+def test_queue_stays_under_the_mark_through_workers(env, tmp_path):
+    from tests.test_faults import assert_exactly_once, wait_all
+
+    env["AMODAL_DISPATCH_HIGH_WATER"] = "3"
+    broker = redis.Redis.from_url(env["AMODAL_BROKER_URL"])
+    group = start_workers(env, tmp_path / "logs")
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], queued(broker) + broker.hlen("unacked"))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        client = submit(env, tmp_path, 10, "marked")
+        manifest = wait_all(client, "marked", timeout=600)
+    finally:
+        done.set()
+        sampler.join()
+        group.stop()
+    assert 0 < peak[0] <= 3, peak
+    assert_exactly_once(client, "marked", manifest, 10)
+
+
+@pytest.mark.slow
+def test_message_removed_mid_run_is_recovered(env, tmp_path):
+    """Without a segment worker, jobs wait in its queue; one message is removed with a plain Redis client.
+    Its job is sent again within stall_after() plus a scan interval, and every row ends once."""
+    from tests.test_faults import assert_exactly_once, wait_all
+    from workers.placement import Slot
+
+    broker = redis.Redis.from_url(env["AMODAL_BROKER_URL"])
+    slots = [Slot("ground", 0), Slot("occlusion", 0), Slot("inpaint", 0), Slot("finalize", None)]
+    group = start_workers(env, tmp_path / "logs", slots)
+    try:
+        client = submit(env, tmp_path, 3, "removed")
+        deadline = time.monotonic() + 300
+        while broker.llen("segment") < 3:
+            assert time.monotonic() < deadline, "jobs never reached the segment queue"
+            time.sleep(0.2)
+        removed = producer.dispatch._message_job(broker.rpop("segment"))
+        removed_at = time.monotonic()
+        group.wait_ready([group.start(Slot("segment", 0))])
+        manifest = wait_all(client, "removed", timeout=600)
+        recovered_after = time.monotonic() - removed_at
+    finally:
+        group.stop()
+    assert_exactly_once(client, "removed", manifest, 3)
+    assert f"job {removed[0]} stalled at segment v{removed[1]}" in group.log("dispatch")
+    assert recovered_after < 60 + 10 + 5 + 60  # stall_after, then a scan, then the rest of the job
+
+
+@pytest.mark.slow
+def test_sigkill_during_bursts_of_deliveries(env, tmp_path):
+    """Segment workers killed as a burst of messages arrives (the window between kombu's BRPOP and its
+    record of the delivery): every job still ends with exactly one outcome."""
+    from tests.test_faults import assert_exactly_once, wait_all
+    from workers.placement import Slot
+
+    broker = redis.Redis.from_url(env["AMODAL_BROKER_URL"])
+    group = start_workers(env, tmp_path / "logs", [Slot(s, 0) for s in ("ground", "occlusion", "inpaint")]
+                          + [Slot("finalize", None)])
+    try:
+        client = submit(env, tmp_path, 8, "burst")
+        deadline = time.monotonic() + 300
+        while broker.llen("segment") < 8:
+            assert time.monotonic() < deadline, "jobs never reached the segment queue"
+            time.sleep(0.2)
+        for _ in range(2):
+            name = group.start(Slot("segment", 0))
+            while broker.llen("segment") == 8 and group.procs[name].poll() is None:
+                time.sleep(0.01)  # the first deliveries of the burst
+            group.signal(name, signal.SIGKILL)
+            group.procs[name].wait(timeout=30)
+            del group.procs[name], group.slots[name]
+        group.wait_ready([group.start(Slot("segment", 0))])
+        manifest = wait_all(client, "burst", timeout=900)
+    finally:
+        group.stop()
+    assert_exactly_once(client, "burst", manifest, 8)
