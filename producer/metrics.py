@@ -189,9 +189,10 @@ def serve(collector: Collector, port: int, address: str) -> None:
 def add_metrics_command(subparsers) -> argparse.ArgumentParser:
     """Add ``metrics`` to the ``amodal`` command's subparsers."""
     parser = subparsers.add_parser(
-        "metrics", help="serve Prometheus metrics: queue depth per stage, jobs in flight, outcomes per dataset",
-        description="serve Prometheus metrics at /metrics: queue depth and unacknowledged messages per stage, "
-                    "jobs in flight, outcomes per dataset (AMODAL_BROKER_URL, AMODAL_STORAGE_URL)",
+        "metrics", help="serve Prometheus metrics: queue depth per stage, jobs waiting, in flight and stalled, "
+                        "outcomes per dataset",
+        description="serve Prometheus metrics at /metrics: queue depth and unacknowledged messages per stage; jobs "
+                    "waiting, in flight and stalled and outcomes per dataset (AMODAL_BROKER_URL, AMODAL_STORAGE_URL)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port to serve on")
     parser.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from amodal.jobstore import record_outcome, write_submission
-from amodal.state import WORK_STAGES, JobState
+from amodal.state import OUTCOMES, WORK_STAGES, JobState
 from amodal.storage import open_storage
 from producer.dispatch import STATE_KEY, Flight, Progress
 from producer.metrics import AmodalCollector
-from tests.cluster import cluster_env, outside_repository, start_workers
+from tests.cluster import cluster_env, outside_repository
 from tests.flowerproc import AMODAL, free_port
 
 METRICS_REDIS_DB = 8
@@ -160,3 +160,100 @@ def test_dashboard_shows_every_exported_metric_and_only_those(own_redis_url, tmp
     assert {n for n in named if n.startswith("amodal_")} == exported
     assert {n for n in named if n.startswith("flower_")} <= flower
     assert {"flower_events_total", "flower_task_runtime_seconds_bucket", "flower_worker_online"} <= named
+
+
+def start_metrics(env: dict, port: int) -> subprocess.Popen:
+    """``amodal metrics`` as installed, from outside the repository, returned once it answers."""
+    proc = subprocess.Popen([AMODAL, "metrics", "--port", str(port)], env=env, cwd=outside_repository(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            return proc
+        except requests.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"amodal metrics did not start: {proc.communicate()[0]}") from None
+            time.sleep(0.2)
+
+
+def scrape_until(port: int, done, timeout: float, what: str) -> dict:
+    """Scrape ``/metrics`` until ``done(samples)`` holds; the last samples."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = samples(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+        if done(found):
+            return found
+        assert time.monotonic() < deadline, f"{what}: {found}"
+        time.sleep(1)
+
+
+def queued(found: dict) -> float:
+    return sum(depth(found, stage) for stage in WORK_STAGES)
+
+
+@pytest.mark.slow
+def test_metrics_follow_a_dataset_through_the_workers(tmp_path, own_redis_url, s3_bucket, tiny_models):
+    from tests.synthetic import synthetic_dataset
+    from workers.launch import DISPATCH, WorkerGroup
+    from tests.cluster import ONE_GPU, amodal
+
+    settings = {"num_inference_steps": 2, "max_passes": 2}
+    env = cluster_env(own_redis_url, f"s3://{s3_bucket}/data", tiny_models, settings)
+    images, annotations = synthetic_dataset(tmp_path, 12)  # more rows than a segment or occlusion batch
+    port = free_port()
+    exporter = start_metrics(env, port)
+    group = WorkerGroup(env, tmp_path / "logs", cwd=outside_repository())
+    try:
+        # 1. Recorded, nothing started: the rows wait, the queues are empty.
+        res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset", "shapes",
+                     "-q", *[f"--set={k}={v}" for k, v in settings.items()])
+        assert res.returncode == 0, res.stderr
+        found = scrape_until(port, lambda f: ("amodal_jobs_waiting", ("dataset", "shapes")) in f, 30, "no dataset")
+        assert found[("amodal_jobs_waiting", ("dataset", "shapes"))] == 12 and queued(found) == 0
+        assert outcomes(found, "shapes") == {}
+
+        # 2. The dispatcher starts the jobs; no worker takes them: twelve messages wait in ground's queue.
+        group.start_dispatcher()
+        group.wait_ready([DISPATCH])
+        found = scrape_until(port, lambda f: depth(f, "ground") == 12, 60, "jobs not queued")
+        assert found[("amodal_jobs_in_flight", ("dataset", "shapes"))] == 12
+        assert found[("amodal_jobs_waiting", ("dataset", "shapes"))] == 0
+
+        # 3. The workers drain the queues; every job reaches an outcome.
+        for slot in ONE_GPU:
+            group.start(slot)
+        group.wait_ready()
+        seen_held = 0.0
+        deadline = time.monotonic() + 900
+        while True:
+            found = samples(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+            seen_held = max(seen_held, sum(depth(found, s, "amodal_queue_unacked") for s in WORK_STAGES))
+            if sum(outcomes(found, "shapes").values()) == 12:
+                break
+            assert time.monotonic() < deadline, (found, *(group.log(n)[-2000:] for n in group.procs))
+            time.sleep(1)
+        found = scrape_until(port, lambda f: f[("amodal_jobs_in_flight", ("dataset", "shapes"))] == 0, 60,
+                             "jobs left in flight")
+        assert queued(found) == 0 and found[("amodal_jobs_stalled", ("dataset", "shapes"))] == 0
+        assert seen_held > 0  # workers were seen holding messages
+        status = json.loads(amodal(env, "status", "--dataset", "shapes").stdout.strip().splitlines()[-1])
+        assert outcomes(found, "shapes") == {k: v for k, v in status.items() if k in OUTCOMES and v}
+    finally:
+        group.stop()
+        exporter.terminate()
+        exporter.communicate(timeout=30)
+
+
+def test_metrics_on_a_port_in_use_says_so_in_one_line(tmp_path, own_redis_url):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(AMODAL_BROKER_URL=own_redis_url, AMODAL_STORAGE_URL=f"file://{tmp_path}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([AMODAL, "metrics", "--port", str(port)], env=env, cwd=outside_repository(),
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr == f"amodal: port {port} is in use; pick another with --port\n"
