@@ -59,22 +59,40 @@ def _read_input(ctx: Context, key: str, what: str) -> bytes:
 
 
 def ground(states: Sequence[JobState], ctx: Context) -> None:
-    """Step 1 for each job: the visible mask, given with the job or found from the query."""
-    _each(states, ctx, _ground)
+    """Step 1 for a batch of jobs: the visible mask, given with the job or found from its query; the jobs
+    without a given mask are grounded together, in one grounder call. A job's bad input ends it ``invalid``."""
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        # 1. each job's image and given mask (None where it is to be grounded or its input was bad)
+        inputs = list(pool.map(lambda state: _ground_input(state, ctx), states))
+        ready = [i for i, (image, _) in enumerate(inputs) if image is not None]
+        # 2. the queries of the jobs without a mask, grounded together
+        todo = [i for i in ready if not states[i].mask_key]
+        if todo:
+            grounder = ctx.models.grounder
+            found = grounder.ground_batch([inputs[i][0] for i in todo], [states[i].query for i in todo])
+            for i, grounding in zip(todo, found, strict=True):
+                inputs[i] = (inputs[i][0], grounding.mask)
+                states[i].grounder_text, states[i].backends["ground"] = grounding.text, grounder.name
+        # 3. each job's outcome, and its image and visible mask
+        list(pool.map(lambda i: _ground_output(states[i], ctx, *inputs[i]), ready))
 
 
-def _ground(state: JobState, ctx: Context) -> None:
+def _ground_input(state: JobState, ctx: Context) -> tuple[np.ndarray | None, np.ndarray | None]:
     s = state.job_settings()
-    image = load_image(_read_input(ctx, state.image_key, "image"), max_pixels=s.max_pixels, min_side=s.min_side)
-    state.image_size = image.shape[:2]
-    if state.mask_key:
-        visible = load_mask(_read_input(ctx, state.mask_key, "visible mask"), image.shape[:2])
+    try:
+        image = load_image(_read_input(ctx, state.image_key, "image"), max_pixels=s.max_pixels, min_side=s.min_side)
+        state.image_size = image.shape[:2]
+        if not state.mask_key:
+            return image, None
         state.backends["ground"] = "given"
-    else:
-        grounder = ctx.models.grounder
-        found = grounder.ground(image, state.query)
-        visible, state.grounder_text = found.mask, found.text
-        state.backends["ground"] = grounder.name
+        return image, load_mask(_read_input(ctx, state.mask_key, "visible mask"), image.shape[:2])
+    except InvalidInput as exc:
+        state.finish("invalid", str(exc))
+        return None, None
+
+
+def _ground_output(state: JobState, ctx: Context, image: np.ndarray, visible: np.ndarray | None) -> None:
+    s = state.job_settings()
     if visible is None or not visible.any():
         state.finish("no_target", f"nothing in the image matched the query {state.query!r}")
         return

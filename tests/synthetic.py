@@ -107,9 +107,13 @@ class Oracle:
         return [s for s in self.scene.shapes if colour_mask(image, s.colour).any()]
 
     def ground(self, image: np.ndarray, query: str) -> Grounding:
+        return self.ground_batch([image], [query])[0]
+
+    def ground_batch(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Grounding]:
         self._count("ground")
-        match = [s for s in self.scene.shapes if s.label == query]
-        return Grounding(colour_mask(image, match[0].colour) if match else None, "")
+        matches = [[s for s in self.scene.shapes if s.label == query] for query in queries]
+        return [Grounding(colour_mask(image, match[0].colour) if match else None, "")
+                for image, match in zip(images, matches, strict=True)]
 
     def tag(self, images: Sequence[np.ndarray]) -> list[list[str]]:
         self._count("tag")

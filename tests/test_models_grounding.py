@@ -103,3 +103,19 @@ def test_tiny_models_ground_the_best_box(models):
         assert GdinoSamGrounder(detector, segmenter).ground(image, "cat") == Grounding(mask=None)
     finally:
         detector.text_threshold = 0.3
+
+
+def test_a_batch_grounds_each_image_as_it_would_alone(models):
+    detector, segmenter = models
+    cat = np.asarray(Image.open(PHOTO).convert("RGB"))
+    images, queries = [cat, cat[::-1].copy(), cat[:, ::-1].copy()], ["cat", "cat", "dog"]
+    grounder = GdinoSamGrounder(detector, segmenter)
+    batch = grounder.ground_batch(images, queries)
+    alone = [grounder.ground(i, q) for i, q in zip(images, queries)]
+    assert len(batch) == 3 and any(g.mask is not None for g in batch)
+    for b, a in zip(batch, alone):
+        assert (b.mask is None) == (a.mask is None)
+        if a.mask is not None:
+            assert np.mean(b.mask != a.mask) < 1e-3
+    with pytest.raises(ValueError):
+        grounder.ground_batch(images, queries[:2])

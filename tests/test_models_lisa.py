@@ -167,8 +167,8 @@ def test_prompt_ids_strip_whitespace_at_the_added_tokens(grounder):
 
 
 def test_image_features_are_256_projected_patches(grounder, image):
-    features = grounder.image_features(image)
-    assert features.shape == (256, grounder.llm.config.hidden_size)
+    features = grounder.image_features([image, image[::-1].copy()])
+    assert features.shape == (2, 256, grounder.llm.config.hidden_size)
     assert torch.isfinite(features).all()
 
 
@@ -185,26 +185,26 @@ def test_seg_prompt_comes_from_the_state_that_predicted_the_first_seg(grounder):
     assert grounder.seg_prompt(Generation(torch.tensor([5, 7, eos]), hidden[:3])) is None
 
 
-def test_mask_from_generation(grounder, image):
+def test_masks_from_generations(grounder, image):
     seg, eos = grounder.seg_token_id, grounder.tokenizer.eos_token_id
     hidden = torch.randn(3, grounder.llm.config.hidden_size, generator=torch.Generator().manual_seed(1))
     generation = Generation(torch.tensor([5, seg, eos]), hidden)
-    mask = grounder.mask_from_generation(image, generation)
+    mask = grounder.masks_from_generations([image], [generation])[0]
     assert mask.shape == image.shape[:2] and mask.dtype == bool
     assert 0 < mask.mean() < 1
-    assert grounder.mask_from_generation(image, Generation(torch.tensor([5, eos]), hidden[:2])) is None
+    assert grounder.masks_from_generations([image], [Generation(torch.tensor([5, eos]), hidden[:2])]) == [None]
 
 
 def test_generation_keeps_the_normed_last_state_that_predicted_each_token(grounder, image):
     seg, eos = grounder.seg_token_id, grounder.tokenizer.eos_token_id
     with scripted(grounder, [seg, eos]):
-        generation = grounder.generate(image, QUERY)
+        (generation,) = grounder.generate([image], [QUERY])
     assert generation.ids.tolist() == [seg, eos]
     ids = encode_prompt(grounder.tokenizer, prompt_text(QUERY)) + [seg]
     at = ids.index(IMAGE_PLACEHOLDER)
     with torch.inference_mode():
         tokens = grounder.llm.get_input_embeddings()(torch.tensor(ids).clamp(min=0))
-        embeds = torch.cat([tokens[:at], grounder.image_features(image), tokens[at + 1 :]])[None]
+        embeds = torch.cat([tokens[:at], grounder.image_features([image])[0], tokens[at + 1 :]])[None]
         states = grounder.llm.model(inputs_embeds=embeds).last_hidden_state[0]
     assert len(states) == len(ids) - 1 + 256
     assert torch.allclose(generation.hidden, states[-2:], atol=1e-5)

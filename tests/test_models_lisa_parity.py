@@ -48,7 +48,7 @@ def generation(grounder, image, reference) -> Generation:
     """The answer ``[SEG]``: its hidden state is the one at the prompt's last position, as in the reference."""
     seg, eos = grounder.seg_token_id, grounder.tokenizer.eos_token_id
     with scripted(grounder, [seg, eos]):
-        generation = grounder.generate(image, reference["query"])
+        (generation,) = grounder.generate([image], [reference["query"]])
     assert generation.ids.tolist() == [seg, eos]
     return generation
 
@@ -68,7 +68,7 @@ def test_prompt_and_ids_match_the_reference(grounder, reference):
 
 def test_image_features_match_the_reference(grounder, image, reference):
     assert list(image.shape) == reference["image_shape"]
-    features = grounder.image_features(image).double()
+    features = grounder.image_features([image])[0].double()
     assert list(features.shape) == reference["image_features_shape"]
     flat = features.ravel()
     _close(flat[:: reference["image_features_stride"]], reference["image_features_sample"], "image features")
@@ -93,7 +93,7 @@ def test_mask_logits_match_the_reference(grounder, generation, image, reference,
     monkeypatch.setattr(sam, "postprocess_masks", keep_logits)
     handle = sam.mask_decoder.register_forward_hook(lambda module, inputs, out: captured.update(low_res=out[0]))
     try:
-        mask = grounder.mask_from_generation(image, generation)
+        (mask,) = grounder.masks_from_generations([image], [generation])
     finally:
         handle.remove()
     assert list(grounder.sam.encode([image])[0].input_size) == reference["sam_input_size"]

@@ -67,6 +67,10 @@ class Grounder(Protocol):
 
     def ground(self, image: np.ndarray, query: str) -> Grounding: ...
 
+    def ground_batch(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Grounding]:
+        """One grounding per image and its query, as ``ground`` gives them, in as few model calls as it can."""
+        ...
+
 
 class Tagger(Protocol):
     """Names the things in each image of a batch."""

@@ -1,6 +1,8 @@
 """The plain-noun way in: Grounding DINO boxes the query, SAM masks the best box."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from amodal.models.base import BoxSegmenter, Detector, Grounding
@@ -16,9 +18,17 @@ class GdinoSamGrounder:
         self.segmenter = segmenter
 
     def ground(self, image: np.ndarray, query: str) -> Grounding:
-        detections = self.detector.detect([image], [[query]])[0]
-        if not detections:
-            return Grounding(mask=None)
-        best = max(detections, key=lambda d: d.score)
-        mask = self.segmenter.segment([image], [[best.box]])[0][0]
-        return Grounding(mask=mask if mask.any() else None)
+        return self.ground_batch([image], [query])[0]
+
+    def ground_batch(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Grounding]:
+        """Both models batch across images: one ``detect`` over all queries, one ``segment`` over the best boxes."""
+        if len(images) != len(queries):
+            raise ValueError(f"{len(images)} images for {len(queries)} queries")
+        found = self.detector.detect(images, [[q] for q in queries])
+        boxed = [i for i, d in enumerate(found) if d]
+        best = [[max(found[i], key=lambda d: d.score).box] for i in boxed]
+        masks = self.segmenter.segment([images[i] for i in boxed], best) if boxed else []
+        groundings = [Grounding(mask=None) for _ in images]
+        for i, (mask,) in zip(boxed, masks):
+            groundings[i] = Grounding(mask=mask if mask.any() else None)
+        return groundings

@@ -20,6 +20,10 @@ How the published model runs (``chat.py`` and ``model/LISA.py`` of the LISA repo
    in the published checkpoint), normalised and padded; the mask decoder runs with one output
    (``multimask_output=False``), the logits are resized back to the input's size and thresholded at 0.
 
+Many jobs are grounded in one call (``ground_batch``): their prompts, left-padded, go through one
+``generate``, and SAM encodes their images in its encoder's batches; each row's answer and mask are
+the ones it gets on its own, up to rounding.
+
 LLaMA, CLIP and SAM's image encoder run in the requested precision (LLaMA in 8 or 4 bits on request,
 with bitsandbytes); SAM's prompt encoder and mask decoder run in float32, as in ``amodal.models.sam``.
 """
@@ -29,6 +33,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,7 +61,7 @@ from amodal.models.lisa_checkpoint import (
 )
 from amodal.models.lisa_tiny import write_tiny
 from amodal.models.registry import require
-from amodal.models.sam import SamSegmenter
+from amodal.models.sam import ENCODER_BATCH, SamSegmenter
 
 __all__ = ["IMAGE_PLACEHOLDER", "Generation", "LisaGrounder", "encode_prompt", "prompt_text", "write_tiny"]
 
@@ -118,7 +123,7 @@ def _quantization(
 
 
 class LisaGrounder:
-    """LISA as a ``Grounder``: one image and query in, the mask of the first ``[SEG]`` out."""
+    """LISA as a ``Grounder``: images and queries in, the mask of each answer's first ``[SEG]`` out."""
 
     name = "lisa"
 
@@ -200,27 +205,42 @@ class LisaGrounder:
         )
 
     @torch.inference_mode()
-    def image_features(self, image: np.ndarray) -> torch.Tensor:
-        """The image as LLaMA input embeddings, shape ``(patches, hidden_size)``."""
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        states = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
-        return self.extras.mm_projector(states[self.select_layer][0, 1:])
+    def image_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """The images as LLaMA input embeddings, shape ``(images, patches, hidden_size)``."""
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        states = self.vision(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True).hidden_states
+        return self.extras.mm_projector(states[self.select_layer][:, 1:])
 
-    @torch.inference_mode()
-    def generate(self, image: np.ndarray, query: str) -> Generation:
-        """Greedy answer to ``query`` about ``image``."""
+    def _prompt_embeds(self, features: torch.Tensor, query: str) -> torch.Tensor:
+        """One prompt's input embeddings ``(tokens, hidden_size)``, the image's features at ``<image>``."""
         ids = encode_prompt(self.tokenizer, prompt_text(query, self.im_start_end))
         at = ids.index(IMAGE_PLACEHOLDER)
         tokens = self.llm.get_input_embeddings()(torch.tensor(ids, device=self.device).clamp(min=0))
-        features = self.image_features(image).to(tokens.dtype)
-        embeds = torch.cat([tokens[:at], features, tokens[at + 1 :]])[None]
-        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        out = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=attention, generation_config=self.generation_config
-        )
-        # Step t's last position is the one that predicted new token t (a KV cache is in use).
-        hidden = torch.stack([step[-1][0, -1] for step in out.hidden_states])
-        return Generation(ids=out.sequences[0], hidden=hidden)
+        return torch.cat([tokens[:at], features.to(tokens.dtype), tokens[at + 1 :]])
+
+    @torch.inference_mode()
+    def generate(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Generation]:
+        """Greedy answers, one per image and query, decoded together: the prompts are left-padded
+        (padding masked out, positions counted from each prompt's first token) into one ``generate``."""
+        # 1. prompts: token embeddings with each image's features in place of <image>
+        rows = [self._prompt_embeds(f, q) for f, q in zip(self.image_features(images), queries, strict=True)]
+        # 2. left padding to the longest prompt
+        length = max(len(r) for r in rows)
+        embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+        attention = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            embeds[i, length - len(row) :] = row
+            attention[i, length - len(row) :] = 1
+        # 3. decoding; step t's last position is the one that predicted new token t (a KV cache is in use)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=self.generation_config)
+        hidden = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)
+        # 4. each answer up to its end-of-sequence token (the rows that ended earlier are padded after it)
+        return [self._answer(ids, h) for ids, h in zip(out.sequences, hidden)]
+
+    def _answer(self, ids: torch.Tensor, hidden: torch.Tensor) -> Generation:
+        ends = (ids == self.tokenizer.eos_token_id).nonzero()
+        length = int(ends[0, 0]) + 1 if len(ends) else len(ids)
+        return Generation(ids=ids[:length], hidden=hidden[:length])
 
     @torch.inference_mode()
     def seg_prompt(self, generation: Generation) -> torch.Tensor | None:
@@ -232,30 +252,51 @@ class LisaGrounder:
         return self.extras.seg_embedding(hidden).float()
 
     @torch.inference_mode()
-    def mask_from_generation(self, image: np.ndarray, generation: Generation) -> np.ndarray | None:
-        """The bool mask of the first ``[SEG]`` at the image's size; ``None`` if no ``[SEG]`` or an empty mask."""
-        prompt = self.seg_prompt(generation)
-        if prompt is None:
-            return None
-        embedding = self.sam.encode([image])[0]
+    def masks_from_generations(
+        self, images: Sequence[np.ndarray], generations: Sequence[Generation]
+    ) -> list[np.ndarray | None]:
+        """For each image, the bool mask of its answer's first ``[SEG]`` at the image's size; ``None`` if the
+        answer has no ``[SEG]`` or the mask is empty. Only images with a ``[SEG]`` are encoded, in SAM's
+        encoder batches; segment_anything's mask decoder pairs one image with its prompts, so each image's
+        prompt is decoded on its own (a few milliseconds against the encoder's hundreds)."""
+        prompts = [self.seg_prompt(g) for g in generations]
+        todo = [i for i, p in enumerate(prompts) if p is not None]
+        masks: list[np.ndarray | None] = [None] * len(images)
         sam = self.sam.model
-        sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
-        low_res, _ = sam.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=torch.cat([sparse, prompt[None, None]], dim=1),
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        logits = sam.postprocess_masks(low_res, embedding.input_size, embedding.original_size)[0, 0]
-        mask = (logits > sam.mask_threshold).cpu().numpy()
-        return mask if mask.any() else None
+        for start in range(0, len(todo), ENCODER_BATCH):
+            chunk = todo[start : start + ENCODER_BATCH]
+            for i, embedding in zip(chunk, self.sam.encode([images[i] for i in chunk])):
+                sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+                low_res, _ = sam.mask_decoder(
+                    image_embeddings=embedding.features,
+                    image_pe=sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=torch.cat([sparse, prompts[i][None, None]], dim=1),
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+                logits = sam.postprocess_masks(low_res, embedding.input_size, embedding.original_size)[0, 0]
+                mask = (logits > sam.mask_threshold).cpu().numpy()
+                masks[i] = mask if mask.any() else None
+        return masks
+
+    def ground_batch(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Grounding]:
+        """One grounding per image and query: one ``generate`` over all of them, then SAM on the answers
+        that say ``[SEG]``. Each row's result is the one it gets on its own (up to rounding)."""
+        if len(images) != len(queries):
+            raise ValueError(f"{len(images)} images for {len(queries)} queries")
+        if not images:
+            return []
+        for image, query in zip(images, queries):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+            if not query.strip():
+                raise ValueError("empty query")
+        generations = self.generate(images, [q.strip() for q in queries])
+        masks = self.masks_from_generations(images, generations)
+        return [
+            Grounding(mask=mask, text=self.tokenizer.decode(g.ids, skip_special_tokens=True).strip())
+            for g, mask in zip(generations, masks)
+        ]
 
     def ground(self, image: np.ndarray, query: str) -> Grounding:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
-        if not query.strip():
-            raise ValueError("empty query")
-        generation = self.generate(image, query.strip())
-        text = self.tokenizer.decode(generation.ids, skip_special_tokens=True).strip()
-        return Grounding(mask=self.mask_from_generation(image, generation), text=text)
+        return self.ground_batch([image], [query])[0]
