@@ -40,11 +40,9 @@ class Environment(BaseSettings):
     # Jobs per model call of the batched stages (per pool process), and how long a partial batch waits:
     # defaults and their measurements in amodal.stages.
     ground_batch: int = Field(BY_NAME["ground"].batch, ge=1)
-    ground_batch: int = Field(BY_NAME["ground"].batch, ge=1)
     segment_batch: int = Field(BY_NAME["segment"].batch, ge=1)
     occlusion_batch: int = Field(BY_NAME["occlusion"].batch, ge=1)
     inpaint_batch: int = Field(BY_NAME["inpaint"].batch, ge=1)
-    ground_flush: float = Field(BY_NAME["ground"].flush, gt=0)
     ground_flush: float = Field(BY_NAME["ground"].flush, gt=0)
     segment_flush: float = Field(BY_NAME["segment"].flush, gt=0)
     occlusion_flush: float = Field(BY_NAME["occlusion"].flush, gt=0)
