@@ -47,7 +47,7 @@ def check_result(store, line):
 
 def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     env = cluster.env
-    assert len(cluster.procs) == 5
+    assert len(cluster.procs) == 6  # five workers and the dispatcher
     images, annotations = synthetic_dataset(tmp_path)
     store = open_storage(env["AMODAL_STORAGE_URL"])
     submitted = {}
@@ -122,6 +122,7 @@ def test_submit_from_an_s3_prefix_reads_images_in_place(tmp_path, redis_url, s3_
     """Images under s3:// are not copied: jobs name them in their own bucket; missing ones are invalid."""
     from amodal.jobstore import latest_state
     from producer import Client
+    from producer.dispatch import Dispatcher
 
     images, annotations = synthetic_dataset(tmp_path, 4, given=4)
     for path in images.iterdir():
@@ -133,6 +134,7 @@ def test_submit_from_an_s3_prefix_reads_images_in_place(tmp_path, redis_url, s3_
     assert report.enqueued == 4 and [r["message"] for r in report.invalid] == ["image not found: gone.png"]
     lines = list(client.manifest("from-s3"))
     assert [x["status"] for x in lines] == ["pending"] * 4 + ["invalid"]
+    Dispatcher(client.store, client.app).round()  # starts the jobs: their state 0 appears
     state = latest_state(client.store, lines[0]["job_id"])
     assert state.inputs == f"s3://{s3_bucket}/photos" and state.image_key == "scene00.png"
     assert not [k for k in client.store.list("inputs/")]  # nothing uploaded

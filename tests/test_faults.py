@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from amodal.jobstore import latest_state
+from amodal.jobstore import latest_state, load_state
 from amodal.state import OUTCOMES
 from producer import Client
 from tasks.app import send_stage
@@ -103,7 +103,7 @@ def wait_log(group, name: str, text: str, timeout: float = 120) -> None:
 def wait_stage(client: Client, dataset: str, stage: str, timeout: float = 120) -> None:
     """Until some job of the dataset has been sent to ``stage``."""
     deadline = time.monotonic() + timeout
-    jobs = [json.loads(r)["job_id"] for r in client.store.get(f"datasets/{dataset}/rows.jsonl").splitlines()]
+    jobs = [m["job_id"] for m in client.manifest(dataset)]
     while not any((s := latest_state(client.store, j)) and s.stage == stage for j in jobs):
         assert time.monotonic() < deadline, f"no job reached {stage}"
         time.sleep(0.1)
@@ -145,7 +145,7 @@ def test_poison_job_is_failed_after_bounded_attempts(env, tmp_path):
         (tmp_path / "poison").mkdir()
         # Its own settings (more steps) make its diffusion call long enough to be killed inside.
         submit(env, tmp_path / "poison", 1, dataset="poison", num_inference_steps=40)
-        poison = json.loads(client.store.get("datasets/poison/rows.jsonl"))["job_id"]
+        (poison,) = [m["job_id"] for m in client.manifest("poison")]
         worker = psutil.Process(group.procs["inpaint-gpu0"].pid)
         kills = 0
         deadline = time.monotonic() + 600
@@ -176,8 +176,12 @@ def test_duplicated_messages_and_racing_workers(env, tmp_path):
     client = Client(broker_url=env["AMODAL_BROKER_URL"])
     try:
         submit(env, tmp_path, 6)
-        for row in client.store.get("datasets/faults/rows.jsonl").splitlines():
-            job = json.loads(row)["job_id"]
+        for m in client.manifest("faults"):
+            job = m["job_id"]
+            deadline = time.monotonic() + 60
+            while load_state(client.store, job, 0) is None:  # the dispatcher starts the job
+                assert time.monotonic() < deadline, f"job {job} never started"
+                time.sleep(0.1)
             for _ in range(2):
                 send_stage("ground", job, 0)  # each job's first message now arrives three times
         manifest = wait_all(client, "faults", timeout=600)
