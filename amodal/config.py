@@ -60,7 +60,7 @@ class Environment(BaseSettings):
     # message queued, so this bounds the broker's memory (about 1 KB a message) whatever a dataset's size.
     dispatch_high_water: int = Field(2000, ge=1)
     dispatch_interval: float = Field(2.0, gt=0)  # seconds between two rounds of feeding
-    dispatch_scan_interval: float = Field(15.0, gt=0)  # seconds between two checks of the jobs in flight
+    dispatch_scan_interval: float = Field(30.0, gt=0)  # seconds between two checks of the jobs in flight
     # A job in flight whose state has not advanced for task_time_limit + visibility_timeout + this margin,
     # with no message of its in the broker, is stalled: its current step is sent again.
     stall_margin: int = Field(60, ge=0)

@@ -52,6 +52,7 @@ STATE_KEY = "dispatch/state.json"
 OPEN_PREFIX = "dispatch/open/"  # one marker per dataset with recorded rows not all started
 ADOPT_PREFIX = "dispatch/adopt/"  # dispatch/adopt/<dataset>/<job>: a job sent by Client.submit, to watch
 LOCK_NAME = "amodal:dispatch"
+SAVE_EVERY = 15.0  # seconds between two stores of an unchanged progress (its heartbeat)
 LOCK_SECONDS = 60  # a dispatcher that stops renewing its lock loses it after this
 READY_MESSAGE = "dispatching:"  # logged once the lock is held and the stored progress loaded
 ALIVE_FILE = Path(tempfile.gettempdir()) / "amodal-dispatch.alive"  # touched every round: the container's healthcheck
@@ -198,6 +199,7 @@ class Dispatcher:
         self.progress.stall_after = self.stall_after
         self._chunk: dict[str, tuple[tuple[int, int], list[dict]]] = {}  # dataset -> (generation, index), rows
         self._next_scan = time.monotonic() + self.scan_interval
+        self._saved = ""  # the cursors and flights last stored, as JSON
 
     def round(self) -> None:
         """One round: watch adopted jobs, start jobs while there is room, check the jobs in flight
@@ -207,8 +209,17 @@ class Dispatcher:
         if time.monotonic() >= self._next_scan:
             self.scan()
             self._next_scan = time.monotonic() + self.scan_interval
-        self.progress.heartbeat = time.time()
-        self.store.put(STATE_KEY, self.progress.to_json())
+        self._saved = ""  # the cursors and flights last stored, as JSON
+        self._save()
+
+    def _save(self) -> None:
+        """Store the progress when it changed, and at least every ``SAVE_EVERY`` seconds (the heartbeat)."""
+        now = time.time()
+        work = json.dumps([self.progress.cursors, {job: asdict(f) for job, f in self.progress.flights.items()}])
+        if work != self._saved or now - self.progress.heartbeat >= SAVE_EVERY:
+            self.progress.heartbeat = now
+            self.store.put(STATE_KEY, self.progress.to_json())
+            self._saved = work
 
     # 1. jobs sent by Client.submit
     def _adopt(self) -> None:
@@ -236,6 +247,8 @@ class Dispatcher:
         rows = []
         while len(rows) < room and done < submission["sent"]:
             row = self._row(dataset, generation, done)
+            if row is None:  # a new generation replaced the rows meanwhile: next round
+                break
             done += 1
             if not row.get("status"):  # rows refused at submission have no job
                 rows.append(row)
@@ -244,12 +257,13 @@ class Dispatcher:
         if done >= submission["sent"] and submission["complete"]:
             self._close(dataset, submission)
 
-    def _row(self, dataset: str, generation: int, index: int) -> dict:
+    def _row(self, dataset: str, generation: int, index: int) -> dict | None:
         where = (generation, index // ROWS_PER_CHUNK)
         cached = self._chunk.get(dataset)
         if cached is None or cached[0] != where:
             cached = self._chunk[dataset] = (where, read_rows_chunk(self.store, dataset, *where))
-        return cached[1][index % ROWS_PER_CHUNK]
+        rows = cached[1]
+        return rows[index % ROWS_PER_CHUNK] if index % ROWS_PER_CHUNK < len(rows) else None
 
     def _start(self, dataset: str, submission: dict, rows: list[dict]) -> None:
         """Create each job's state 0 and send its first step; a job that existed gets no message (it is
