@@ -196,3 +196,13 @@ def test_non_editable_install_runs_a_worker_and_a_submit(tmp_path, redis_url, pa
         worker.terminate()
         output = worker.communicate(timeout=90)[0]
     assert "ModuleNotFoundError" not in output and " ready." in output, output[-3000:]
+
+
+def test_the_command_loads_no_torch_before_a_worker_pins_its_gpu():
+    """``amodal worker`` sets CUDA_VISIBLE_DEVICES before torch loads: building the command's parser (every
+    verb's options) must not import it."""
+    res = subprocess.run([sys.executable, "-c", "import sys; from amodal.cli import build_parser; build_parser(); "
+                          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"],
+                         env=user_env(), cwd=outside_repository(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout

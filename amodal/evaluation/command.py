@@ -5,11 +5,15 @@ import argparse
 import collections
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from amodal.errors import UsageError
+from amodal.evaluation import METRICS
 from amodal.evaluation.generator import Sample, coco_objects, coco_samples, synthetic_samples, write_rows
-from amodal.evaluation.metrics import Prediction, Scorer
-from amodal.evaluation.report import METRICS, write_report
+# The metrics bring torch: imported where they run, so that `amodal worker`, whose parser holds this
+# command too, pins its GPU before anything loads torch.
+if TYPE_CHECKING:
+    from amodal.evaluation.metrics import Scorer
 from amodal.settings import Settings
 
 DEFAULT_IOU_FLOOR = 0.5  # a result whose amodal IoU is under this is a complete failure
@@ -52,6 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not samples:
         raise UsageError("no usable objects to evaluate on (objects of 1024 px or more, clear of the border)")
     models = ModelSet(model_dir, settings)
+    from amodal.evaluation.metrics import Scorer
+
     report = evaluate(samples, Path(args.out), models, Scorer.from_model_dir(model_dir, models.device), settings,
                       args.iou_floor, progress=not args.quiet)
     print(json.dumps({**report["summary"], "report": str(Path(args.out) / "report.json")}))
@@ -72,6 +78,8 @@ def evaluate(samples: list[Sample], out: Path, models, scorer: Scorer, settings:
     rows = [score_row(sample, lines[f"{sample.name}.png"], scorer, iou_floor) for sample in samples]
     # 4. The summary, and the report and page.
     report = {"summary": summarize(rows, iou_floor), "paper": PAPER, "settings": settings.to_dict(), "rows": rows}
+    from amodal.evaluation.report import write_report
+
     write_report(report, samples, out)
     return report
 
@@ -96,6 +104,8 @@ def score_row(sample: Sample, line: dict, scorer: Scorer, iou_floor: float) -> d
     row = {"name": sample.name, "label": sample.label, "status": line["status"], "message": line["message"],
            "result": line["result"], "flags": result_flags(line)}
     if line["result"]:
+        from amodal.evaluation.metrics import Prediction
+
         row.update(scorer.score(sample, Prediction.from_folder(Path(line["result"]), sample.full.shape)))
     row["failure"] = row.get("iou", 0.0) < iou_floor
     return row

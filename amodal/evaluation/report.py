@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amodal.evaluation import METRICS
 from amodal.evaluation.generator import Sample
 from amodal.evaluation.metrics import FILL, Prediction, over_fill
 from amodal.geometry import bbox
@@ -14,7 +15,6 @@ from amodal.images import encode_png
 
 PAGE_DIR = "page"
 MARGIN = 8  # pixels around the object in the page's crops
-METRICS = ("iou", "ssim", "lpips", "feature_similarity", "clip_score")
 # green: found, red: missed, blue: extra
 OVERLAY = {"found": (40, 180, 60), "missed": (220, 40, 40), "extra": (40, 90, 230)}
 
