@@ -16,11 +16,11 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from workers.main import GPU_STAGES, node_name
+from amodal.stages import GPU_STAGES, NAMES as STAGES  # the compose services follow the stage table
+from workers.main import node_name
 from workers.placement import plan
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = (*GPU_STAGES, "finalize")
 SECRETS = {"AMODAL_REDIS_PASSWORD": "redispw1", "AMODAL_S3_ACCESS_KEY": "key1", "AMODAL_S3_SECRET_KEY": "secret1",
            "FLOWER_BASIC_AUTH": "ops:flowerpw1"}
 SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FLOWER_BASIC_AUTH", "REDISCLI_AUTH",
