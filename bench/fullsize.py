@@ -12,15 +12,29 @@ from pathlib import Path
 import torch
 
 from amodal.models import clip, grounding_dino, instaorder, sam, sd_inpaint
+from amodal.models.lisa_checkpoint import VISION_TOWER, LisaExtras, config_dict, llama_config
+from amodal.models.lisa_tiny import OPENAI_CLIP_PREPROCESSOR, write_shards, write_tiny_tokenizer
 from amodal.models.ram_plus_net import PUBLISHED, RamPlusNet, checkpoint_state
 from amodal.models.registry import (
     CLIP_DIR,
     GROUNDING_DINO_DIR,
     INSTAORDER_FILE,
+    LISA_DIR,
     RAM_PLUS_FILE,
     SAM_FILES,
     SD_INPAINT_DIR,
 )
+
+# LISA-13B (xinlai/LISA-13B-llama2-v1): LLaMA-2-13B with LLaMA's 32000 tokens and LISA's 3 added ones,
+# CLIP ViT-L/14 at 224 px, SAM ViT-H
+LLAMA_2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40}
+LISA_VOCAB_SIZE = 32003
+CLIP_VIT_L_14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "image_size": 224, "patch_size": 14}
+CLIP_TEXT_L_14 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+SAM_VIT_H = sam.SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
+                                window_size=14)
+LISA_SHARDS = 3  # as published
 
 
 def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
@@ -32,11 +46,9 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
     torch.manual_seed(0)
     with torch.device(device):
         # SAM ViT-H: a plain fp32 state dict, as published
-        arch = sam.SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
-                                   window_size=14)
         path = model_dir / SAM_FILES["vit_h"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in sam.build_sam(arch).state_dict().items()}, path)
+        torch.save({k: v.cpu() for k, v in sam.build_sam(SAM_VIT_H).state_dict().items()}, path)
 
         # Grounding DINO Swin-T (transformers' defaults are grounding-dino-tiny), published preprocessing
         folder = model_dir / GROUNDING_DINO_DIR
@@ -86,3 +98,30 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
         path = model_dir / INSTAORDER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"step": 0, "state_dict": {f"module.{k}": v.cpu() for k, v in net.state_dict().items()}}, path)
+
+
+def write_full_size_lisa(folder: Path, device: str = "cuda") -> None:
+    """LISA-13B in the published layout (``amodal.models.lisa_checkpoint``): bf16 ``.bin`` shards, the CLIP
+    tower beside them. The tokenizer is the tiny test one (LLaMA's own cannot be fetched here): it spells
+    prompts in more tokens than LLaMA's does."""
+    from transformers import CLIPConfig, CLIPModel, LlamaForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(folder)
+    config = config_dict(vocab_size=LISA_VOCAB_SIZE, mm_hidden_size=CLIP_VIT_L_14["hidden_size"], **LLAMA_2_13B)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    torch.manual_seed(0)
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(llama_config(config), dtype=torch.bfloat16)
+        state = {k: v.cpu() for k, v in llm.state_dict().items()}
+        del llm
+        extras = LisaExtras(sam.build_sam(SAM_VIT_H), config["mm_hidden_size"], config["hidden_size"], sam.PROMPT_DIM)
+        state.update({"model." + k: v.to(torch.bfloat16).cpu() for k, v in extras.state_dict().items()})
+        del extras
+        tower = CLIPModel(CLIPConfig(text_config=CLIP_TEXT_L_14, vision_config=CLIP_VIT_L_14, projection_dim=768))
+        tower.save_pretrained(folder / Path(VISION_TOWER).name)
+    (folder / Path(VISION_TOWER).name / "preprocessor_config.json").write_text(json.dumps(OPENAI_CLIP_PREPROCESSOR))
+    write_shards(folder, state, shards=LISA_SHARDS)
+    torch.cuda.empty_cache()
+

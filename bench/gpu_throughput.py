@@ -1,18 +1,30 @@
 """Images per hour through the real distributed path vs. the reference implementation's way, in one run.
 
 On a GPU host: writes full-size random-weight models of every stage in the published formats (the
-arithmetic is the real one), starts one real worker process per stage on GPU 0 (finalize on the
-CPU), submits N synthetic images with the number of inpainting passes fixed (``fixed_passes``), and
-times them to their last outcome. In the same run, the reference-structured baseline: one process,
-one image at a time, SAM rebuilt from its checkpoint file on every call, SAM and G-DINO in fp32,
-diffusion with attention slicing at batch 1. Writes a JSON record under ``bench/results/``.
+arithmetic is the real one; LISA-13B included), starts one real worker process per stage on GPU 0
+(finalize on the CPU) and the dispatcher, and submits two datasets of N synthetic images each with the
+number of inpainting passes fixed (``fixed_passes``), timing each to its last outcome:
+
+- ``default``: the paper's default stack: no masks given, so LISA-13B grounds each query (batched across
+  jobs), then RAM++, Grounding DINO, SAM, InstaOrder and SD2 inpainting;
+- ``masks_given``: the visible masks come with the jobs, so grounding only reads them.
+
+In the same run, the reference-structured baseline on each: one process, one image at a time (LISA at
+batch 1), SAM rebuilt from its checkpoint file on every call, SAM and G-DINO in fp32, diffusion with
+attention slicing at batch 1; its resident models are loaded before it is timed. One JSON record under
+``bench/results/``.
+
+Benchmark-only decoding: LISA's random weights would not say ``[SEG]``, so every LISA answer is made
+32 tokens long with ``[SEG]`` before its end (``bench/lisa_answer.py``: the tests' scripted decoding
+replaces the logits LLaMA's output layer has computed, so each of the 32 decoding steps runs in full).
+Its masks come from the random SAM decoder, so some grounded jobs end early (``no_target``,
+``unoccluded``): the record gives the outcomes and the images per hour of completed jobs too.
 
 The broker is a Redis server started here from ``--redis-server`` (a binary carried to the host),
-else kombu's filesystem transport (slow: it polls); storage is a local folder. Visible masks are given with the jobs, so grounding costs nothing here; LISA's cost per image
-is measured by ``bench/lisa_full_size.py``. ``--tiny`` runs the same path with tiny models on the
-CPU, to check the script.
+else kombu's filesystem transport (slow: it polls); storage is a local folder. ``--tiny`` runs the
+same path with tiny models on the CPU, to check the script.
 
-    python bench/gpu_throughput.py --images 48 --baseline-images 3
+    python bench/gpu_throughput.py --images 48 --baseline-images 2 --redis-server PATH
 """
 from __future__ import annotations
 
@@ -40,13 +52,15 @@ from amodal.config import Environment  # noqa: E402
 from amodal.stages import BATCHED_STAGES  # noqa: E402
 from workers.launch import WorkerGroup  # noqa: E402
 from workers.placement import plan  # noqa: E402
+from bench import lisa_answer  # noqa: E402
 
 UNET_TFLOP_PER_FORWARD = 0.80  # SD2 UNet, one 512 px sample (64x64 latent)
 STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
 
 
-def synthetic_images(folder: Path, count: int, size=(480, 640)) -> Path:
-    """``count`` noisy scenes, each with a target disc cut by the left border and half hidden."""
+def synthetic_images(folder: Path, count: int, size=(480, 640), masks: bool = True, name: str = "rows") -> Path:
+    """``count`` noisy scenes, each with a target disc cut by the left border and half hidden; with its
+    visible mask given, or to be grounded from the query."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     h, w = size
@@ -60,9 +74,12 @@ def synthetic_images(folder: Path, count: int, size=(480, 640)) -> Path:
         image[disc] = (200, 40, 40)
         image[box] = (40, 60, 200)
         (folder / f"img{i:04d}.png").write_bytes(encode_png(image))
-        (folder / f"img{i:04d}_mask.png").write_bytes(encode_png(disc & ~box))
-        rows.append({"image": f"img{i:04d}.png", "query": "red ball", "visible_mask": f"img{i:04d}_mask.png"})
-    annotations = folder / "rows.jsonl"
+        row = {"image": f"img{i:04d}.png", "query": "the red ball on the left, partly behind the blue box"}
+        if masks:
+            (folder / f"img{i:04d}_mask.png").write_bytes(encode_png(disc & ~box))
+            row["visible_mask"] = f"img{i:04d}_mask.png"
+        rows.append(row)
+    annotations = folder / f"{name}.jsonl"
     annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return annotations
 
@@ -123,43 +140,61 @@ def start_redis(binary: str, port: int = 6390) -> subprocess.Popen:
     return proc
 
 
-def run_distributed(work: Path, models: Path, images: Path, annotations: Path, settings: Settings,
-                    batch: int, segment_batch: int, count: int, broker_url: str, gpus: int = 1, replicas: int = 1,
-                    concurrency: dict[str, int] | None = None) -> dict:
-    from amodal.jobstore import latest_state
-    from producer import Client
-
+def run_distributed(work: Path, models: Path, datasets: dict[str, tuple[Path, Path, int]], settings: Settings,
+                    batch: int, segment_batch: int, ground_batch: int, broker_url: str, gpus: int = 1,
+                    replicas: int = 1, concurrency: dict[str, int] | None = None) -> dict[str, dict]:
+    """Start the workers and the dispatcher once, then time each dataset (name -> images folder, annotations,
+    count) through them in turn."""
     broker, store = work / "broker", work / "store"
     for folder in (broker, broker / "control", store):
         folder.mkdir(parents=True, exist_ok=True)
+    site = lisa_answer.sitecustomize(work / "site")
     env = dict(os.environ, AMODAL_BROKER_URL=broker_url, AMODAL_BROKER_FOLDER=str(broker),
                AMODAL_STORAGE_URL=f"file://{store}", AMODAL_MODEL_DIR=str(models),
                AMODAL_SETTINGS=json.dumps(settings.to_dict()), AMODAL_INPAINT_BATCH=str(batch),
-               AMODAL_INPAINT_FLUSH="2.0", AMODAL_SEGMENT_BATCH=str(segment_batch), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+               AMODAL_INPAINT_FLUSH="2.0", AMODAL_SEGMENT_BATCH=str(segment_batch),
+               AMODAL_GROUND_BATCH=str(ground_batch), AMODAL_DISPATCH_INTERVAL="0.5", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")])))
     os.environ.update({k: env[k] for k in ("AMODAL_BROKER_URL", "AMODAL_BROKER_FOLDER", "AMODAL_STORAGE_URL")})
     group = WorkerGroup(env, work / "logs")
     slots = [slot for slot in plan(gpus) for _ in range(replicas if slot.gpu is not None else 1)]
     for slot in slots:
         group.start(slot, concurrency=(concurrency or {}).get(slot.stage))
+    group.start_dispatcher()
     start = time.perf_counter()
+    records: dict[str, dict] = {}
     try:
         group.wait_ready(timeout=900)
         warm = time.perf_counter() - start
-        client = Client(storage_url=env["AMODAL_STORAGE_URL"], settings=settings)
-        with GpuMemory() as memory:
-            t0, started = time.perf_counter(), time.time()
-            client.submit_dataset(images, annotations, "bench", progress=False)
-            while client.status("bench")["pending"]:
-                time.sleep(0.5)
-            wall = time.perf_counter() - t0
-        lines = list(client.manifest("bench"))
+        for name, (images, annotations, count) in datasets.items():
+            records[name] = time_dataset(group, settings, name, images, annotations, count)
+            records[name]["warmup_seconds"] = warm
+            records[name]["workers"] = [f"{s.stage}@{'cpu' if s.gpu is None else f'gpu{s.gpu}'}" for s in slots]
+            records[name]["processes_per_worker"] = {k: v for k, v in group.pools.items()}
+            print(json.dumps({name: records[name]}, indent=2), flush=True)
     finally:
         group.stop()
-    calls = {stage: [int(line.split(f"{stage} step of ", 1)[1].split()[0])
-                     for name in group.procs for line in group.log(name).splitlines() if f"{stage} step of " in line]
+    return records
+
+
+def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: Path, annotations: Path,
+                 count: int) -> dict:
+    """Submit one dataset to running workers and time it to its last outcome; what the workers logged meanwhile."""
+    from amodal.jobstore import latest_state
+    from producer import Client
+
+    client = Client(storage_url=os.environ["AMODAL_STORAGE_URL"], settings=settings)
+    with GpuMemory() as memory:
+        t0, started = time.perf_counter(), time.time()
+        client.submit_dataset(images, annotations, dataset, progress=False)
+        while client.status(dataset)["pending"]:
+            time.sleep(0.5)
+        wall, finished = time.perf_counter() - t0, time.time()
+    lines = list(client.manifest(dataset))
+    logs = [group.log(name) for name in group.procs]
+    calls = {stage: [n for log in logs for when, n in step_calls(log, stage) if started < when <= finished]
              for stage in BATCHED_STAGES}
-    loops = [loop for name in group.procs for loop in denoising_loops(group.log(name)) if loop[0] > started]  # not warm-up
+    loops = [loop for log in logs for loop in denoising_loops(log) if started < loop[0] <= finished]
     states = [latest_state(client.store, line["job_id"]) for line in lines]
     statuses: dict[str, int] = {}
     for state in states:
@@ -167,19 +202,33 @@ def run_distributed(work: Path, models: Path, images: Path, annotations: Path, s
     busy = {s: sum(state.timings.get(s, 0.0) for state in states) for s in STAGES}
     tags = [len(state.tags) for state in states]
     return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
+            "completed_per_hour": 3600 * statuses.get("completed", 0) / wall,
             "statuses": statuses, "passes": sorted({state.passes for state in states}),
             "stage_seconds_per_image": {s: busy[s] / count for s in STAGES},
             "stage_busy_fraction": {s: busy[s] / wall for s in STAGES},
             "tags_per_image": {"mean": float(np.mean(tags)), "max": int(max(tags))} if tags else None,
-            "warmup_seconds": warm, "peak_gpu_memory_gib": memory.peak_mib / 1024,
+            "peak_gpu_memory_gib": memory.peak_mib / 1024,
             "peak_gpu_memory_gib_per_process": memory.per_worker_gib({n: p.pid for n, p in group.procs.items()}),
-            "workers": [f"{s.stage}@{'cpu' if s.gpu is None else f'gpu{s.gpu}'}" for s in slots],
-            "processes_per_worker": dict(group.pools),
             "jobs_per_call": {s: {"calls": len(n), "mean": sum(n) / len(n) if n else 0.0} for s, n in calls.items()},
             "denoising": {"calls": len(loops), "forwards_per_pass": max((s + 1 for _, _, s, _ in loops), default=0),
                           "timed_sample_steps": sum(n * s for _, n, s, _ in loops),
                           "timed_seconds": sum(x for *_, x in loops),
                           "seconds_any_running": busy_union([(end - x, end) for end, _, _, x in loops])}}
+
+
+def _stamp(line: str) -> float | None:
+    found = re.match(r"\[?(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+)", line)
+    return datetime.strptime(found.group(1).replace("T", " ").replace(".", ","), "%Y-%m-%d %H:%M:%S,%f").timestamp() \
+        if found else None
+
+
+def step_calls(log: str, stage: str) -> list[tuple[float, int]]:
+    """(time, jobs) of each "<stage> step of N job(s)" line (tasks.batching)."""
+    calls = []
+    for line in log.splitlines():
+        if f"{stage} step of " in line and (when := _stamp(line)) is not None:
+            calls.append((when, int(line.split(f"{stage} step of ", 1)[1].split()[0])))
+    return calls
 
 
 def denoising_loops(log: str) -> list[tuple[float, int, int, float]]:
@@ -204,8 +253,10 @@ def busy_union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def run_baseline(work: Path, models: Path, images: Path, annotations: Path, settings: Settings, count: int) -> dict:
-    """The reference implementation's way: one process, one image at a time, nothing batched."""
+def run_baseline(work: Path, models: Path, datasets: dict[str, tuple[Path, Path, int]], settings: Settings,
+                 count: int) -> dict[str, dict]:
+    """The reference implementation's way: one process, one image at a time, nothing batched; the first
+    ``count`` rows of each dataset."""
     import torch
 
     from amodal.models.registry import SAM_FILES, GROUNDING_DINO_DIR, ModelSet
@@ -228,26 +279,51 @@ def run_baseline(work: Path, models: Path, images: Path, annotations: Path, sett
                     max_detections=self.settings.max_instances)
             return self._detector
 
+    lisa_answer.install()
     models_set = ReferenceModels(models, settings.replace(compile_unet=False))
     models_set.inpainter.pipeline.enable_attention_slicing()
-    rows = [json.loads(x) for x in annotations.read_text().splitlines()[:count]]
-    subset = work / "baseline_rows.jsonl"
-    subset.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # warm the resident models once, as the reference keeps them loaded too
-    t0 = time.perf_counter()
-    outcomes = run_local(images, subset, work / "baseline_out", models_set, settings, progress=False)
-    wall = time.perf_counter() - t0
-    return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
-            "statuses": [o.status for o in outcomes]}
+    for resident in ("grounder", "tagger", "detector", "prompt_chooser", "clip", "occlusion"):  # loaded, as the
+        getattr(models_set, resident)  # reference keeps them; SAM is read from its file at every call
+    records = {}
+    for name, (images, annotations, _) in datasets.items():
+        rows = [json.loads(x) for x in annotations.read_text().splitlines()[:count]]
+        subset = work / f"baseline_{name}.jsonl"
+        subset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        t0 = time.perf_counter()
+        outcomes = run_local(images, subset, work / f"baseline_{name}", models_set, settings, progress=False)
+        wall = time.perf_counter() - t0
+        records[name] = {"images": len(rows), "wall_seconds": wall, "images_per_hour": 3600 * len(rows) / wall,
+                         "statuses": [o.status for o in outcomes]}
+        print(json.dumps({f"baseline_{name}": records[name]}), flush=True)
+    return records
+
+
+def unet_rates(record: dict, passes: int, steps: int) -> dict:
+    """The UNet's arithmetic rate over the inpaint processes' busy time and over its denoising loops."""
+    loops = record["denoising"]
+    # PNDM runs steps + 1 UNet forwards per pass; classifier-free guidance doubles the samples
+    unet_tflop = passes * (loops["forwards_per_pass"] or steps + 1) * 2 * UNET_TFLOP_PER_FORWARD
+    # the inpaint processes' busy times overlap on the GPU: per image, busy seconds / processes
+    processes = max([n for w, n in record["processes_per_worker"].items() if w.startswith("inpaint")] or [1])
+    inpaint_s = record["stage_seconds_per_image"]["inpaint"] / processes
+    return {"unet_tflops_over_inpaint_busy_time": unet_tflop / inpaint_s if inpaint_s else None,
+            # the UNet's arithmetic over the time at least one worker process was in its denoising loop
+            "unet_tflops_in_denoising_loops": (loops["timed_sample_steps"] * 2 * UNET_TFLOP_PER_FORWARD
+                                               / loops["seconds_any_running"]) if loops["seconds_any_running"] else None,
+            "arithmetic_floor_images_per_hour_at_280_tflops": 3600 * 280 / unet_tflop}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--baseline-images", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=16, help="inpaint batch size")
+    ap.add_argument("--images", type=int, default=48, help="images of each dataset")
+    ap.add_argument("--baseline-images", type=int, default=2, help="images of each dataset through the baseline")
+    ap.add_argument("--batch", type=int, default=Environment.model_fields["inpaint_batch"].default,
+                    help="inpaint batch size")
     ap.add_argument("--segment-batch", type=int, default=Environment.model_fields["segment_batch"].default,
                     help="segment batch size (1: one job per call)")
+    ap.add_argument("--ground-batch", type=int, default=Environment.model_fields["ground_batch"].default,
+                    help="ground batch size (1: one job per call)")
+    ap.add_argument("--datasets", default="default,masks_given", help="which datasets, in this order")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
@@ -261,13 +337,14 @@ def main() -> None:
                     help="torch.compile the UNet in the inpaint worker (the default setting)")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the reference-structured baseline")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_throughput.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_throughput_lisa.json"))
     args = ap.parse_args()
 
     import torch
 
+    from amodal.models.registry import LISA_DIR
     from amodal.models.tiny import write_tiny_models
-    from bench.fullsize import write_full_size_models
+    from bench.fullsize import write_full_size_lisa, write_full_size_models
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("gpu_throughput: no CUDA device (use --tiny to check the script on the CPU)")
@@ -279,51 +356,46 @@ def main() -> None:
             write_tiny_models(models, progress=False)
         else:
             write_full_size_models(models)
+            write_full_size_lisa(models / LISA_DIR)
     write_seconds = time.perf_counter() - t0
-    # Masks come with the jobs, so no grounder runs: the lighter one spares writing LISA-13B (26 GB) for
-    # the ground worker's warm-up. LISA's own cost is measured by bench/lisa_full_size.py.
     settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
-                        grounder="gdino_sam", compile_unet=args.compile)
-    images = work / "images"
-    annotations = synthetic_images(images, args.images)
+                        grounder="lisa", compile_unet=args.compile)
+    datasets = {name: (work / name, synthetic_images(work / name, args.images, masks=name == "masks_given"),
+                       args.images) for name in args.datasets.split(",")}
     record = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "models": "tiny random" if args.tiny else "full-size random (published configs)",
         "broker": "Redis (carried binary)" if args.redis_server else "kombu filesystem transport (local folder)",
         "storage": "local folder",
-        "grounding": "visible masks given with the jobs (LISA: bench/lisa_full_size.py)",
+        "grounding": {"default": f"LISA-13B, bf16, ground batch {args.ground_batch}; answers of "
+                                 f"{lisa_answer.ANSWER_TOKENS} tokens with [SEG] (bench/lisa_answer.py)",
+                      "masks_given": "visible masks given with the jobs"},
         "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch,
-                     "segment_batch": args.segment_batch, "image_size": "640x480",
+                     "segment_batch": args.segment_batch, "ground_batch": args.ground_batch, "image_size": "640x480",
                      "max_tags": settings.max_tags, "compile_unet": settings.compile_unet,
-                     "baseline": "same settings, UNet not compiled"},
+                     "baseline": "same settings, one image at a time, LISA at batch 1, UNet not compiled, "
+                                 "resident models loaded before timing"},
+        "command": "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),
         "model_write_seconds": write_seconds,
     }
     redis = start_redis(args.redis_server) if args.redis_server else None
     try:
-        record["ours"] = run_distributed(work, models, images, annotations, settings, args.batch, args.segment_batch, args.images,
-                                         "redis://127.0.0.1:6390/0" if redis else "filesystem://",
+        record["ours"] = run_distributed(work, models, datasets, settings, args.batch, args.segment_batch,
+                                         args.ground_batch, "redis://127.0.0.1:6390/0" if redis else "filesystem://",
                                          args.gpus, args.replicas,
                                          {k: int(v) for k, v in (c.split("=") for c in args.concurrency)})
     finally:
         if redis:
             redis.terminate()
-    print(json.dumps(record, indent=2), flush=True)  # the distributed figures, before the slow baseline
-    if args.baseline:
-        record["baseline"] = run_baseline(work, models, images, annotations, settings, args.baseline_images)
-        record["speedup"] = record["ours"]["images_per_hour"] / record["baseline"]["images_per_hour"]
-    # PNDM runs steps + 1 UNet forwards per pass; classifier-free guidance doubles the samples
-    loops = record["ours"]["denoising"]
-    unet_tflop = args.passes * (loops["forwards_per_pass"] or args.steps + 1) * 2 * UNET_TFLOP_PER_FORWARD
-    # the inpaint processes' busy times overlap on the GPU: per image, busy seconds / processes
-    processes = max([n for w, n in record["ours"]["processes_per_worker"].items() if w.startswith("inpaint")] or [1])
-    inpaint_s = record["ours"]["stage_seconds_per_image"]["inpaint"] / processes
-    record["unet_tflops_over_inpaint_busy_time"] = unet_tflop / inpaint_s if inpaint_s else None
-    # the UNet's arithmetic over the time at least one worker process was in its denoising loop
-    record["unet_tflops_in_denoising_loops"] = (loops["timed_sample_steps"] * 2 * UNET_TFLOP_PER_FORWARD
-                                                / loops["seconds_any_running"]) if loops["seconds_any_running"] else None
-    record["arithmetic_floor_images_per_hour_at_280_tflops"] = 3600 * 280 / unet_tflop
+    for name, ours in record["ours"].items():
+        ours.update(unet_rates(ours, args.passes, args.steps))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))  # the distributed figures, before the slow baseline
+    if args.baseline:
+        record["baseline"] = run_baseline(work, models, datasets, settings, args.baseline_images)
+        record["speedup"] = {name: record["ours"][name]["images_per_hour"] / base["images_per_hour"]
+                             for name, base in record["baseline"].items()}
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     shutil.rmtree(work, ignore_errors=True)
