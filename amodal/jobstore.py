@@ -33,7 +33,15 @@ def commit_state(store: Storage, state: JobState) -> bool:
 
 
 def record_outcome(store: Storage, state: JobState) -> None:
+    """The job's outcome marker, and a ``flagged/`` marker if its result raised doubts (amodal.quality)."""
+    if state.flags:
+        store.put(f"flagged/{state.dataset}/{state.job_id}", b"")
     store.put(f"outcomes/{state.dataset}/{state.status}/{state.job_id}", b"")
+
+
+def flagged_count(store: Storage, dataset: str) -> int:
+    """Jobs of the dataset whose result carries flags, from the marker listing."""
+    return sum(1 for _ in store.list(f"flagged/{dataset}/"))
 
 
 def outcomes(store: Storage, dataset: str) -> Iterator[tuple[str, str]]:

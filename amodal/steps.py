@@ -286,6 +286,7 @@ def _finalize(state: JobState, ctx: Context) -> None:
         summary["quality"] = result_quality(visible, visible, state.passes_log, False, s)
     if summary.get("quality") is not None:
         summary["flags"] = result_flags(summary["quality"], state.stop, s)
+        state.flags = list(summary["flags"])
     ctx.store.put(f"{prefix}/job.json", json.dumps(job_record(state, summary), indent=2).encode())
     _clean_artifacts(state, ctx.store)
     state.stage = "done"

@@ -25,8 +25,8 @@ from amodal.annotations import Row, _jsonl_row, read_annotations, resolve_input,
 from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
-from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcome_of, outcomes, read_record,
-                             read_rows, read_submission, result_prefix, rows_prefix, write_rows_chunk,
+from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, flagged_count, outcome_of, outcomes,
+                             read_record, read_rows, read_submission, result_prefix, rows_prefix, write_rows_chunk,
                              write_submission)
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
@@ -34,6 +34,7 @@ from amodal.storage import Storage, open_storage
 from producer.dispatch import adopt, open_dataset, stalled
 
 PENDING = "pending"  # recorded, no outcome yet (waiting for the dispatcher, or in flight)
+FLAGGED = "flagged"  # results whose quality record raised doubts (their flags); counted among the outcomes too
 NOT_SENT = "not_sent"  # in the annotation file, not recorded: the submission stopped before them
 STALLED = "stalled"  # pending jobs that have not advanced for producer.dispatch.stall_after() (being sent again)
 
@@ -280,6 +281,7 @@ class Client:
         counts[NOT_SENT] = submission["rows"] - submission["sent"]
         counts["total"] = submission["rows"]
         counts[STALLED] = stalled(self.store).get(dataset, 0)
+        counts[FLAGGED] = flagged_count(self.store, dataset)
         return counts
 
     def resume_command(self, dataset: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from amodal.state import OUTCOMES, WORK_STAGES
-from producer.client import NOT_SENT, PENDING, STALLED, Client
+from producer.client import FLAGGED, NOT_SENT, PENDING, STALLED, Client
 from producer.dispatch import heartbeat, stall_after
 
 PING_TIMEOUT = 2.0  # seconds workers have to answer a ping
@@ -42,7 +42,7 @@ def print_workers() -> None:
 
 
 def _summary(counts: dict[str, int]) -> str:
-    return ", ".join(f"{state} {counts[state]}" for state in (*OUTCOMES, PENDING, STALLED, NOT_SENT) if counts[state])
+    return ", ".join(f"{state} {counts[state]}" for state in (*OUTCOMES, PENDING, STALLED, NOT_SENT, FLAGGED) if counts[state])
 
 
 def show_status(client: Client, dataset: str, wait: bool, interval: float = 2.0, stall: float = 60.0) -> dict[str, int]:

@@ -99,6 +99,11 @@ def test_launch_submit_status_and_report(launched, tmp_path):
         assert settings["compile_unet"] is False  # launch --set, handed to every worker
         assert line["quality"] is not None and isinstance(line["flags"], list)
 
+    flagged = [json.loads(line) for line in
+               amodal(env, "status", "--dataset", "cmds", "--manifest", "--flagged").stdout.splitlines()]
+    assert flagged == [line for line in manifest if line["flags"]]
+    assert counts["flagged"] == len(flagged)  # counted from markers, not by reading each result
+
     report = tmp_path / "report"
     res = amodal(env, "status", "--dataset", "cmds", "--report", str(report))
     assert res.returncode == 0, res.stderr
