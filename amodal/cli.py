@@ -35,14 +35,15 @@ def _model_dir(args: argparse.Namespace) -> Path:
     return Path(value)
 
 
-def _existing(path: str, what: str, folder: bool) -> Path:
-    found = Path(path)
+def _existing(path: str, option: str, folder: bool) -> Path:
+    """``path`` if it is a readable folder (or file); else the one-line error that says which option is wrong."""
+    found, kind = Path(path), "folder" if folder else "file"
     if not found.exists():
-        raise UsageError(f"{what} not found: {found}")
+        raise UsageError(f"{option}: no such {kind}: {found}")
     if folder != found.is_dir():
-        raise UsageError(f"{what} is not a {'folder' if folder else 'file'}: {found}")
+        raise UsageError(f"{option}: not a {kind}: {found}")
     if not os.access(found, os.R_OK | (os.X_OK if folder else 0)):
-        raise UsageError(f"{what} is not readable: {found}")
+        raise UsageError(f"{option}: {kind} not readable: {found}")
     return found
 
 
@@ -61,8 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from amodal.runner import run_local
 
     settings = _settings(args)
-    images = _existing(args.images, "--images folder", folder=True)
-    annotations = _existing(args.annotations, "--annotations file", folder=False)
+    images = _existing(args.images, "--images", folder=True)
+    annotations = _existing(args.annotations, "--annotations", folder=False)
     check_model_dir(_model_dir(args), settings)
     out = Path(args.out)
     outcomes = run_local(images, annotations, out, ModelSet(_model_dir(args), settings), settings,
@@ -99,8 +100,8 @@ def _client(settings=None, writes: bool = False):
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.images.startswith("s3://"):
-        _existing(args.images, "--images folder", folder=True)
-    _existing(args.annotations, "--annotations file", folder=False)
+        _existing(args.images, "--images", folder=True)
+    _existing(args.annotations, "--annotations", folder=False)
     report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset, progress=not args.quiet)
     print(json.dumps({"rows": report.rows, "enqueued": report.enqueued, "finished": report.finished,
                       "invalid": len(report.invalid)}))
@@ -151,7 +152,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from workers.placement import DEFAULT_COSTS, costs_from_benchmark, gpu_loads, plan
 
     settings = _settings(args)
-    costs = costs_from_benchmark(_existing(args.costs, "--costs record", folder=False)) if args.costs \
+    costs = costs_from_benchmark(_existing(args.costs, "--costs", folder=False)) if args.costs \
         else DEFAULT_COSTS
     slots = plan(args.gpus, costs, finalize_workers=args.finalize)
     loads = gpu_loads(slots, costs)

@@ -87,8 +87,8 @@ def environment() -> Environment:
         return Environment()
     except ValidationError as exc:
         raise UsageError(_one_line(exc, "AMODAL_")) from None
-    except SettingsError as exc:  # a value that is not JSON where JSON is expected (AMODAL_SETTINGS)
-        raise UsageError(f"{exc}; AMODAL_SETTINGS takes a JSON object such as '{{\"max_passes\": 2}}'") from None
+    except SettingsError:  # pydantic-settings could not parse a JSON-valued variable: AMODAL_SETTINGS is the one
+        raise UsageError("AMODAL_SETTINGS is not a JSON object; write it as '{\"max_passes\": 2}'") from None
 
 
 def debug_enabled() -> bool:
