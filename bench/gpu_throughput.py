@@ -17,8 +17,10 @@ attention slicing at batch 1; its resident models are loaded before it is timed.
 Benchmark-only decoding: LISA's random weights would not say ``[SEG]``, so every LISA answer is made
 32 tokens long with ``[SEG]`` before its end (``bench/lisa_answer.py``: the tests' scripted decoding
 replaces the logits LLaMA's output layer has computed, so each of the 32 decoding steps runs in full).
-Its masks come from the random SAM decoder, so some grounded jobs end early (``no_target``,
-``unoccluded``): the record gives the outcomes and the images per hour of completed jobs too.
+Its masks come from the random SAM decoder, so some grounded jobs may end early (``no_target``,
+``unoccluded``) and the others' scenes differ from the masks-given ones: the record gives the outcomes
+and the images per hour of completed jobs too. Each model call in the workers is timed
+(``bench/model_clock.py``): per stage, model seconds against the step's seconds.
 
 The broker is a Redis server started here from ``--redis-server`` (a binary carried to the host),
 else kombu's filesystem transport (slow: it polls); storage is a local folder. ``--tiny`` runs the
@@ -52,7 +54,7 @@ from amodal.config import Environment  # noqa: E402
 from amodal.stages import BATCHED_STAGES  # noqa: E402
 from workers.launch import WorkerGroup  # noqa: E402
 from workers.placement import plan  # noqa: E402
-from bench import lisa_answer  # noqa: E402
+from bench import lisa_answer, model_clock, site_hooks  # noqa: E402
 
 UNET_TFLOP_PER_FORWARD = 0.80  # SD2 UNet, one 512 px sample (64x64 latent)
 STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
@@ -74,7 +76,7 @@ def synthetic_images(folder: Path, count: int, size=(480, 640), masks: bool = Tr
         image[disc] = (200, 40, 40)
         image[box] = (40, 60, 200)
         (folder / f"img{i:04d}.png").write_bytes(encode_png(image))
-        row = {"image": f"img{i:04d}.png", "query": "the red ball on the left, partly behind the blue box"}
+        row = {"image": f"img{i:04d}.png", "query": "red ball"}
         if masks:
             (folder / f"img{i:04d}_mask.png").write_bytes(encode_png(disc & ~box))
             row["visible_mask"] = f"img{i:04d}_mask.png"
@@ -148,7 +150,7 @@ def run_distributed(work: Path, models: Path, datasets: dict[str, tuple[Path, Pa
     broker, store = work / "broker", work / "store"
     for folder in (broker, broker / "control", store):
         folder.mkdir(parents=True, exist_ok=True)
-    site = lisa_answer.sitecustomize(work / "site")
+    site = site_hooks.sitecustomize(work / "site")
     env = dict(os.environ, AMODAL_BROKER_URL=broker_url, AMODAL_BROKER_FOLDER=str(broker),
                AMODAL_STORAGE_URL=f"file://{store}", AMODAL_MODEL_DIR=str(models),
                AMODAL_SETTINGS=json.dumps(settings.to_dict()), AMODAL_INPAINT_BATCH=str(batch),
@@ -195,6 +197,7 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
     calls = {stage: [n for log in logs for when, n in step_calls(log, stage) if started < when <= finished]
              for stage in BATCHED_STAGES}
     loops = [loop for log in logs for loop in denoising_loops(log) if started < loop[0] <= finished]
+    clock = {name: model_calls(group.log(name), started, finished) for name in group.procs}
     states = [latest_state(client.store, line["job_id"]) for line in lines]
     statuses: dict[str, int] = {}
     for state in states:
@@ -210,6 +213,9 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
             "peak_gpu_memory_gib": memory.peak_mib / 1024,
             "peak_gpu_memory_gib_per_process": memory.per_worker_gib({n: p.pid for n, p in group.procs.items()}),
             "jobs_per_call": {s: {"calls": len(n), "mean": sum(n) / len(n) if n else 0.0} for s, n in calls.items()},
+            "model_calls": {name: calls for name, calls in clock.items() if calls},
+            "model_seconds_per_image": {s: sum(c["seconds"] for name, calls in clock.items() if name.startswith(s)
+                                               for c in calls.values()) / count for s in STAGES},
             "denoising": {"calls": len(loops), "forwards_per_pass": max((s + 1 for _, _, s, _ in loops), default=0),
                           "timed_sample_steps": sum(n * s for _, n, s, _ in loops),
                           "timed_seconds": sum(x for *_, x in loops),
@@ -220,6 +226,19 @@ def _stamp(line: str) -> float | None:
     found = re.match(r"\[?(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+)", line)
     return datetime.strptime(found.group(1).replace("T", " ").replace(".", ","), "%Y-%m-%d %H:%M:%S,%f").timestamp() \
         if found else None
+
+
+def model_calls(log: str, start: float, end: float) -> dict[str, dict]:
+    """Calls and seconds of each clocked model method (bench/model_clock.py) logged between two times."""
+    out: dict[str, dict] = {}
+    for line in log.splitlines():
+        found = model_clock.LINE.search(line)
+        when = _stamp(line) if found else None
+        if when is not None and start < when <= end:
+            entry = out.setdefault(found.group(1), {"calls": 0, "seconds": 0.0})
+            entry["calls"] += 1
+            entry["seconds"] += float(found.group(2))
+    return out
 
 
 def step_calls(log: str, stage: str) -> list[tuple[float, int]]:
