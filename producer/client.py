@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shlex
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -75,6 +76,35 @@ def annotation_rows(path: Path) -> tuple[int, Iterable[Row]]:
 def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class JobIndex:
+    """The jobs a submission has seen (with the first line naming each) and those with an outcome, in a
+    private temporary SQLite file: memory stays flat whatever the row count (a dict of a million job
+    ids takes about 150 MB)."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("")  # "": a temporary on-disk database, removed when closed
+        self._db.execute("CREATE TABLE seen (job TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+        self._db.execute("CREATE TABLE finished (job TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def first_line(self, job: str, line: int) -> int:
+        """The line that named ``job`` first (``line`` if none did)."""
+        self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (job, line))
+        return self._db.execute("SELECT line FROM seen WHERE job = ?", (job,)).fetchone()[0]
+
+    def add_finished(self, jobs: Iterable[str]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO finished VALUES (?)", ((job,) for job in jobs))
+
+    def is_finished(self, job: str) -> bool:
+        return self._db.execute("SELECT 1 FROM finished WHERE job = ?", (job,)).fetchone() is not None
+
+    def finished(self) -> int:
+        """Jobs seen that have an outcome."""
+        return self._db.execute("SELECT COUNT(*) FROM seen JOIN finished USING (job)").fetchone()[0]
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
 
 
 class Client:
@@ -186,14 +216,14 @@ class Client:
         submission = self._begin(images, Path(annotations), dataset, total)
         report = SubmitReport(rows=total)
         # 2. the jobs recorded before (duplicates are told against them) and those with an outcome
-        seen: dict[str, int] = {}
+        seen = JobIndex()
         for record in read_rows(self.store, dataset):
             if record.get("status") == "invalid":
                 report.invalid.append(record)
             else:
-                seen[record["job_id"]] = record["line"]
-        finished = set(outcome_of(self.store, dataset))
-        report.finished = sum(1 for job in seen if job in finished)
+                seen.first_line(record["job_id"], record["line"])
+        seen.add_finished(job for _, job in outcomes(self.store, dataset))
+        report.finished = seen.finished()
         # 3. record the rest, a chunk at a time
         rest = itertools.islice(rows, submission["sent"], None)
         bar = tqdm(total=total, initial=submission["sent"], desc="recording rows", unit="row", disable=not progress)
@@ -207,7 +237,7 @@ class Client:
                 for record in records:
                     if record.get("status") == "invalid":
                         report.invalid.append(record)
-                    elif record["job_id"] in finished:
+                    elif seen.is_finished(record["job_id"]):
                         report.finished += 1
                     else:
                         report.enqueued += 1
@@ -242,9 +272,9 @@ class Client:
         write_submission(self.store, dataset, submission)
         return submission
 
-    def _records(self, chunk: list[Row], images: str, dataset: str, seen: dict[str, int]) -> list[dict]:
+    def _records(self, chunk: list[Row], images: str, dataset: str, seen: JobIndex) -> list[dict]:
         """The chunk's rows as recorded: a job's id and input keys, or ``invalid`` with the reason (a row
-        whose job an earlier row has, by ``seen``: job id -> first line, is a duplicate)."""
+        whose job an earlier row has, by ``seen``, is a duplicate)."""
         self._resolve(item for row in chunk if not row.error for item in
                       ((images, row.image, "image"), (images, row.visible_mask or "", "visible mask")))
         records = []
@@ -258,7 +288,7 @@ class Client:
                 record.update(job_id=state.job_id, image_key=state.image_key)
                 if state.mask_key:
                     record["mask_key"] = state.mask_key
-                earlier = seen.setdefault(state.job_id, row.line)
+                earlier = seen.first_line(state.job_id, row.line)
                 if earlier != row.line:
                     record.update(status="invalid", message=f"duplicate of line {earlier} (same image, query and mask)")
             records.append(record)
