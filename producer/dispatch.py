@@ -154,7 +154,7 @@ def first_state(dataset: str, row: dict, submission: dict) -> JobState:
 
 
 # -- the broker --------------------------------------------------------------------------------
-def _message_job(raw: bytes) -> tuple[str, int] | None:
+def message_job(raw: bytes) -> tuple[str, int] | None:
     """(job id, version) of a stage message as kombu's Redis transport stores it."""
     try:
         message = json.loads(raw)
@@ -181,7 +181,7 @@ def queued_messages(client) -> set[tuple[str, int]]:
             pipe.lrange(key, 0, -1)
         pipe.hvals(Channel.unacked_key)
         for batch in pipe.execute():
-            found.update(job for raw in batch if (job := _message_job(raw)) is not None)
+            found.update(job for raw in batch if (job := message_job(raw)) is not None)
     return found
 
 
@@ -209,7 +209,6 @@ class Dispatcher:
         if time.monotonic() >= self._next_scan:
             self.scan()
             self._next_scan = time.monotonic() + self.scan_interval
-        self._saved = ""  # the cursors and flights last stored, as JSON
         self._save()
 
     def _save(self) -> None:

@@ -284,7 +284,7 @@ def test_message_removed_mid_run_is_recovered(env, tmp_path):
         while broker.llen("segment") < 3:
             assert time.monotonic() < deadline, "jobs never reached the segment queue"
             time.sleep(0.2)
-        removed = producer.dispatch._message_job(broker.rpop("segment"))
+        removed = producer.dispatch.message_job(broker.rpop("segment"))
         removed_at = time.monotonic()
         group.wait_ready([group.start(Slot("segment", 0))])
         manifest = wait_all(client, "removed", timeout=600)
