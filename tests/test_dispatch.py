@@ -324,3 +324,35 @@ def test_sigkill_during_bursts_of_deliveries(env, tmp_path):
     finally:
         group.stop()
     assert_exactly_once(client, "burst", manifest, 8)
+
+
+def test_one_dispatcher_at_work(tmp_path, broker, monkeypatch, caplog):
+    """A second dispatcher waits on the lock; it takes over, from the stored progress, when the first stops."""
+    import logging
+
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    monkeypatch.setenv("AMODAL_DISPATCH_INTERVAL", "0.1")
+    monkeypatch.setattr(app.conf, "task_send_sent_event", app.conf.task_send_sent_event)  # the dispatcher turns it off
+    images, annotations = dataset(tmp_path, 4)
+    client = Client()
+    client.submit_dataset(images, annotations, "locked", progress=False)
+    caplog.set_level(logging.INFO, logger="producer.dispatch")
+    first, second = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=producer.dispatch.run_dispatcher, args=(stop,)) for stop in (first, second)]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while queued(broker) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    threads[1].start()
+    time.sleep(6)
+    assert caplog.text.count(producer.dispatch.READY_MESSAGE) == 1 and "another dispatcher holds the lock" in caplog.text
+    first.set()
+    threads[0].join(timeout=30)
+    deadline = time.monotonic() + 30
+    while caplog.text.count(producer.dispatch.READY_MESSAGE) < 2:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.1)
+    second.set()
+    threads[1].join(timeout=30)
+    assert queued(broker) == 4  # the second started nothing again
