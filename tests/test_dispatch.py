@@ -332,7 +332,7 @@ def test_one_dispatcher_at_work(tmp_path, broker, monkeypatch, caplog):
 
     monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
     monkeypatch.setenv("AMODAL_DISPATCH_INTERVAL", "0.1")
-    monkeypatch.setattr(app.conf, "task_send_sent_event", app.conf.task_send_sent_event)  # the dispatcher turns it off
+    monkeypatch.setitem(app.conf, "task_send_sent_event", app.conf.task_send_sent_event)  # the dispatcher turns it off
     images, annotations = dataset(tmp_path, 4)
     client = Client()
     client.submit_dataset(images, annotations, "locked", progress=False)
