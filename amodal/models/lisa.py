@@ -232,7 +232,9 @@ class LisaGrounder:
             embeds[i, length - len(row) :] = row
             attention[i, length - len(row) :] = 1
         # 3. decoding; step t's last position is the one that predicted new token t (a KV cache is in use)
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=self.generation_config)
+        out = self.llm.generate(
+            inputs_embeds=embeds, attention_mask=attention, generation_config=self.generation_config
+        )
         hidden = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)
         # 4. each answer up to its end-of-sequence token (the rows that ended earlier are padded after it)
         return [self._answer(ids, h) for ids, h in zip(out.sequences, hidden)]
