@@ -342,7 +342,8 @@ def main() -> None:
                     help="segment batch size (1: one job per call)")
     ap.add_argument("--ground-batch", type=int, default=Environment.model_fields["ground_batch"].default,
                     help="ground batch size (1: one job per call)")
-    ap.add_argument("--datasets", default="default,masks_given", help="which datasets, in this order")
+    ap.add_argument("--datasets", default="default,masks_given",
+                    help="which datasets, in this order (the first is the record's main one)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
@@ -399,22 +400,25 @@ def main() -> None:
     }
     redis = start_redis(args.redis_server) if args.redis_server else None
     try:
-        record["ours"] = run_distributed(work, models, datasets, settings, args.batch, args.segment_batch,
-                                         args.ground_batch, "redis://127.0.0.1:6390/0" if redis else "filesystem://",
-                                         args.gpus, args.replicas,
-                                         {k: int(v) for k, v in (c.split("=") for c in args.concurrency)})
+        ours = run_distributed(work, models, datasets, settings, args.batch, args.segment_batch, args.ground_batch,
+                               "redis://127.0.0.1:6390/0" if redis else "filesystem://", args.gpus, args.replicas,
+                               {k: int(v) for k, v in (c.split("=") for c in args.concurrency)})
     finally:
         if redis:
             redis.terminate()
-    for name, ours in record["ours"].items():
-        ours.update(unet_rates(ours, args.passes, args.steps))
+    # the first dataset's figures under "ours", "baseline", "speedup" (what `amodal launch --costs` plans
+    # from); each other's under the same keys suffixed with its name
+    key = {name: "" if i == 0 else f"_{name}" for i, name in enumerate(datasets)}
+    for name, figures in ours.items():
+        figures.update(unet_rates(figures, args.passes, args.steps))
+        record[f"ours{key[name]}"] = figures
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))  # the distributed figures, before the slow baseline
     if args.baseline:
-        record["baseline"] = run_baseline(work, models, datasets, settings, args.baseline_images)
-        record["speedup"] = {name: record["ours"][name]["images_per_hour"] / base["images_per_hour"]
-                             for name, base in record["baseline"].items()}
+        for name, base in run_baseline(work, models, datasets, settings, args.baseline_images).items():
+            record[f"baseline{key[name]}"] = base
+            record[f"speedup{key[name]}"] = ours[name]["images_per_hour"] / base["images_per_hour"]
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     shutil.rmtree(work, ignore_errors=True)
