@@ -44,6 +44,9 @@ class PerSampleOracle:
     def ground(self, image, query):
         return self._oracle(image).ground(image, query)
 
+    def ground_batch(self, images, queries):
+        return [self.ground(i, q) for i, q in zip(images, queries, strict=True)]
+
     def tag(self, images):
         return [self._oracle(i).tag([i])[0] for i in images]
 

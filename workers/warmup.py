@@ -25,7 +25,7 @@ def _warm_inpainter(models, image: np.ndarray, mask: np.ndarray, size: int, batc
 
 # One synthetic call per ModelSet attribute (amodal.stages names each stage's).
 WARMERS: dict[str, Callable[..., object]] = {
-    "grounder": lambda models, image, mask, size, batch: models.grounder.ground(image, "object"),
+    "grounder": lambda models, image, mask, size, batch: models.grounder.ground_batch([image] * batch, ["object"] * batch),
     "tagger": lambda models, image, mask, size, batch: models.tagger.tag([image]),
     "detector": lambda models, image, mask, size, batch: models.detector.detect([image], [["object"]]),
     "segmenter": lambda models, image, mask, size, batch: models.segmenter.segment([image], [[(64.0, 64.0, 192.0, 192.0)]]),
@@ -58,5 +58,5 @@ def _warm_this_process(**_) -> None:
 
     settings = resolve_settings()
     start = time.perf_counter()
-    warm(stage, models_for(settings), settings.inpaint_size, batch_size("inpaint"))
+    warm(stage, models_for(settings), settings.inpaint_size, batch_size(stage))
     log.warning("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)
