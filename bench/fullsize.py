@@ -19,7 +19,6 @@ from amodal.models.registry import (
     CLIP_DIR,
     GROUNDING_DINO_DIR,
     INSTAORDER_FILE,
-    LISA_DIR,
     RAM_PLUS_FILE,
     SAM_FILES,
     SD_INPAINT_DIR,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import AMODAL, amodal, outside_repository
+from tests.cluster import amodal, outside_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 
