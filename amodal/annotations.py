@@ -25,7 +25,7 @@ import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import json5
 
@@ -68,6 +68,31 @@ def read_annotations(path: Path, filenames: Path | None = None) -> list[Row]:
         raise InvalidInput(f"{path}: not an annotation file: neither the paper's JSON format nor JSONL rows "
                            "(a filename list holds no queries: give it beside the annotation JSON)")
     return [_jsonl_row(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def iter_annotations(path: Path) -> tuple[int, Iterable[Row]]:
+    """(row count, rows in file order). JSONL is streamed (one counting pass, then one reading pass);
+    anything else goes through ``read_annotations`` whole, which also refuses what is not annotations."""
+    with open(path, "rb") as f:
+        first = next((line.strip().removeprefix(b"\xef\xbb\xbf") for line in f if line.strip()), b"")
+    try:
+        value = json.loads(first)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or "annotations" in value:
+        rows = read_annotations(path)
+        return len(rows), rows
+    with open(path, "rb") as f:
+        count = sum(1 for line in f if line.strip())
+
+    def stream() -> Iterator[Row]:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
+                if line.strip():
+                    yield _jsonl_row(number, line.rstrip(b"\r\n"))
+
+    return count, stream()
 
 
 def _parse_document(raw: bytes) -> tuple[Any, str | None]:

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from amodal.annotations import Row, _jsonl_row, read_annotations, resolve_input, validate_query
+from amodal.annotations import Row, iter_annotations, resolve_input, validate_query
 from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
@@ -46,31 +46,6 @@ class SubmitReport:
     enqueued: int = 0  # rows recorded by this submission whose job has no outcome (the dispatcher starts them)
     finished: int = 0  # rows whose job already has an outcome
     invalid: list[dict] = field(default_factory=list)  # rows refused at submission, with the reason
-
-
-def annotation_rows(path: Path) -> tuple[int, Iterable[Row]]:
-    """(row count, rows in file order). JSONL is streamed (one counting pass, then one reading pass);
-    anything else goes through ``read_annotations`` whole, which also refuses what is not annotations."""
-    with open(path, "rb") as f:
-        first = next((line.strip().removeprefix(b"\xef\xbb\xbf") for line in f if line.strip()), b"")
-    try:
-        value = json.loads(first)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict) or "annotations" in value:
-        rows = read_annotations(path)
-        return len(rows), rows
-    with open(path, "rb") as f:
-        count = sum(1 for line in f if line.strip())
-
-    def stream() -> Iterator[Row]:
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
-                if line.strip():
-                    yield _jsonl_row(number, line.rstrip(b"\r\n"))
-
-    return count, stream()
 
 
 def file_digest(path: Path) -> str:
@@ -212,7 +187,7 @@ class Client:
         submission of the same file."""
         # 1. the rows, and where a submission of the same file stopped
         images = str(images) if str(images).startswith("s3://") else str(Path(images).resolve())
-        total, rows = annotation_rows(Path(annotations))
+        total, rows = iter_annotations(Path(annotations))
         submission = self._begin(images, Path(annotations), dataset, total)
         report = SubmitReport(rows=total)
         # 2. the jobs recorded before (duplicates are told against them) and those with an outcome
