@@ -14,7 +14,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
 fi
 set +e
-.venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra --durations=30 "$@"
 rc=$?
 [ "$rc" -eq 5 ] && { echo "no tests ran"; exit 1; }
 exit "$rc"
