@@ -146,7 +146,7 @@ class Client:
                 return str(exc)
 
         todo = list({(images, rel): (images, rel, what) for images, rel, what in files
-                     if rel and (images, rel) not in self._inputs}.values())
+                     if (images, rel) not in self._inputs}.values())
         for (images, rel, _), found in zip(todo, self.pool.map(one, todo)):
             self._inputs[(images, rel)] = found
 
@@ -251,7 +251,8 @@ class Client:
         """The chunk's rows as recorded: a job's id and input keys, or ``invalid`` with the reason (a row
         whose job an earlier row has, by ``seen``, is a duplicate)."""
         self._resolve(item for row in chunk if not row.error for item in
-                      ((images, row.image, "image"), (images, row.visible_mask or "", "visible mask")))
+                      ((images, row.image, "image"), *(((images, row.visible_mask, "visible mask"),)
+                                                       if row.visible_mask else ())))
         records = []
         for row in chunk:
             record = {"line": row.line, "image": row.image, "query": row.query, "job_id": None}
@@ -305,13 +306,14 @@ class Client:
         done = outcome_of(self.store, dataset)
         rows = read_rows(self.store, dataset)
         while chunk := list(itertools.islice(rows, ROWS_PER_CHUNK)):
-            lines = []
+            lines, finished = [], []
             for row in chunk:
                 status = row.get("status") or done.get(row["job_id"], PENDING)
                 lines.append({"line": row["line"], "image": row["image"], "query": row["query"],
                               "job_id": row["job_id"], "status": status, "message": row.get("message", ""),
                               "result": None})
-            finished = [line for line in lines if line["status"] in OUTCOMES and line["status"] != "invalid"]
+                if not row.get("status") and status in OUTCOMES:  # a job's outcome, not a row refused at submission
+                    finished.append(lines[-1])
             jobs = [line["job_id"] for line in finished]
             for line, record in zip(finished, self.pool.map(lambda job: read_record(self.store, dataset, job), jobs)):
                 record = record or {}
