@@ -88,8 +88,9 @@ def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     # JSON only on the wire: a pickled message is refused, not run
     from tasks.app import app
 
-    app.conf.broker_url = env["AMODAL_BROKER_URL"]
-    app.send_task("amodal.ground", args=["0" * 24, 0], queue="ground", serializer="pickle")
+    with app.connection_for_write(env["AMODAL_BROKER_URL"]) as connection:  # not the pool an earlier test opened
+        app.send_task("amodal.ground", args=["0" * 24, 0], queue="ground", serializer="pickle",
+                      connection=connection)
     deadline = time.monotonic() + 60
     while "Refusing to deserialize untrusted content of type pickle" not in cluster.log("ground-gpu0"):
         assert time.monotonic() < deadline, cluster.log("ground-gpu0")[-3000:]

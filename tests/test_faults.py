@@ -5,6 +5,7 @@ duplicated, the S3 endpoint refuses connections for 30 seconds, and Redis restar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -13,13 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import kombu
 import psutil
 import pytest
 
 from amodal.jobstore import latest_state, load_state
 from amodal.state import OUTCOMES
 from producer import Client
-from tasks.app import send_stage
+from tasks.app import app, send_stage
 from tests.cluster import amodal, cluster_env, start_workers
 from tests.synthetic import synthetic_dataset
 from tests.tcpproxy import Proxy
@@ -174,19 +176,24 @@ def test_duplicated_messages_and_racing_workers(env, tmp_path):
              Slot("occlusion", 0), Slot("inpaint", 0), Slot("finalize", None), Slot("finalize", None)]
     group = start_workers(env, tmp_path / "logs", slots)
     client = Client(broker_url=env["AMODAL_BROKER_URL"])
+    stack = contextlib.ExitStack()
     try:
         submit(env, tmp_path, 6)
+        # this test's broker, not whatever the app's producer pool was opened on by an earlier test
+        connection = stack.enter_context(app.connection_for_write(env["AMODAL_BROKER_URL"]))
+        producer = kombu.Producer(connection)
         for m in client.manifest("faults"):
             job = m["job_id"]
             deadline = time.monotonic() + 60
             while load_state(client.store, job, 0) is None:  # the dispatcher starts the job
                 assert time.monotonic() < deadline, f"job {job} never started"
                 time.sleep(0.1)
-            for _ in range(2):
-                send_stage("ground", job, 0)  # each job's first message now arrives three times
+            for _ in range(2):  # each job's first message now arrives three times
+                send_stage("ground", job, 0, producer=producer)
         manifest = wait_all(client, "faults", timeout=600)
         time.sleep(3)  # let the duplicates drain
     finally:
+        stack.close()
         group.stop()
     assert_exactly_once(client, "faults", manifest, 6)
     for m in manifest:
