@@ -169,13 +169,20 @@ def message_job(raw: bytes) -> tuple[str, int] | None:
         return None
 
 
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists kombu's transport keeps ``queue`` in: the queue's name for the default priority,
+    then one suffixed list per further priority step."""
+    from kombu.transport.redis import Channel
+
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in Channel.priority_steps]
+
+
 def queued_messages(client) -> set[tuple[str, int]]:
     """(job id, version) of every message in a stage queue or held unacknowledged by a worker."""
     from kombu.transport.redis import Channel
 
     found: set[tuple[str, int]] = set()
-    keys = [stage if step == 0 else f"{stage}{Channel.sep}{step}" for stage in WORK_STAGES
-            for step in Channel.priority_steps]
+    keys = [key for stage in WORK_STAGES for key in queue_keys(stage)]
     with client.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.lrange(key, 0, -1)

@@ -36,19 +36,13 @@ from amodal.errors import ServiceError, UsageError
 from amodal.jobstore import outcome_counts, read_submission
 from amodal.state import OUTCOMES, WORK_STAGES
 from amodal.storage import S3Storage, Storage
-from producer.dispatch import heartbeat, in_flight, stalled, waiting
+from producer.dispatch import heartbeat, in_flight, queue_keys, stalled, waiting
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9808
 REDIS_TIMEOUT = 5.0  # seconds a Redis call may take before the scrape reports the broker down
 STORAGE_RETRY_SECONDS = 5.0  # a scrape reports the storage down instead of retrying for minutes
-
-
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists kombu's transport keeps ``queue`` in: the queue's name for the default priority,
-    then one suffixed list per further priority step."""
-    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in Channel.priority_steps]
 
 
 def queue_depths(client: redis.Redis, queues: Iterable[str] = WORK_STAGES) -> dict[str, int]:
