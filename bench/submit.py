@@ -100,11 +100,10 @@ def main() -> None:
             sub = submit(env, folder / "images", annotations)
             from producer import Client
             from producer.dispatch import Dispatcher
-            from tasks.app import app
 
             client = Client()
             # 2. one dispatcher round: the first stage fed up to the high-water mark
-            dispatcher = Dispatcher(client.store, app, redis_client=broker)
+            dispatcher = Dispatcher(client.store, redis_client=broker)
             start = time.perf_counter()
             dispatcher.round()
             round_s = time.perf_counter() - start

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 from kombu.utils.url import maybe_sanitize_url
 
+from amodal.config import environment
 from amodal.errors import ServiceError
 
 BROKER_TIMEOUT = 5.0  # seconds a producer waits for the broker before saying it does not answer
 
 
-def broker_url() -> str:
-    from tasks.app import app
+def broker_url(url: str | None = None) -> str:
+    """``url`` (default: ``AMODAL_BROKER_URL``) with its password masked."""
+    return maybe_sanitize_url(url or environment().broker_url)
 
-    return maybe_sanitize_url(app.conf.broker_url)
 
+def check_broker(url: str | None = None, timeout: float = BROKER_TIMEOUT) -> None:
+    """Raise :class:`ServiceError` unless the broker at ``url`` (default: ``AMODAL_BROKER_URL``) answers
+    within ``timeout`` seconds."""
+    from tasks.app import broker
 
-def check_broker(timeout: float = BROKER_TIMEOUT) -> None:
-    """Raise :class:`ServiceError` unless the broker answers within ``timeout`` seconds."""
-    from tasks.app import app
-
-    with app.connection_for_write() as connection:
+    with broker(url) as connection:
         try:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - kombu raises its own and the transport's errors
-            raise ServiceError(f"the broker at {broker_url()} does not answer ({_reason(exc)}); start Redis "
-                               "or point AMODAL_BROKER_URL at it") from exc
+            raise ServiceError(f"the broker at {broker_url(url)} does not answer "
+                               f"({_reason(exc)}); start Redis or point AMODAL_BROKER_URL at it") from exc
 
 
 def check_services(client, writes: bool = True) -> None:
@@ -33,7 +34,7 @@ def check_services(client, writes: bool = True) -> None:
     from amodal.storage import check_storage
 
     check_storage(client.store, probe_writes=writes)
-    check_broker()
+    check_broker(client.broker_url)
 
 
 def explain_service_error(exc: BaseException) -> tuple[int, str] | None:

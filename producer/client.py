@@ -96,11 +96,7 @@ class Client:
         self.pool = ThreadPoolExecutor(env.submit_concurrency)
         self._inputs: dict[tuple[str, str], tuple[str, str] | str] = {}  # (root, relative) -> (url, key) or error
         self._sources: dict[str, Storage] = {}
-        from tasks.app import app
-
-        if broker_url:
-            app.conf.broker_url = broker_url
-        self.app = app
+        self.broker_url = broker_url or env.broker_url
 
     # -- submitting ------------------------------------------------------------------------
     def _upload(self, path: Path) -> str:
@@ -163,7 +159,7 @@ class Client:
     def submit(self, image: str | Path, query: str, dataset: str, visible_mask: str | Path | None = None) -> str:
         """Submit one (image, query) at once (no dispatcher needed to start it; it watches it for stalls);
         ``image`` is a local file or an ``s3://`` URL. Returns the job id."""
-        from tasks.app import send_stage
+        from tasks.app import publisher, send_stage
 
         image = str(image)
         if image.startswith("s3://"):
@@ -177,7 +173,8 @@ class Client:
                 else str(visible_mask).rpartition("/")[2]
         state = self._job_for(Row(line=1, image=relative, query=query, visible_mask=mask, error=None), images, dataset)
         if commit_state(self.store, state):
-            send_stage(state.stage, state.job_id, state.version)
+            with publisher(self.broker_url) as producer:
+                send_stage(state.stage, state.job_id, state.version, producer=producer)
         adopt(self.store, dataset, state.job_id)
         return state.job_id
 

@@ -196,9 +196,9 @@ def queued_messages(client) -> set[tuple[str, int]]:
 class Dispatcher:
     """Feeds the first stage up to the high-water mark and recovers stalled jobs (module docstring)."""
 
-    def __init__(self, store: Storage, app, env: Environment | None = None, redis_client=None) -> None:
+    def __init__(self, store: Storage, env: Environment | None = None, redis_client=None) -> None:
         env = env or environment()
-        self.store, self.app, self.redis = store, app, redis_client
+        self.store, self.broker_url, self.redis = store, env.broker_url, redis_client
         self.mark, self.scan_interval, self.stall_after = env.dispatch_high_water, env.dispatch_scan_interval, \
             stall_after(env)
         self.pool = ThreadPoolExecutor(env.submit_concurrency)
@@ -274,12 +274,12 @@ class Dispatcher:
     def _start(self, dataset: str, submission: dict, rows: list[dict]) -> None:
         """Create each job's state 0 and send its first step; a job that existed gets no message (it is
         watched, and sent again only if it stalls)."""
-        from tasks.app import send_stage
+        from tasks.app import publisher, send_stage
 
         states = [first_state(dataset, row, submission) for row in rows]
         created = list(self.pool.map(lambda s: commit_state(self.store, s), states))
         now = time.time()
-        with self.app.producer_or_acquire() as producer:
+        with publisher(self.broker_url) as producer:
             for state, new in zip(states, created):
                 if new:
                     send_stage(state.stage, state.job_id, 0, producer=producer)
@@ -293,7 +293,7 @@ class Dispatcher:
 
     # 3. the jobs in flight
     def scan(self) -> None:
-        from tasks.app import send_stage
+        from tasks.app import publisher, send_stage
 
         queued = queued_messages(self.redis) if self.redis is not None else set()
         jobs = list(self.progress.flights)
@@ -312,7 +312,8 @@ class Dispatcher:
                     and now - flight.resent_at > self.stall_after and (job, flight.version) not in queued:
                 log.warning("job %s stalled at %s v%d for %.0f s: sending its step again", job, flight.stage,
                             flight.version, now - flight.since)
-                send_stage(flight.stage, job, flight.version)
+                with publisher(self.broker_url) as producer:
+                    send_stage(flight.stage, job, flight.version, producer=producer)
                 flight.resent, flight.resent_at = flight.resent + 1, now
 
     def _changed(self, job: str) -> JobState | None:
@@ -342,7 +343,7 @@ def run_dispatcher(stop: threading.Event | None = None) -> None:
             return
         log.info("another dispatcher holds the lock; waiting")
     try:
-        dispatcher = Dispatcher(open_storage(env.storage_url), app, env, client)
+        dispatcher = Dispatcher(open_storage(env.storage_url), env, client)
         log.warning("%s high-water mark %d jobs in flight, stalled after %.0f s", READY_MESSAGE, dispatcher.mark,
                     dispatcher.stall_after)
         while not stop.is_set():

@@ -18,11 +18,13 @@ DISPATCH_SILENT = 60.0  # seconds without a dispatcher round after which status 
 
 def live_workers(timeout: float = PING_TIMEOUT) -> dict[str, list[str]]:
     """Stage -> node names of the workers that answer Celery's ping now."""
-    from tasks.app import app
+    from tasks.app import app, broker
     from workers.main import stage_of
 
     found: dict[str, list[str]] = {stage: [] for stage in WORK_STAGES}
-    for reply in app.control.ping(timeout=timeout) or []:
+    with broker() as connection:
+        replies = app.control.ping(timeout=timeout, connection=connection) or []
+    for reply in replies:
         for node in reply:
             found.setdefault(stage_of(node), []).append(node)
     return found

@@ -38,7 +38,6 @@ def redis_url():
 @pytest.fixture
 def broker(redis_url, monkeypatch) -> redis.Redis:
     monkeypatch.setenv("AMODAL_BROKER_URL", redis_url)
-    monkeypatch.setattr(app.conf, "broker_url", redis_url)
     return redis.Redis.from_url(redis_url)
 
 
@@ -141,7 +140,7 @@ def test_dispatcher_feeds_up_to_the_mark_and_survives_a_restart(tmp_path, broker
     images, annotations = dataset(tmp_path, 13)
     client = Client()
     client.submit_dataset(images, annotations, "fed", progress=False)
-    dispatcher = Dispatcher(client.store, app, redis_client=broker)
+    dispatcher = Dispatcher(client.store, redis_client=broker)
     dispatcher.round()
     dispatcher.round()
     assert queued(broker) == 5 and in_flight(client.store) == {"fed": 5} and waiting(client.store, "fed") == 8
@@ -157,7 +156,7 @@ def test_dispatcher_feeds_up_to_the_mark_and_survives_a_restart(tmp_path, broker
     assert queued(broker) == 3 and in_flight(client.store) == {"fed": 5}
     assert client.status("fed")["completed"] == 3  # outcome markers written when the dispatcher saw `done`
 
-    restarted = Dispatcher(client.store, app, redis_client=broker)  # a new process: progress from storage
+    restarted = Dispatcher(client.store, redis_client=broker)  # a new process: progress from storage
     restarted.round()
     assert queued(broker) == 3 and waiting(client.store, "fed") == 5
     for m in rows[3:8]:
@@ -174,7 +173,7 @@ def test_stalled_job_is_sent_again_once(tmp_path, broker, monkeypatch):
     images, annotations = dataset(tmp_path, 3)
     client = Client()
     client.submit_dataset(images, annotations, "lost", progress=False)
-    dispatcher = Dispatcher(client.store, app, redis_client=broker)
+    dispatcher = Dispatcher(client.store, redis_client=broker)
     dispatcher.round()
     jobs = [m["job_id"] for m in client.manifest("lost")]
     lost = jobs[0]
@@ -197,7 +196,7 @@ def test_resubmission_in_flight_sends_no_duplicates(tmp_path, broker, small_chun
     images, annotations = dataset(tmp_path, 6)
     client = Client()
     client.submit_dataset(images, annotations, "again", progress=False)
-    dispatcher = Dispatcher(client.store, app, redis_client=broker)
+    dispatcher = Dispatcher(client.store, redis_client=broker)
     dispatcher.round()
     assert queued(broker) == 6
     client.submit_dataset(images, annotations, "again", progress=False)
@@ -207,7 +206,7 @@ def test_resubmission_in_flight_sends_no_duplicates(tmp_path, broker, small_chun
     images, bigger = dataset(tmp_path, 9, name="more.jsonl")
     report = client.submit_dataset(images, bigger, "again", progress=False)
     assert report.enqueued == 9
-    fresh = Dispatcher(client.store, app, redis_client=broker)
+    fresh = Dispatcher(client.store, redis_client=broker)
     fresh.round()
     fresh.round()
     assert queued(broker) == 9 and len({j for j, _ in queued_messages(broker)}) == 9
@@ -224,7 +223,6 @@ def env(tmp_path, redis_url, s3_bucket, tiny_models, monkeypatch):
     env.update(AMODAL_VISIBILITY_TIMEOUT="10", AMODAL_TASK_TIME_LIMIT="60", AMODAL_STALL_MARGIN="5")
     for key in ("AMODAL_BROKER_URL", "AMODAL_STORAGE_URL"):
         monkeypatch.setenv(key, env[key])
-    monkeypatch.setattr(app.conf, "broker_url", redis_url)
     return env
 
 

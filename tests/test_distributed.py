@@ -86,9 +86,9 @@ def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     assert sorted(store.list("results/")) == results_before
 
     # JSON only on the wire: a pickled message is refused, not run
-    from tasks.app import app
+    from tasks.app import app, broker
 
-    with app.connection_for_write(env["AMODAL_BROKER_URL"]) as connection:  # not the pool an earlier test opened
+    with broker(env["AMODAL_BROKER_URL"]) as connection:
         app.send_task("amodal.ground", args=["0" * 24, 0], queue="ground", serializer="pickle",
                       connection=connection)
     deadline = time.monotonic() + 60
@@ -135,7 +135,7 @@ def test_submit_from_an_s3_prefix_reads_images_in_place(tmp_path, redis_url, s3_
     assert report.enqueued == 4 and [r["message"] for r in report.invalid] == ["image not found: gone.png"]
     lines = list(client.manifest("from-s3"))
     assert [x["status"] for x in lines] == ["pending"] * 4 + ["invalid"]
-    Dispatcher(client.store, client.app).round()  # starts the jobs: their state 0 appears
+    Dispatcher(client.store).round()  # starts the jobs: their state 0 appears
     state = latest_state(client.store, lines[0]["job_id"])
     assert state.inputs == f"s3://{s3_bucket}/photos" and state.image_key == "scene00.png"
     assert not [k for k in client.store.list("inputs/")]  # nothing uploaded

@@ -14,14 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import kombu
 import psutil
 import pytest
 
 from amodal.jobstore import latest_state, load_state
 from amodal.state import OUTCOMES
 from producer import Client
-from tasks.app import app, send_stage
+from tasks.app import publisher, send_stage
 from tests.cluster import amodal, cluster_env, start_workers
 from tests.synthetic import synthetic_dataset
 from tests.tcpproxy import Proxy
@@ -64,7 +63,7 @@ def stuck(client: Client, dataset: str) -> str:
             state = latest_state(client.store, m["job_id"])
             attempts = client.store.list(f"jobs/{m['job_id']}/attempts/")
             lines.append(f"{m['job_id']}: {state.stage} v{state.version}, attempt markers {attempts}")
-    broker = redis.Redis.from_url(client.app.conf.broker_url)
+    broker = redis.Redis.from_url(client.broker_url)
     queues = {k.decode(): broker.llen(k) for k in broker.scan_iter() if broker.type(k) == b"list"}
     lines.append(f"queues {queues}, unacked {broker.hlen('unacked')}")
     return "\n".join(lines)
@@ -179,9 +178,7 @@ def test_duplicated_messages_and_racing_workers(env, tmp_path):
     stack = contextlib.ExitStack()
     try:
         submit(env, tmp_path, 6)
-        # this test's broker, not whatever the app's producer pool was opened on by an earlier test
-        connection = stack.enter_context(app.connection_for_write(env["AMODAL_BROKER_URL"]))
-        producer = kombu.Producer(connection)
+        producer = stack.enter_context(publisher(env["AMODAL_BROKER_URL"]))
         for m in client.manifest("faults"):
             job = m["job_id"]
             deadline = time.monotonic() + 60

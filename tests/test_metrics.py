@@ -68,11 +68,11 @@ def job(dataset: str, number: int) -> JobState:
 
 
 def test_collector_counts_queued_held_and_finished_work(own_redis_url, tmp_path):
-    from tasks.app import app
+    from tasks.app import app, broker
 
     # 1. Messages as the producer sends them (one with a priority, so it lands in a suffixed list),
     #    and one taken by a consumer and not acknowledged.
-    with app.connection_for_write(own_redis_url) as conn:
+    with broker(own_redis_url) as conn:
         for _ in range(3):
             app.send_task("amodal.inpaint", args=["j", 0], queue="inpaint", connection=conn)
         app.send_task("amodal.inpaint", args=["j", 0], queue="inpaint", connection=conn, priority=6)
