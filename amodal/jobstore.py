@@ -3,11 +3,14 @@
 Every state version is written once, create-only: the writer that creates version ``n + 1`` owns
 the step from ``n``, so two workers racing on one job (a duplicated or redelivered message) leave
 one history and one outcome. Outcomes are indexed as empty marker objects
-``outcomes/<dataset>/<status>/<job_id>`` so counting a dataset is a listing, not a read per job.
+``outcomes/<dataset>/<status>/<job_id>`` so counting a dataset is a listing, not a read per job; the
+records of finished jobs are gathered in pages per rows chunk, so a manifest reads a page, not a
+``job.json``, per finished row.
 """
 from __future__ import annotations
 
 import json
+import time
 from typing import Iterator
 
 from amodal.errors import UsageError
@@ -128,11 +131,39 @@ def read_rows_chunk(store: Storage, dataset: str, generation: int, index: int) -
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
-def read_rows(store: Storage, dataset: str) -> Iterator[dict]:
-    """The recorded rows of the dataset in row order, one chunk in memory at a time."""
+def read_row_chunks(store: Storage, dataset: str) -> Iterator[tuple[int, int, list[dict]]]:
+    """(generation, chunk index, rows) of the dataset's recorded rows in row order, one chunk in memory
+    at a time."""
     submission = read_submission(store, dataset)
     if submission is None:
         raise DatasetNotFound(dataset)
-    chunks = -(-submission["sent"] // ROWS_PER_CHUNK)
-    for index in range(chunks):
-        yield from read_rows_chunk(store, dataset, submission["generation"], index)
+    for index in range(-(-submission["sent"] // ROWS_PER_CHUNK)):
+        yield submission["generation"], index, read_rows_chunk(store, dataset, submission["generation"], index)
+
+
+def read_rows(store: Storage, dataset: str) -> Iterator[dict]:
+    """The recorded rows of the dataset in row order, one chunk in memory at a time."""
+    for _, _, rows in read_row_chunks(store, dataset):
+        yield from rows
+
+
+RECORD_FIELDS = ("message", "quality", "flags")  # what a manifest line takes from a job's job.json
+
+
+def record_pages_prefix(dataset: str, generation: int, index: int) -> str:
+    """Where the records of one rows chunk's finished jobs are gathered, a page at a time."""
+    return f"datasets/{dataset}/records/{generation:04d}-{index:06d}/"
+
+
+def write_record_page(store: Storage, dataset: str, generation: int, index: int, records: dict[str, dict]) -> None:
+    """One page: job id -> the :data:`RECORD_FIELDS` of its ``job.json``, for jobs of one rows chunk."""
+    page = {job: {name: record.get(name) for name in RECORD_FIELDS} for job, record in records.items()}
+    store.put(f"{record_pages_prefix(dataset, generation, index)}{time.time_ns():020d}.json", json.dumps(page).encode())
+
+
+def read_record_pages(store: Storage, dataset: str, generation: int, index: int) -> dict[str, dict]:
+    """Job id -> record fields, from every page of the rows chunk."""
+    found: dict[str, dict] = {}
+    for key in store.list(record_pages_prefix(dataset, generation, index)):
+        found.update(json.loads(store.get(key)))
+    return found

@@ -27,8 +27,8 @@ from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
 from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, flagged_count, outcome_of, outcomes,
-                             read_record, read_rows, read_submission, result_prefix, rows_prefix, write_rows_chunk,
-                             write_submission)
+                             read_record, read_record_pages, read_row_chunks, read_rows, read_submission,
+                             result_prefix, rows_prefix, write_rows_chunk, write_submission)
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
 from amodal.storage import Storage, open_storage
@@ -298,11 +298,10 @@ class Client:
 
     def manifest(self, dataset: str) -> Iterator[dict]:
         """One line per recorded row, in row order: line, image, query, job_id, status, message, result,
-        quality, flags. Streams the rows a chunk at a time; reads the outcome records of a chunk's
-        finished rows concurrently."""
+        quality, flags. Streams the rows a chunk at a time; a chunk's finished rows take their records
+        from the chunk's record pages, or else read their ``job.json`` concurrently."""
         done = outcome_of(self.store, dataset)
-        rows = read_rows(self.store, dataset)
-        while chunk := list(itertools.islice(rows, ROWS_PER_CHUNK)):
+        for generation, index, chunk in read_row_chunks(self.store, dataset):
             lines, finished = [], []
             for row in chunk:
                 status = row.get("status") or done.get(row["job_id"], PENDING)
@@ -311,8 +310,10 @@ class Client:
                               "result": None})
                 if not row.get("status") and status in OUTCOMES:  # a job's outcome, not a row refused at submission
                     finished.append(lines[-1])
+            paged = read_record_pages(self.store, dataset, generation, index) if finished else {}
             jobs = [line["job_id"] for line in finished]
-            for line, record in zip(finished, self.pool.map(lambda job: read_record(self.store, dataset, job), jobs)):
+            records = self.pool.map(lambda job: paged.get(job) or read_record(self.store, dataset, job), jobs)
+            for line, record in zip(finished, records):
                 record = record or {}
                 line.update(message=record.get("message", ""), quality=record.get("quality"),
                             flags=record.get("flags", []))

@@ -10,9 +10,11 @@ number of messages whatever the datasets' sizes. Starting a job is the create-on
 Every ``AMODAL_DISPATCH_SCAN_INTERVAL`` seconds it lists the state versions of each job in flight (one
 listing a job: the cost grows with the jobs in flight, never with the jobs ever submitted). A job that
 reached ``done`` leaves the set (its outcome marker is written again, in case its worker died before
-writing it). A job whose state has not advanced for :func:`stall_after` seconds and has no message in
-a queue or in the broker's unacknowledged set (a message lost between kombu's BRPOP and its record of
-the delivery, or a sender that died between commit and send) is stalled: its current step is sent again,
+writing it), and the records of the jobs a scan saw end are gathered in one page per rows chunk
+(``amodal.jobstore.write_record_page``), which the manifest reads instead of one ``job.json`` a row.
+A job whose state has not advanced for :func:`stall_after` seconds and has no message in a queue or
+in the broker's unacknowledged set (a message lost between kombu's BRPOP and its record of the
+delivery, or a sender that died between commit and send) is stalled: its current step is sent again,
 at most once per :func:`stall_after`. The protocol of ``tasks.stage`` makes a duplicate harmless, and
 every delivery counts as an attempt, so a job that keeps stalling ends ``failed``.
 
@@ -41,8 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amodal.config import Environment, environment
-from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_rows_chunk, read_submission,
-                             record_outcome, result_prefix)
+from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_record, read_rows_chunk,
+                             read_submission, record_outcome, result_prefix, write_record_page)
 from amodal.state import WORK_STAGES, JobState
 from amodal.storage import ObjectNotFound, Storage, open_storage
 
@@ -75,6 +77,7 @@ class Flight:
     since: float  # wall-clock time its state was last seen to advance
     resent: int = 0  # times its step was sent again
     resent_at: float = 0.0
+    chunk: list[int] | None = None  # [generation, index] of the rows chunk it was started from
 
 
 @dataclass
@@ -255,10 +258,10 @@ class Dispatcher:
             row = self._row(dataset, generation, done)
             if row is None:  # a new generation replaced the rows meanwhile: next round
                 break
-            done += 1
             if not row.get("status"):  # rows refused at submission have no job
-                rows.append(row)
-        self._start(dataset, submission, rows)
+                rows.append((done, row))
+            done += 1
+        self._start(dataset, submission, generation, rows)
         self.progress.cursors[dataset] = [generation, done]
         if done >= submission["sent"] and submission["complete"]:
             self._close(dataset, submission)
@@ -271,19 +274,20 @@ class Dispatcher:
         rows = cached[1]
         return rows[index % ROWS_PER_CHUNK] if index % ROWS_PER_CHUNK < len(rows) else None
 
-    def _start(self, dataset: str, submission: dict, rows: list[dict]) -> None:
-        """Create each job's state 0 and send its first step; a job that existed gets no message (it is
-        watched, and sent again only if it stalls)."""
+    def _start(self, dataset: str, submission: dict, generation: int, rows: list[tuple[int, dict]]) -> None:
+        """Create each (row index, row)'s job state 0 and send its first step; a job that existed gets no
+        message (it is watched, and sent again only if it stalls)."""
         from tasks.app import publisher, send_stage
 
-        states = [first_state(dataset, row, submission) for row in rows]
+        states = [first_state(dataset, row, submission) for _, row in rows]
         created = list(self.pool.map(lambda s: commit_state(self.store, s), states))
         now = time.time()
         with publisher(self.broker_url) as producer:
-            for state, new in zip(states, created):
+            for (index, _), state, new in zip(rows, states, created):
                 if new:
                     send_stage(state.stage, state.job_id, 0, producer=producer)
-                self.progress.flights[state.job_id] = Flight(dataset, 0 if new else -1, state.stage, now)
+                self.progress.flights[state.job_id] = Flight(dataset, 0 if new else -1, state.stage, now,
+                                                             chunk=[generation, index // ROWS_PER_CHUNK])
 
     def _close(self, dataset: str, submission: dict) -> None:
         """Drop the dataset's marker; put it back if a submission recorded more meanwhile."""
@@ -298,6 +302,7 @@ class Dispatcher:
         queued = queued_messages(self.redis) if self.redis is not None else set()
         jobs = list(self.progress.flights)
         now = time.time()
+        ended: dict[tuple[str, int, int], list[str]] = {}  # (dataset, generation, chunk) -> jobs that ended
         for job, state in zip(jobs, self.pool.map(self._changed, jobs)):
             flight = self.progress.flights[job]
             if state is not None:
@@ -306,6 +311,8 @@ class Dispatcher:
                 flight.version, flight.stage = state.version, state.stage
                 if state.stage == "done":
                     record_outcome(self.store, state)
+                    if flight.chunk is not None:
+                        ended.setdefault((flight.dataset, *flight.chunk), []).append(job)
                     del self.progress.flights[job]
                     continue
             if flight.version >= 0 and now - flight.since > self.stall_after \
@@ -315,6 +322,16 @@ class Dispatcher:
                 with publisher(self.broker_url) as producer:
                     send_stage(flight.stage, job, flight.version, producer=producer)
                 flight.resent, flight.resent_at = flight.resent + 1, now
+        for (dataset, generation, index), done in ended.items():
+            self._page_records(dataset, generation, index, done)
+
+    def _page_records(self, dataset: str, generation: int, index: int, jobs: list[str]) -> None:
+        """One record page for the jobs of a rows chunk that ended (a job with no ``job.json`` yet is
+        left to the manifest's own read)."""
+        records = dict(zip(jobs, self.pool.map(lambda job: read_record(self.store, dataset, job), jobs)))
+        found = {job: record for job, record in records.items() if record is not None}
+        if found:
+            write_record_page(self.store, dataset, generation, index, found)
 
     def _changed(self, job: str) -> JobState | None:
         """The job's latest state if its version is not the one the flight knows, else None (no read)."""
@@ -325,7 +342,8 @@ class Dispatcher:
 
 
 def run_dispatcher(stop: threading.Event | None = None) -> None:
-    """Until ``stop`` is set (or SIGTERM/SIGINT): a round every ``AMODAL_DISPATCH_INTERVAL`` seconds."""
+    """Until ``stop`` is set (or SIGTERM/SIGINT): a round every ``AMODAL_DISPATCH_INTERVAL`` seconds, while
+    holding the dispatch lock; a lock lost (a broker restarted without persistence) is waited for again."""
     import redis
 
     from tasks.app import app
@@ -337,11 +355,8 @@ def run_dispatcher(stop: threading.Event | None = None) -> None:
     app.conf.task_send_sent_event = False  # half of the publishing time, and Flower has no use for it here
     client = redis.Redis.from_url(env.broker_url) if env.broker_url.startswith(("redis://", "rediss://")) else None
     held = client.lock(LOCK_NAME, timeout=LOCK_SECONDS) if client is not None else None
-    while held is not None and not held.acquire(blocking=True, blocking_timeout=5):
-        ALIVE_FILE.touch()
-        if stop.is_set():
-            return
-        log.info("another dispatcher holds the lock; waiting")
+    if held is not None and not _take(held, stop):
+        return
     try:
         dispatcher = Dispatcher(open_storage(env.storage_url), env, client)
         log.warning("%s high-water mark %d jobs in flight, stalled after %.0f s", READY_MESSAGE, dispatcher.mark,
@@ -351,13 +366,56 @@ def run_dispatcher(stop: threading.Event | None = None) -> None:
                 dispatcher.round()
             except Exception:  # a broker or storage outage: try again next round
                 log.exception("dispatch round failed; retrying")
-            if held is not None:
-                held.reacquire()
+            if held is not None and not _renew(held):
+                log.warning("the dispatch lock was lost; taking it again")
+                if not _take(held, stop):
+                    return
+                dispatcher = Dispatcher(open_storage(env.storage_url), env, client)  # another may have worked meanwhile
             ALIVE_FILE.touch()
             stop.wait(env.dispatch_interval)
     finally:
-        if held is not None and held.owned():
+        if held is not None and _owned(held):
             held.release()
+
+
+def _take(lock, stop: threading.Event) -> bool:
+    """Wait until ``lock`` is held (True) or ``stop`` is set (False); a broker that does not answer is
+    waited for."""
+    import redis
+
+    while not stop.is_set():
+        ALIVE_FILE.touch()
+        try:
+            if lock.acquire(blocking=True, blocking_timeout=5):
+                return True
+            log.info("another dispatcher holds the lock; waiting")
+        except redis.exceptions.ConnectionError as exc:
+            log.warning("the broker does not answer (%s); waiting", exc)
+            stop.wait(5)
+    return False
+
+
+def _renew(lock) -> bool:
+    """Extend the lock's lease; False if it is no longer ours. While the broker does not answer, it is
+    kept (no other dispatcher can publish either)."""
+    import redis
+
+    try:
+        lock.reacquire()
+    except redis.exceptions.LockNotOwnedError:
+        return False
+    except redis.exceptions.ConnectionError as exc:
+        log.warning("the broker does not answer (%s); keeping the lock", exc)
+    return True
+
+
+def _owned(lock) -> bool:
+    import redis
+
+    try:
+        return lock.owned()
+    except redis.exceptions.ConnectionError:
+        return False
 
 
 def _stop_on_signals() -> threading.Event:

@@ -15,7 +15,7 @@ import redis
 import amodal.jobstore
 import producer.client
 import producer.dispatch
-from amodal.jobstore import commit_state, latest_state
+from amodal.jobstore import commit_state, latest_state, record_outcome, result_prefix
 from amodal.state import WORK_STAGES
 from producer import Client
 from producer.dispatch import Dispatcher, in_flight, queued_messages, stalled, waiting
@@ -65,21 +65,30 @@ def queued(broker: redis.Redis) -> int:
     return sum(broker.llen(stage) for stage in WORK_STAGES)
 
 
-def finish(client: Client, job: str) -> None:
-    """What a worker leaves when a job ends: its last state, ``done``."""
+def finish(client: Client, job: str, record: dict | None = None, marker: bool = False) -> None:
+    """What a worker leaves when a job ends: its ``job.json`` (``record``), its last state, ``done``, and
+    with ``marker`` its outcome marker (else it is left to the dispatcher, as when the worker died then)."""
     state = latest_state(client.store, job)
+    client.store.put(f"{result_prefix(state.dataset, job)}/job.json",
+                     json.dumps({"status": "completed", "message": "", "flags": [], **(record or {})}).encode())
     state.version, state.stage, state.status = state.version + 1, "done", "completed"
     assert commit_state(client.store, state)
+    if marker:
+        record_outcome(client.store, state)
 
 
 class Counting:
     """Wraps a storage: counts writes per key prefix, and fails the ``fail_at``-th write of a rows chunk."""
 
     def __init__(self, store, fail_at: int | None = None):
-        self.store, self.fail_at, self.writes = store, fail_at, []
+        self.store, self.fail_at, self.writes, self.reads = store, fail_at, [], []
 
     def __getattr__(self, name):
         return getattr(self.store, name)
+
+    def get(self, key):
+        self.reads.append(key)
+        return self.store.get(key)
 
     def put(self, key, data):
         self._note(key)
@@ -166,6 +175,36 @@ def test_dispatcher_feeds_up_to_the_mark_and_survives_a_restart(tmp_path, broker
     restarted.round()
     assert queued(broker) == 3 + 5 and waiting(client.store, "fed") == 0
     assert {job for job, _ in queued_messages(broker)} == {m["job_id"] for m in rows[5:]}
+
+
+def test_manifest_takes_finished_records_from_the_dispatchers_pages(tmp_path, broker, small_chunks, monkeypatch):
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    images, annotations = dataset(tmp_path, 10)
+    client = Client()
+    client.submit_dataset(images, annotations, "paged", progress=False)
+    dispatcher = Dispatcher(client.store, redis_client=broker)
+    dispatcher.round()
+    rows = list(client.manifest("paged"))
+
+    def record(i: int) -> dict:
+        return {"message": f"job {i}", "quality": {"amodal_px": 100 + i}, "flags": ["window_edge"] if i % 2 else []}
+
+    for i, m in enumerate(rows[:7]):  # all of chunk 0 (rows 1-4) and three rows of chunk 1
+        finish(client, m["job_id"], record(i))
+    dispatcher.scan()
+    pages = sorted(client.store.list("datasets/paged/records/"))
+    assert [key.split("/")[3] for key in pages] == ["0000-000000", "0000-000001"]
+    finish(client, rows[7]["job_id"], record(7), marker=True)  # ended after the scan: no page holds it yet
+
+    client.store = Counting(client.store)
+    lines = list(client.manifest("paged"))
+    assert [line["line"] for line in lines] == list(range(1, 11))
+    for i, line in enumerate(lines[:8]):
+        assert (line["status"], line["message"], line["quality"], line["flags"]) == \
+            ("completed", *record(i).values())
+    assert [line["status"] for line in lines[8:]] == ["pending", "pending"]
+    read = [key for key in client.store.reads if key.endswith("/job.json")]
+    assert read == [f"{result_prefix('paged', rows[7]['job_id'])}/job.json"]  # the rest came from 2 pages
 
 
 def test_stalled_job_is_sent_again_once(tmp_path, broker, monkeypatch):
@@ -354,3 +393,37 @@ def test_one_dispatcher_at_work(tmp_path, broker, monkeypatch, caplog):
     second.set()
     threads[1].join(timeout=30)
     assert queued(broker) == 4  # the second started nothing again
+
+
+def test_dispatcher_outlives_a_broker_that_forgets_its_lock(tmp_path, broker, monkeypatch, caplog):
+    """A Redis restarted without persistence has lost the lock (and the queues): the dispatcher takes the
+    lock again and goes on feeding."""
+    import logging
+
+    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
+    monkeypatch.setenv("AMODAL_DISPATCH_INTERVAL", "0.1")
+    monkeypatch.setitem(app.conf, "task_send_sent_event", app.conf.task_send_sent_event)  # the dispatcher turns it off
+    images, annotations = dataset(tmp_path, 4)
+    client = Client()
+    client.submit_dataset(images, annotations, "before", progress=False)
+    caplog.set_level(logging.INFO, logger="producer.dispatch")
+    stop = threading.Event()
+    thread = threading.Thread(target=producer.dispatch.run_dispatcher, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while queued(broker) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        broker.flushdb()  # what a restart of a Redis that keeps nothing on disk leaves
+        images, annotations = dataset(tmp_path, 3, name="after.jsonl")
+        client.submit_dataset(images, annotations, "after", progress=False)
+        while queued(broker) < 3:
+            assert time.monotonic() < deadline + 30, caplog.text
+            time.sleep(0.1)
+        assert thread.is_alive() and broker.exists(producer.dispatch.LOCK_NAME)
+        assert "the dispatch lock was lost; taking it again" in caplog.text
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not broker.exists(producer.dispatch.LOCK_NAME)  # released on the way out
