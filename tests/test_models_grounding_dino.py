@@ -243,3 +243,29 @@ def test_chunk_labels():
     # A prompt of n labels of c tokens is 2 + n * (c + 1) tokens.
     assert chunk_labels([126, 126], 256) == [range(0, 2)]
     assert chunk_labels([126, 127], 256) == [range(0, 1), range(1, 2)]
+
+
+@pytest.mark.parametrize("threshold", [0.35, 0.05])
+def test_post_processing_matches_transformers(detector, threshold):
+    """The batched post-processing gives transformers' scores, boxes and phrases, row by row."""
+    from types import SimpleNamespace
+
+    rows, queries = 3, 7
+    text = detector.processor.tokenizer(["cat. dog.", "person. tree. car.", "the cat."], padding=True,
+                                        return_tensors="pt")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, queries, detector.max_text_len, generator=generator)
+    logits[..., text["input_ids"].shape[1]:] = float("-inf")  # as the model pads past the text
+    boxes = torch.rand(rows, queries, 4, generator=generator)
+    sizes = [(120, 160), (90, 200), (64, 64)]
+    want = detector.processor.post_process_grounded_object_detection(
+        SimpleNamespace(logits=logits, pred_boxes=boxes), text["input_ids"], threshold=threshold,
+        text_threshold=threshold, target_sizes=sizes)
+    detector_at = GroundingDino(detector.model, detector.processor, detector.device, detector.dtype,
+                                box_threshold=threshold, text_threshold=threshold)
+    got = detector_at._post_process(logits, boxes, text["input_ids"], sizes)
+    for g, w in zip(got, want, strict=True):
+        assert g["scores"].tolist() == w["scores"].tolist()
+        assert g["boxes"].tolist() == w["boxes"].tolist()
+        assert g["text_labels"] == w["text_labels"]
+    assert sum(len(g["scores"]) for g in got) > 0
