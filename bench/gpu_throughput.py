@@ -300,6 +300,7 @@ def run_baseline(work: Path, models: Path, datasets: dict[str, tuple[Path, Path,
 
     lisa_answer.install()
     models_set = ReferenceModels(models, settings.replace(compile_unet=False))
+    torch.set_num_threads(os.cpu_count() or 1)  # the reference runs alone: every core for its CPU work
     models_set.inpainter.pipeline.enable_attention_slicing()
     for resident in ("grounder", "tagger", "detector", "prompt_chooser", "clip", "occlusion"):  # loaded, as the
         getattr(models_set, resident)  # reference keeps them; SAM is read from its file at every call

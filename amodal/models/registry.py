@@ -64,11 +64,13 @@ class ModelSet:
     """The models of one process, loaded once on first use."""
 
     def __init__(self, model_dir: str | Path, settings: Settings | None = None) -> None:
-        from amodal.models.runtime import resolve_device, resolve_dtype  # torch, only where models run
+        # torch, only where models run
+        from amodal.models.runtime import limit_cpu_threads, resolve_device, resolve_dtype
 
         self.model_dir = Path(model_dir)
         self.settings = settings or Settings()
         self.device = resolve_device(self.settings.device)
+        limit_cpu_threads(self.device)
         self.dtype = resolve_dtype(self.settings.dtype, self.device)
 
     def path(self, relative: str) -> Path:
