@@ -274,7 +274,8 @@ def main() -> None:
     import numpy as np
 
     a, b = np.load(work / "default.npy").astype(int), np.load(work / "channels_last.npy").astype(int)
-    run.record["channels_last_vs_default_uint8"] = {"max_abs": int(abs(a - b).max()), "mean_abs": float(abs(a - b).mean())}
+    run.record["channels_last_vs_default_uint8"] = {"max_abs": int(abs(a - b).max()),
+                                                    "mean_abs": float(abs(a - b).mean())}
     mps = shutil.which("nvidia-cuda-mps-control") or next(
         (str(p) for p in Path("/usr/local/nvidia/bin").glob("nvidia-cuda-mps-control")), None)
     run.record["mps_control"] = mps
