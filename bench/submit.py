@@ -3,7 +3,8 @@
 Rows share images (``--queries`` queries per image). Measures the submission (rows/s, peak RSS of its
 process, S3 requests per row), one dispatcher round (the messages it queues and their Redis memory),
 ``status`` and the manifest; then runs ``--finished`` jobs to their end as workers and the dispatcher do
-(``job.json``, the last state, the dispatcher's scan) and measures ``status`` and the manifest again. Writes ``bench/results/submit_<rows>.json``.
+(``job.json``, the last state, the dispatcher's scan) and measures ``status`` and the manifest again, and
+``status`` once more with every row's outcome marker written. Writes ``bench/results/submit_<rows>.json``.
 
     python bench/submit.py --rows 100000
 """
@@ -171,6 +172,11 @@ def main() -> None:
             for key in list(client.store.list(f"datasets/{DATASET}/records/")):  # each finished row reads its job.json
                 client.store.delete(key)
             unpaged_manifest_s, _ = timed(lambda: sum(1 for _ in client.manifest(DATASET)))
+            # 6. status with every row finished: the outcome markers of the other jobs (all status lists)
+            rest = [line["job_id"] for line in client.manifest(DATASET) if line["status"] == "pending"]
+            with ThreadPoolExecutor(32) as pool:
+                list(pool.map(lambda job: client.store.put(f"outcomes/{DATASET}/completed/{job}", b""), rest))
+            all_status_s, all_counts = timed(lambda: client.status(DATASET))
     record = {
         "rows": args.rows, "images": -(-args.rows // args.queries), "queries_per_image": args.queries,
         "storage": "SeaweedFS (weed server -s3) on loopback", "broker": "Redis on loopback",
@@ -184,13 +190,16 @@ def main() -> None:
         "finished": {"jobs": finished, "dispatcher_scan_s": round(scan_s, 2), "status_s": round(finished_status_s, 3),
                      "status": finished_counts, "manifest_rows_per_s": round(finished_lines / finished_manifest_s),
                      "manifest_rows_per_s_without_record_pages": round(finished_lines / unpaged_manifest_s)},
+        "all_finished": {"status_s": round(all_status_s, 3), "completed": all_counts["completed"],
+                         "pending": all_counts["pending"]},
         "targets": TARGETS, "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
     }
     record["missed"] = {k: record[k] for k, v in TARGETS.items()
                         if (record[k] > v if k in ("peak_rss_mb", "redis_mb", "status_s") else record[k] < v)}
     done = record["finished"]
-    if done["status_s"] > TARGETS["status_s"]:
-        record["missed"]["finished.status_s"] = done["status_s"]
+    for name, seconds in (("finished", done["status_s"]), ("all_finished", record["all_finished"]["status_s"])):
+        if seconds > TARGETS["status_s"]:
+            record["missed"][f"{name}.status_s"] = seconds
     if done["manifest_rows_per_s"] < TARGETS["manifest_rows_per_s"]:
         record["missed"]["finished.manifest_rows_per_s"] = done["manifest_rows_per_s"]
     out = args.out or ROOT / "bench" / "results" / f"submit_{args.rows}.json"
