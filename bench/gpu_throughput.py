@@ -142,6 +142,18 @@ def start_redis(binary: str, port: int = 6390) -> subprocess.Popen:
     return proc
 
 
+def ensure_console_script() -> None:
+    """The workers start the ``amodal`` console script beside this interpreter (``workers.launch``); on a
+    host where the project is not installed, write one that runs this tree's command (``PYTHONPATH``
+    below puts the tree first)."""
+    from workers.launch import AMODAL
+
+    script = Path(AMODAL[0])
+    if not script.exists():
+        script.write_text(f"#!{sys.executable}\nimport sys\nfrom amodal.cli import main\nsys.exit(main())\n")
+        script.chmod(0o755)
+
+
 def run_distributed(work: Path, models: Path, datasets: dict[str, tuple[Path, Path, int]], settings: Settings,
                     batch: int, segment_batch: int, ground_batch: int, broker_url: str, gpus: int = 1,
                     replicas: int = 1, concurrency: dict[str, int] | None = None) -> dict[str, dict]:
@@ -158,6 +170,7 @@ def run_distributed(work: Path, models: Path, datasets: dict[str, tuple[Path, Pa
                AMODAL_GROUND_BATCH=str(ground_batch), AMODAL_DISPATCH_INTERVAL="0.5", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")])))
     os.environ.update({k: env[k] for k in ("AMODAL_BROKER_URL", "AMODAL_BROKER_FOLDER", "AMODAL_STORAGE_URL")})
+    ensure_console_script()
     group = WorkerGroup(env, work / "logs")
     slots = [slot for slot in plan(gpus) for _ in range(replicas if slot.gpu is not None else 1)]
     for slot in slots:

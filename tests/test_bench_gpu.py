@@ -1,0 +1,58 @@
+"""The GPU benchmark's plumbing on the CPU: ``bench/gpu_throughput.py --tiny`` runs both stacks (LISA
+grounding, and visible masks given) and their reference-structured baselines through real workers, a
+Redis of its own and the dispatcher, and writes a complete record."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
+
+
+@pytest.mark.slow
+def test_benchmark_runs_both_stacks_and_baselines_on_tiny_models(tmp_path):
+    out = tmp_path / "record.json"
+    command = [sys.executable, "bench/gpu_throughput.py", "--tiny", "--images", "2", "--baseline-images", "1",
+               "--steps", "2", "--passes", "1", "--no-compile", "--models", str(tmp_path / "models"), "--out", str(out)]
+    if shutil.which("redis-server"):
+        command += ["--redis-server", shutil.which("redis-server")]
+    res = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(out.read_text())
+    for stack, baseline in (("ours", "baseline"), ("ours_masks_given", "baseline_masks_given")):
+        ours = record[stack]
+        assert ours["statuses"] == {"completed": 2} and ours["passes"] == [1]
+        assert record[baseline]["statuses"] == ["completed"] and record[f"speedup{stack[4:]}"] > 0
+        assert all(ours["stage_seconds_per_image"][stage] > 0 for stage in STAGES)
+        assert {stage for stage, calls in ours["jobs_per_call"].items() if calls["calls"] >= 1} == \
+            {"ground", "segment", "occlusion", "inpaint"}
+        models = {name for calls in ours["model_calls"].values() for name in calls}
+        assert {"GroundingDino.detect", "SamSegmenter.segment", "StableDiffusionInpainter.inpaint"} <= models
+        assert ours["denoising"]["calls"] >= 1 and ours["denoising"]["timed_sample_steps"] > 0
+    assert "LisaGrounder.generate" in {n for calls in record["ours"]["model_calls"].values() for n in calls}
+    assert "LisaGrounder.generate" not in {n for calls in record["ours_masks_given"]["model_calls"].values()
+                                           for n in calls}
+
+
+def test_console_script_is_written_where_the_project_is_not_installed(tmp_path, monkeypatch):
+    import workers.launch
+    from bench.gpu_throughput import ensure_console_script
+
+    script = tmp_path / "bin" / "amodal"
+    script.parent.mkdir()
+    monkeypatch.setattr(workers.launch, "AMODAL", [str(script)])
+    ensure_console_script()
+    res = subprocess.run([str(script), "worker", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and "--stage" in res.stdout, res.stderr
+    before = script.stat().st_mtime_ns
+    ensure_console_script()  # an existing script is left alone
+    assert script.stat().st_mtime_ns == before
