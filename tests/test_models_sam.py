@@ -11,6 +11,9 @@ from segment_anything import sam_model_registry
 
 from amodal.models.base import MissingCheckpointError
 from amodal.models.registry import SAM_FILES
+from segment_anything.modeling import image_encoder
+
+from amodal.models import sam
 from amodal.models.sam import SamArchitecture, SamSegmenter, infer_architecture, write_tiny
 from tests.paths import EXAMPLES
 
@@ -83,6 +86,23 @@ def test_segment_gives_one_bool_mask_per_box_at_image_size(masks, image):
 def test_segment_is_deterministic_and_independent_of_box_batching(segmenter, image, masks):
     assert all(np.array_equal(a, b) for a, b in zip(masks, segmenter.segment([image], [BOXES])[0]))
     assert np.array_equal(segmenter.segment([image], [BOXES[1:2]])[0][0], masks[1])
+
+
+@pytest.mark.parametrize("q_size,k_size", [(14, 14), (64, 64), (32, 64), (64, 32)])
+def test_relative_positions_match_segment_anythings_own(q_size, k_size):
+    table = torch.randn(2 * max(q_size, k_size) - 1, 8)
+    expected = sam._host_rel_pos(q_size, k_size, table)
+    assert torch.equal(sam.device_rel_pos(q_size, k_size, table), expected)
+    assert sam._relative_index(q_size, k_size, CPU) is sam._relative_index(q_size, k_size, CPU)  # built once
+    short = torch.randn(9, 8)  # a table to resize first: the original's interpolation
+    assert torch.equal(sam.device_rel_pos(q_size, k_size, short), sam._host_rel_pos(q_size, k_size, short))
+
+
+def test_encoder_features_are_those_of_segment_anythings_own_positions(segmenter, image, monkeypatch):
+    assert image_encoder.get_rel_pos is sam.device_rel_pos
+    ours = segmenter.encode([image])[0].features
+    monkeypatch.setattr(image_encoder, "get_rel_pos", sam._host_rel_pos)
+    assert torch.equal(segmenter.encode([image])[0].features, ours)
 
 
 def test_batched_encoding_matches_single_encoding(segmenter, image):

@@ -15,18 +15,24 @@ checkpoint:
 The prompt encoder and mask decoder are the published ones (256-d prompts, two-way transformer of
 depth 2). The image encoder runs in the requested precision; prompt encoding and mask decoding run
 in float32 (they are small, and the masks are thresholded logits).
+
+``segment_anything``'s attention builds its relative-position index on the host and indexes the
+device's table with it, two copies to the device in every block (64 for ViT-H), each one a wait that
+lasts another process's time slice when stages share a GPU. :func:`device_rel_pos` takes its place: the
+same index, built once per (sizes, device) and kept there.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import image_encoder
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from amodal.models.base import Box
@@ -35,6 +41,28 @@ from amodal.models.registry import require
 PROMPT_DIM = 256
 DECODER_BATCH = 32  # boxes per mask-decoder call; bounds the (boxes x 256 x 64 x 64) activations
 ENCODER_BATCH = 4  # images per image-encoder call; bounds the global-attention activations (ViT-H: 4096 tokens)
+
+
+@cache
+def _relative_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """``segment_anything``'s relative-position index for these sizes, on ``device``."""
+    q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long().to(device)
+
+
+_host_rel_pos = image_encoder.get_rel_pos
+
+
+def device_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """``segment_anything.modeling.image_encoder.get_rel_pos`` with its index kept on the table's device
+    (a table that must be resized first, which the published models never need, takes the original)."""
+    if rel_pos.shape[0] != 2 * max(q_size, k_size) - 1:
+        return _host_rel_pos(q_size, k_size, rel_pos)
+    return rel_pos[_relative_index(q_size, k_size, rel_pos.device)]
+
+
+image_encoder.get_rel_pos = device_rel_pos  # add_decomposed_rel_pos looks it up at each call
 
 
 @dataclass(frozen=True)
