@@ -177,13 +177,19 @@ def test_dispatcher_feeds_up_to_the_mark_and_survives_a_restart(tmp_path, broker
     assert {job for job, _ in queued_messages(broker)} == {m["job_id"] for m in rows[5:]}
 
 
-def test_manifest_takes_finished_records_from_the_dispatchers_pages(tmp_path, broker, small_chunks, monkeypatch):
+def started(tmp_path: Path, monkeypatch, broker: redis.Redis, rows: int, name: str) -> tuple[Client, Dispatcher]:
+    """A dataset of ``rows`` rows submitted to a local storage, and a dispatcher that has started its jobs."""
     monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
-    images, annotations = dataset(tmp_path, 10)
+    images, annotations = dataset(tmp_path, rows)
     client = Client()
-    client.submit_dataset(images, annotations, "paged", progress=False)
+    client.submit_dataset(images, annotations, name, progress=False)
     dispatcher = Dispatcher(client.store, redis_client=broker)
     dispatcher.round()
+    return client, dispatcher
+
+
+def test_manifest_takes_finished_records_from_the_dispatchers_pages(tmp_path, broker, small_chunks, monkeypatch):
+    client, dispatcher = started(tmp_path, monkeypatch, broker, 10, "paged")
     rows = list(client.manifest("paged"))
 
     def record(i: int) -> dict:
@@ -208,12 +214,7 @@ def test_manifest_takes_finished_records_from_the_dispatchers_pages(tmp_path, br
 
 
 def test_stalled_job_is_sent_again_once(tmp_path, broker, monkeypatch):
-    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
-    images, annotations = dataset(tmp_path, 3)
-    client = Client()
-    client.submit_dataset(images, annotations, "lost", progress=False)
-    dispatcher = Dispatcher(client.store, redis_client=broker)
-    dispatcher.round()
+    client, dispatcher = started(tmp_path, monkeypatch, broker, 3, "lost")
     jobs = [m["job_id"] for m in client.manifest("lost")]
     lost = jobs[0]
     # the message lost as kombu can lose it: taken off the queue, never recorded as unacknowledged
@@ -363,8 +364,8 @@ def test_sigkill_during_bursts_of_deliveries(env, tmp_path):
     assert_exactly_once(client, "burst", manifest, 8)
 
 
-def test_one_dispatcher_at_work(tmp_path, broker, monkeypatch, caplog):
-    """A second dispatcher waits on the lock; it takes over, from the stored progress, when the first stops."""
+def for_threads(tmp_path: Path, monkeypatch, caplog, name: str) -> Client:
+    """A 4-row dataset submitted, and what a dispatcher run in a thread of this process needs."""
     import logging
 
     monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
@@ -372,15 +373,25 @@ def test_one_dispatcher_at_work(tmp_path, broker, monkeypatch, caplog):
     monkeypatch.setitem(app.conf, "task_send_sent_event", app.conf.task_send_sent_event)  # the dispatcher turns it off
     images, annotations = dataset(tmp_path, 4)
     client = Client()
-    client.submit_dataset(images, annotations, "locked", progress=False)
+    client.submit_dataset(images, annotations, name, progress=False)
     caplog.set_level(logging.INFO, logger="producer.dispatch")
+    return client
+
+
+def wait_queued(broker: redis.Redis, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while queued(broker) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_one_dispatcher_at_work(tmp_path, broker, monkeypatch, caplog):
+    """A second dispatcher waits on the lock; it takes over, from the stored progress, when the first stops."""
+    for_threads(tmp_path, monkeypatch, caplog, "locked")
     first, second = threading.Event(), threading.Event()
     threads = [threading.Thread(target=producer.dispatch.run_dispatcher, args=(stop,)) for stop in (first, second)]
     threads[0].start()
-    deadline = time.monotonic() + 30
-    while queued(broker) < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_queued(broker, 4)
     threads[1].start()
     time.sleep(6)
     assert caplog.text.count(producer.dispatch.READY_MESSAGE) == 1 and "another dispatcher holds the lock" in caplog.text
@@ -398,29 +409,16 @@ def test_one_dispatcher_at_work(tmp_path, broker, monkeypatch, caplog):
 def test_dispatcher_outlives_a_broker_that_forgets_its_lock(tmp_path, broker, monkeypatch, caplog):
     """A Redis restarted without persistence has lost the lock (and the queues): the dispatcher takes the
     lock again and goes on feeding."""
-    import logging
-
-    monkeypatch.setenv("AMODAL_STORAGE_URL", (tmp_path / "store").as_uri())
-    monkeypatch.setenv("AMODAL_DISPATCH_INTERVAL", "0.1")
-    monkeypatch.setitem(app.conf, "task_send_sent_event", app.conf.task_send_sent_event)  # the dispatcher turns it off
-    images, annotations = dataset(tmp_path, 4)
-    client = Client()
-    client.submit_dataset(images, annotations, "before", progress=False)
-    caplog.set_level(logging.INFO, logger="producer.dispatch")
+    client = for_threads(tmp_path, monkeypatch, caplog, "before")
     stop = threading.Event()
     thread = threading.Thread(target=producer.dispatch.run_dispatcher, args=(stop,))
     thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while queued(broker) < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_queued(broker, 4)
         broker.flushdb()  # what a restart of a Redis that keeps nothing on disk leaves
         images, annotations = dataset(tmp_path, 3, name="after.jsonl")
         client.submit_dataset(images, annotations, "after", progress=False)
-        while queued(broker) < 3:
-            assert time.monotonic() < deadline + 30, caplog.text
-            time.sleep(0.1)
+        wait_queued(broker, 3)
         assert thread.is_alive() and broker.exists(producer.dispatch.LOCK_NAME)
         assert "the dispatch lock was lost; taking it again" in caplog.text
     finally:
