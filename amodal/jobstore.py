@@ -35,11 +35,20 @@ def commit_state(store: Storage, state: JobState) -> bool:
     return store.put_if_absent(state.state_key, state.to_json())
 
 
+def outcomes_prefix(dataset: str) -> str:
+    return f"outcomes/{dataset}/"
+
+
+def outcome_key(dataset: str, status: str, job: str) -> str:
+    """A job's outcome marker: empty, found by listing :func:`outcomes_prefix`."""
+    return f"{outcomes_prefix(dataset)}{status}/{job}"
+
+
 def record_outcome(store: Storage, state: JobState) -> None:
     """The job's outcome marker, and a ``flagged/`` marker if its result raised doubts (amodal.quality)."""
     if state.flags:
         store.put(f"flagged/{state.dataset}/{state.job_id}", b"")
-    store.put(f"outcomes/{state.dataset}/{state.status}/{state.job_id}", b"")
+    store.put(outcome_key(state.dataset, state.status, state.job_id), b"")
 
 
 def flagged_count(store: Storage, dataset: str) -> int:
@@ -49,7 +58,7 @@ def flagged_count(store: Storage, dataset: str) -> int:
 
 def outcomes(store: Storage, dataset: str) -> Iterator[tuple[str, str]]:
     """(status, job id) of every job of the dataset that has an outcome, from the marker listing."""
-    for key in store.list(f"outcomes/{dataset}/"):
+    for key in store.list(outcomes_prefix(dataset)):
         _, _, status, job = key.split("/", 3)
         if status in OUTCOMES:
             yield status, job
@@ -150,9 +159,14 @@ def read_rows(store: Storage, dataset: str) -> Iterator[dict]:
 RECORD_FIELDS = ("message", "quality", "flags")  # what a manifest line takes from a job's job.json
 
 
+def records_prefix(dataset: str) -> str:
+    """Where the dispatcher gathers the records of the dataset's finished jobs, in pages."""
+    return f"datasets/{dataset}/records/"
+
+
 def record_pages_prefix(dataset: str, generation: int, index: int) -> str:
     """Where the records of one rows chunk's finished jobs are gathered, a page at a time."""
-    return f"datasets/{dataset}/records/{generation:04d}-{index:06d}/"
+    return f"{records_prefix(dataset)}{generation:04d}-{index:06d}/"
 
 
 def write_record_page(store: Storage, dataset: str, generation: int, index: int, records: dict[str, dict]) -> None:

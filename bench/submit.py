@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +84,10 @@ SAMPLE_RECORD = {
 }
 
 
-def finish(client, broker, count: int) -> float:
-    """Run ``count`` jobs to their end as workers and the dispatcher do: a dispatcher whose mark is
-    ``count`` starts them, each gets its ``job.json`` and its last state, ``done``, and one scan writes
-    their outcome markers and record pages. Returns the scan's seconds."""
+def finish(client, broker, count: int) -> tuple[float, int]:
+    """Run the jobs in flight to their end as workers and the dispatcher do, after a dispatcher whose mark
+    is ``count`` has started up to that many: each gets its ``job.json`` and its last state, ``done``, and
+    one scan writes their outcome markers and record pages. Returns the scan's seconds and the jobs."""
     from amodal.config import Environment
     from amodal.jobstore import commit_state, load_state
     from producer.dispatch import Dispatcher
@@ -104,10 +103,11 @@ def finish(client, broker, count: int) -> float:
         state.version, state.stage, state.status = 1, "done", "completed"
         commit_state(client.store, state)
 
+    jobs = list(dispatcher.progress.flights)
     with ThreadPoolExecutor(32) as pool:
-        list(pool.map(one, list(dispatcher.progress.flights)))
+        list(pool.map(one, jobs))
     seconds, _ = timed(dispatcher.scan)
-    return seconds
+    return seconds, len(jobs)
 
 
 def timed(call) -> tuple[float, object]:
@@ -144,38 +144,31 @@ def main() -> None:
             os.environ.update(env)
             # 1. the submission, in its own process
             sub = submit(env, folder / "images", annotations)
+            from amodal.jobstore import outcome_key, records_prefix
             from producer import Client
             from producer.dispatch import Dispatcher
 
             client = Client()
             # 2. one dispatcher round: the first stage fed up to the high-water mark
             dispatcher = Dispatcher(client.store, redis_client=broker)
-            start = time.perf_counter()
-            dispatcher.round()
-            round_s = time.perf_counter() - start
+            round_s, _ = timed(dispatcher.round)
             queued = broker.llen("ground")
             redis_mb = redis_bytes(broker) / 2**20
             # 3. status and manifest
-            start = time.perf_counter()
-            counts = client.status(DATASET)
-            status_s = time.perf_counter() - start
-            start = time.perf_counter()
-            lines = sum(1 for _ in client.manifest(DATASET))
-            manifest_s = time.perf_counter() - start
+            status_s, counts = timed(lambda: client.status(DATASET))
+            manifest_s, lines = timed(lambda: sum(1 for _ in client.manifest(DATASET)))
             # 4. the same submission again: nothing to record
             again = submit(env, folder / "images", annotations)
             # 5. status and manifest with finished jobs
-            finished = min(args.finished, args.rows)
-            scan_s = finish(client, broker, finished)
+            scan_s, finished = finish(client, broker, args.finished)
             finished_status_s, finished_counts = timed(lambda: client.status(DATASET))
             finished_manifest_s, finished_lines = timed(lambda: sum(1 for _ in client.manifest(DATASET)))
-            for key in list(client.store.list(f"datasets/{DATASET}/records/")):  # each finished row reads its job.json
-                client.store.delete(key)
+            client.store.delete_prefix(records_prefix(DATASET))  # each finished row reads its job.json
             unpaged_manifest_s, _ = timed(lambda: sum(1 for _ in client.manifest(DATASET)))
             # 6. status with every row finished: the outcome markers of the other jobs (all status lists)
             rest = [line["job_id"] for line in client.manifest(DATASET) if line["status"] == "pending"]
             with ThreadPoolExecutor(32) as pool:
-                list(pool.map(lambda job: client.store.put(f"outcomes/{DATASET}/completed/{job}", b""), rest))
+                list(pool.map(lambda job: client.store.put(outcome_key(DATASET, "completed", job), b""), rest))
             all_status_s, all_counts = timed(lambda: client.status(DATASET))
     record = {
         "rows": args.rows, "images": -(-args.rows // args.queries), "queries_per_image": args.queries,

@@ -15,7 +15,7 @@ import redis
 import amodal.jobstore
 import producer.client
 import producer.dispatch
-from amodal.jobstore import commit_state, latest_state, record_outcome, result_prefix
+from amodal.jobstore import commit_state, latest_state, record_outcome, records_prefix, result_prefix
 from amodal.state import WORK_STAGES
 from producer import Client
 from producer.dispatch import Dispatcher, in_flight, queued_messages, stalled, waiting
@@ -198,7 +198,7 @@ def test_manifest_takes_finished_records_from_the_dispatchers_pages(tmp_path, br
     for i, m in enumerate(rows[:7]):  # all of chunk 0 (rows 1-4) and three rows of chunk 1
         finish(client, m["job_id"], record(i))
     dispatcher.scan()
-    pages = sorted(client.store.list("datasets/paged/records/"))
+    pages = sorted(client.store.list(records_prefix("paged")))
     assert [key.split("/")[3] for key in pages] == ["0000-000000", "0000-000001"]
     finish(client, rows[7]["job_id"], record(7), marker=True)  # ended after the scan: no page holds it yet
 
