@@ -303,6 +303,7 @@ class Dispatcher:
         jobs = list(self.progress.flights)
         now = time.time()
         ended: dict[tuple[str, int, int], list[str]] = {}  # (dataset, generation, chunk) -> jobs that ended
+        stalled_jobs: list[str] = []
         for job, state in zip(jobs, self.pool.map(self._changed, jobs)):
             flight = self.progress.flights[job]
             if state is not None:
@@ -319,9 +320,13 @@ class Dispatcher:
                     and now - flight.resent_at > self.stall_after and (job, flight.version) not in queued:
                 log.warning("job %s stalled at %s v%d for %.0f s: sending its step again", job, flight.stage,
                             flight.version, now - flight.since)
-                with publisher(self.broker_url) as producer:
+                stalled_jobs.append(job)
+        if stalled_jobs:
+            with publisher(self.broker_url) as producer:
+                for job in stalled_jobs:
+                    flight = self.progress.flights[job]
                     send_stage(flight.stage, job, flight.version, producer=producer)
-                flight.resent, flight.resent_at = flight.resent + 1, now
+                    flight.resent, flight.resent_at = flight.resent + 1, now
         for (dataset, generation, index), done in ended.items():
             self._page_records(dataset, generation, index, done)
 
