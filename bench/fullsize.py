@@ -7,12 +7,15 @@ and saved in the published formats. Results from them are noise; their arithmeti
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+from transformers import BertTokenizer
 
 from amodal.models import clip, grounding_dino, instaorder, sam, sd_inpaint
 from amodal.models.lisa_checkpoint import VISION_TOWER, LisaExtras, config_dict, llama_config
+from amodal.models.ram_plus import tag_list
 from amodal.models.lisa_tiny import OPENAI_CLIP_PREPROCESSOR, write_shards, write_tiny_tokenizer
 from amodal.models.ram_plus_net import PUBLISHED, RamPlusNet, checkpoint_state
 from amodal.models.registry import (
@@ -52,6 +55,7 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
         # Grounding DINO Swin-T (transformers' defaults are grounding-dino-tiny), published preprocessing
         folder = model_dir / GROUNDING_DINO_DIR
         grounding_dino.write_tiny(folder)
+        write_word_tokenizer(folder)
         GroundingDinoForObjectDetection(GroundingDinoConfig()).save_pretrained(folder)
         pre = json.loads((folder / "preprocessor_config.json").read_text())
         pre["size"] = {"shortest_edge": 800, "longest_edge": 1333}
@@ -97,6 +101,17 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
         path = model_dir / INSTAORDER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"step": 0, "state_dict": {f"module.{k}": v.cpu() for k, v in net.state_dict().items()}}, path)
+
+
+def write_word_tokenizer(folder: Path) -> None:
+    """Grounding DINO's WordPiece tokenizer with every word of RAM++'s tag list whole, as in
+    ``bert-base-uncased`` (the tiny one spells most words letter by letter, which would overstate the
+    tokens of a prompt of tags and split it into more forward passes than the published tokenizer does)."""
+    words = {w for tag in tag_list() for w in re.findall(r"\w+|[^\w\s]", tag.lower())}
+    vocab = grounding_dino.tiny_vocabulary()
+    vocab += sorted(words - set(vocab))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
 
 
 def write_full_size_lisa(folder: Path, device: str = "cuda") -> None:

@@ -10,7 +10,12 @@ Random weights would not say ``[SEG]``: a hook on LLaMA's output layer picks the
 layer has computed its logits. The tokenizer is the tiny test one (the real LLaMA tokenizer cannot be
 downloaded here); it spells the prompt in more tokens than LLaMA's does, and the JSON records how many.
 
+With ``--checkpoint``, LISA is loaded instead from a folder in the published layout (as
+``bench/fullsize.write_full_size_lisa`` writes it) through ``LisaGrounder.from_pretrained``, the workers'
+own path, which also takes ``--quantization 8bit`` or ``4bit`` (bitsandbytes).
+
     python bench/lisa_full_size.py [--new-tokens 32] [--repeats 3] [--batch 1] [--image PHOTO]
+    python bench/lisa_full_size.py --checkpoint MODELS/lisa --quantization 8bit --batch 8 --out OUT.json
 
 Writes ``bench/results/lisa_full_size.json``.
 """
@@ -82,6 +87,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="jobs grounded in one call")
     parser.add_argument("--image", type=Path, default=PHOTO)
+    parser.add_argument("--checkpoint", type=Path, help="load LISA from this folder (published layout)")
+    parser.add_argument("--quantization", choices=("", "8bit", "4bit"), default="",
+                        help="LLaMA's bitsandbytes quantization (with --checkpoint)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -90,8 +98,15 @@ def main() -> None:
     image = np.asarray(Image.open(args.image).convert("RGB"))
     images, queries = [image] * args.batch, [QUERY] * args.batch
 
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        grounder, build_s = timed(lambda: build(device, dtype, args.new_tokens, Path(tokenizer_dir)))
+    if args.checkpoint:
+        grounder, build_s = timed(lambda: LisaGrounder.from_pretrained(
+            args.checkpoint, device, dtype, load_in_8bit=args.quantization == "8bit",
+            load_in_4bit=args.quantization == "4bit", max_new_tokens=args.new_tokens))
+    elif args.quantization:
+        sys.exit("--quantization needs --checkpoint (bitsandbytes quantizes while loading)")
+    else:
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            grounder, build_s = timed(lambda: build(device, dtype, args.new_tokens, Path(tokenizer_dir)))
     word = grounder.tokenizer.convert_tokens_to_ids("▁the")
     script = [word] * (args.new_tokens - 1) + [grounder.seg_token_id]
     weights_gib = torch.cuda.memory_allocated() / 2**30
@@ -121,6 +136,8 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "quantization": args.quantization or "none",
+        "loaded_from": "checkpoint folder (LisaGrounder.from_pretrained)" if args.checkpoint else "built on the GPU",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -56,3 +56,30 @@ def test_console_script_is_written_where_the_project_is_not_installed(tmp_path, 
     before = script.stat().st_mtime_ns
     ensure_console_script()  # an existing script is left alone
     assert script.stat().st_mtime_ns == before
+
+
+def test_middle_rate_leaves_out_the_filling_and_the_draining():
+    from bench.gpu_throughput import middle_rate
+
+    # 8 jobs: nothing for 10 s while the pipeline fills, then one job a second, then a 10 s drain for the last
+    progress = [(float(t), 0) for t in range(10)] + [(10.0 + i, i) for i in range(1, 8)] + [(27.0, 8)]
+    assert middle_rate(progress, 8) == pytest.approx(3600.0)  # jobs 2..6 in 4 s
+    assert middle_rate([(3.0, 2)], 2) is None  # everything finished between two polls: no middle to time
+
+
+def test_full_size_grounding_dino_tokenizer_keeps_tag_words_whole(tmp_path):
+    from transformers import AutoTokenizer
+
+    from amodal.models import grounding_dino
+    from amodal.models.ram_plus import tag_list
+    from bench.fullsize import write_word_tokenizer
+
+    grounding_dino.write_tiny(tmp_path)
+    write_word_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    # the ids Grounding DINO hard-codes stay where bert-base-uncased has them
+    assert tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", ".", "?"]) == [101, 102, 1012, 1029]
+    assert tokenizer.tokenize("Milk can. T-shirt.") == ["milk", "can", ".", "t", "-", "shirt", "."]
+    words = [len(tag.split()) for tag in tag_list()[:200]]
+    tokens = [len(ids) for ids in tokenizer(tag_list()[:200], add_special_tokens=False)["input_ids"]]
+    assert sum(tokens) <= 1.3 * sum(words)  # about a token a word, as bert-base-uncased spells these tags
