@@ -202,12 +202,9 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
     with GpuMemory() as memory:
         t0, started = time.perf_counter(), time.time()
         client.submit_dataset(images, annotations, dataset, progress=False)
-        progress = []  # (seconds since the submit, jobs finished)
-        while pending := client.status(dataset)["pending"]:
-            progress.append((time.perf_counter() - t0, count - pending))
+        while client.status(dataset)["pending"]:
             time.sleep(0.5)
         wall, finished = time.perf_counter() - t0, time.time()
-        progress.append((wall, count))
     lines = list(client.manifest(dataset))
     logs = [group.log(name) for name in group.procs]
     calls = {stage: [n for log in logs for when, n in step_calls(log, stage) if started < when <= finished]
@@ -221,7 +218,6 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
     busy = {s: sum(state.timings.get(s, 0.0) for state in states) for s in STAGES}
     tags = [len(state.tags) for state in states]
     return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
-            "images_per_hour_middle_half": middle_rate(progress, count),
             "completed_per_hour": 3600 * statuses.get("completed", 0) / wall,
             "statuses": statuses, "passes": sorted({state.passes for state in states}),
             "stage_seconds_per_image": {s: busy[s] / count for s in STAGES},
@@ -237,14 +233,6 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
                           "timed_sample_steps": sum(n * s for _, n, s, _ in loops),
                           "timed_seconds": sum(x for *_, x in loops),
                           "seconds_any_running": busy_union([(end - x, end) for end, _, _, x in loops])}}
-
-
-def middle_rate(progress: list[tuple[float, int]], count: int) -> float | None:
-    """Images per hour while the middle half of the jobs finished (from the first time a quarter had
-    finished to the first time three quarters had): the pipeline's rate once full, before it drains."""
-    (t1, n1), (t2, n2) = (next(((t, done) for t, done in progress if done >= share * count), (0.0, 0))
-                          for share in (0.25, 0.75))
-    return 3600 * (n2 - n1) / (t2 - t1) if t2 > t1 else None
 
 
 def _stamp(line: str) -> float | None:

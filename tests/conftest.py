@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models, the paper's examples, S3 servers (moto, SeaweedFS), a Redis database of our own."""
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -9,11 +8,11 @@ from typing import Iterator
 import boto3
 import pytest
 
+from tests import databases
 from tests.paths import EXAMPLES
 from tests.s3server import start_s3_server
 from tests.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedServer, seaweedfs
 
-REDIS_DB = int(os.environ.get("AMODAL_TEST_REDIS_DB", "11"))
 
 
 @pytest.fixture(scope="session")
@@ -120,11 +119,6 @@ def any_s3_bucket(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def redis_url():
-    """A Redis database index of the tests' own, emptied before and after."""
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+    """A Redis database of the tests' own, emptied before and after."""
+    with databases.emptied(databases.SHARED) as url:
+        yield url

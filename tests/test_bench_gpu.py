@@ -58,15 +58,6 @@ def test_console_script_is_written_where_the_project_is_not_installed(tmp_path, 
     assert script.stat().st_mtime_ns == before
 
 
-def test_middle_rate_leaves_out_the_filling_and_the_draining():
-    from bench.gpu_throughput import middle_rate
-
-    # 8 jobs: nothing for 10 s while the pipeline fills, then one job a second, then a 10 s drain for the last
-    progress = [(float(t), 0) for t in range(10)] + [(10.0 + i, i) for i in range(1, 8)] + [(27.0, 8)]
-    assert middle_rate(progress, 8) == pytest.approx(3600.0)  # jobs 2..6 in 4 s
-    assert middle_rate([(3.0, 2)], 2) is None  # everything finished between two polls: no middle to time
-
-
 def test_full_size_grounding_dino_tokenizer_keeps_tag_words_whole(tmp_path):
     from transformers import AutoTokenizer
 

@@ -20,19 +20,16 @@ from amodal.state import WORK_STAGES
 from producer import Client
 from producer.dispatch import Dispatcher, in_flight, queued_messages, stalled, waiting
 from tasks.app import app
+from tests import databases
 from tests.cluster import cluster_env, start_workers
 from tests.synthetic import synthetic_dataset
 
-DB = 13  # a database of these tests' own
 
 
 @pytest.fixture
 def redis_url():
-    url = f"redis://127.0.0.1:6379/{DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+    with databases.emptied(databases.DISPATCH) as url:
+        yield url
 
 
 @pytest.fixture

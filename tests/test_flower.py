@@ -18,12 +18,11 @@ import requests
 from amodal.jobstore import load_state
 from amodal.state import WORK_STAGES
 from amodal.storage import open_storage
-from tests import flowerproc
+from tests import databases, flowerproc
 from tests.cluster import amodal, cluster_env, start_workers
 from workers.main import GPU_STAGES, node_name
 
 AUTH = ("watcher", "s3cret-pw")
-FLOWER_REDIS_DB = 13
 
 # tests/test_distributed.py takes these from here; they are tests/flowerproc.py's.
 free_port = flowerproc.free_port
@@ -37,12 +36,8 @@ def flower_env(redis_url: str) -> dict[str, str]:
 @pytest.fixture
 def own_redis_url():
     """A Redis database of this module's own (workers of other tests run on the shared one), emptied."""
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{FLOWER_REDIS_DB}"
-    redis.Redis.from_url(url).flushdb()
-    yield url
-    redis.Redis.from_url(url).flushdb()
+    with databases.emptied(databases.FLOWER) as url:
+        yield url
 
 
 def test_flower_asks_for_credentials_and_serves_metrics(own_redis_url):

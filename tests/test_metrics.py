@@ -23,10 +23,10 @@ from amodal.state import OUTCOMES, WORK_STAGES, JobState
 from amodal.storage import open_storage
 from producer.dispatch import STATE_KEY, Flight, Progress
 from producer.metrics import AmodalCollector
+from tests import databases
 from tests.cluster import cluster_env, outside_repository
 from tests.flowerproc import AMODAL, free_port
 
-METRICS_REDIS_DB = 8
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,10 +57,8 @@ def outcomes(found: dict, dataset: str) -> dict[str, float]:
 
 @pytest.fixture
 def own_redis_url():
-    url = f"redis://127.0.0.1:6379/{METRICS_REDIS_DB}"
-    redis.Redis.from_url(url).flushdb()
-    yield url
-    redis.Redis.from_url(url).flushdb()
+    with databases.emptied(databases.METRICS) as url:
+        yield url
 
 
 def job(dataset: str, number: int) -> JobState:
