@@ -155,7 +155,9 @@ def run_requests(stage: str, requests: list[SimpleRequest]) -> dict[str, Outcome
     outcome of each request, by its id (a stale message's step is done: it succeeds, as ``stale``).
 
     A job on its second or later attempt runs alone, after the others, so a job that kills its
-    worker cannot take the jobs batched with it down again and again: they are committed first.
+    worker cannot take the jobs batched with it down again and again: they are committed first. A
+    message that cannot be claimed (its state unreadable) fails alone; the dispatcher sends its job's
+    step again once the job counts as stalled.
     """
     start = time.monotonic()
     outcomes: dict[tuple[str, int], Outcome] = {}
@@ -167,7 +169,12 @@ def run_requests(stage: str, requests: list[SimpleRequest]) -> dict[str, Outcome
     retries: list[list[tuple[tuple[str, int], JobState]]] = []
     messages = dict.fromkeys(tuple(request.args[:2]) for request in requests)  # copies of one message run once
     for message in messages:
-        state = claim(*message, stage)
+        try:
+            state = claim(*message, stage)
+        except Exception as exc:  # noqa: BLE001 - the others run; the dispatcher sends this job's step again
+            log.exception("job %s v%d: %s message not claimed", *message, stage)
+            settle(message, "failed", {"exception": saferepr(exc), "traceback": "".join(traceback.format_exception(exc))})
+            continue
         if state is None:
             settle(message, "succeeded", {"result": "stale"})
         elif state.attempts[stage] > 1:

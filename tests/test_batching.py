@@ -132,3 +132,25 @@ def test_a_job_that_cannot_be_routed_on_is_retried_not_dropped(monkeypatch):
     assert {k: (v.event, v.fields.get("result")) for k, v in outcomes.items()} == {
         "ma": ("retried", None), "mb": ("succeeded", "finalize")}
     assert advanced == ["b"] and sent == [("inpaint", "a")]  # "a" comes back to its step; "b" moved on
+
+
+def test_a_message_that_cannot_be_claimed_fails_alone(monkeypatch):
+    from tasks import batching
+
+    settings = SimpleNamespace(result_fingerprint=lambda: "same")
+    ran: list[list[str]] = []
+
+    def claim(job_id, version, stage):
+        if job_id == "a":
+            raise ConnectionError("storage unreachable")
+        return SimpleNamespace(job_id=job_id, version=0, stage="finalize", attempts={"inpaint": 1},
+                               job_settings=lambda: settings)
+
+    monkeypatch.setattr(batching, "claim", claim)
+    monkeypatch.setattr(batching, "context", lambda state: None)
+    monkeypatch.setattr(batching, "run_batch", lambda stage, batch, ctx: ran.append([s.job_id for s in batch]))
+    monkeypatch.setattr(batching, "advance", lambda state: None)
+    outcomes = batching.run_requests("inpaint", [SimpleNamespace(id=f"m{j}", args=(j, 0)) for j in "abc"])
+    assert {k: v.event for k, v in outcomes.items()} == {"ma": "failed", "mb": "succeeded", "mc": "succeeded"}
+    assert "storage unreachable" in outcomes["ma"].fields["exception"]
+    assert ran == [["b", "c"]]  # the jobs batched with it ran, together
