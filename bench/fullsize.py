@@ -34,8 +34,6 @@ LISA_VOCAB_SIZE = 32003
 CLIP_VIT_L_14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                  "image_size": 224, "patch_size": 14}
 CLIP_TEXT_L_14 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
-SAM_VIT_H = sam.SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
-                                window_size=14)
 LISA_SHARDS = 3  # as published
 
 
@@ -50,7 +48,7 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
         # SAM ViT-H: a plain fp32 state dict, as published
         path = model_dir / SAM_FILES["vit_h"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in sam.build_sam(SAM_VIT_H).state_dict().items()}, path)
+        torch.save({k: v.cpu() for k, v in sam.build_sam(sam.VIT_H).state_dict().items()}, path)
 
         # Grounding DINO Swin-T (transformers' defaults are grounding-dino-tiny), published preprocessing
         folder = model_dir / GROUNDING_DINO_DIR
@@ -130,7 +128,7 @@ def write_full_size_lisa(folder: Path, device: str = "cuda") -> None:
         llm = LlamaForCausalLM._from_config(llama_config(config), dtype=torch.bfloat16)
         state = {k: v.cpu() for k, v in llm.state_dict().items()}
         del llm
-        extras = LisaExtras(sam.build_sam(SAM_VIT_H), config["mm_hidden_size"], config["hidden_size"], sam.PROMPT_DIM)
+        extras = LisaExtras(sam.build_sam(sam.VIT_H), config["mm_hidden_size"], config["hidden_size"], sam.PROMPT_DIM)
         state.update({"model." + k: v.to(torch.bfloat16).cpu() for k, v in extras.state_dict().items()})
         del extras
         tower = CLIPModel(CLIPConfig(text_config=CLIP_TEXT_L_14, vision_config=CLIP_VIT_L_14, projection_dim=768))

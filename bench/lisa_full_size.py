@@ -39,7 +39,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMode
 from amodal.models.lisa import LisaGrounder, encode_prompt, prompt_text
 from amodal.models.lisa_checkpoint import LisaExtras, config_dict, llama_config
 from amodal.models.lisa_tiny import write_tiny_tokenizer
-from amodal.models.sam import PROMPT_DIM, SamArchitecture, build_sam
+from amodal.models.sam import PROMPT_DIM, VIT_H, build_sam
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,7 +56,6 @@ CLIP_VIT_L_14 = CLIPVisionConfig(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
     image_size=224, patch_size=14, projection_dim=768,
 )
-SAM_VIT_H = SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), window_size=14)
 
 
 def build(device: torch.device, dtype: torch.dtype, new_tokens: int, tokenizer_dir: Path) -> LisaGrounder:
@@ -66,7 +65,7 @@ def build(device: torch.device, dtype: torch.dtype, new_tokens: int, tokenizer_d
     with torch.device(device):
         llm = LlamaForCausalLM._from_config(llama_config(config), dtype=dtype)
         vision = CLIPVisionModel._from_config(CLIP_VIT_L_14, dtype=dtype)
-        extras = LisaExtras(build_sam(SAM_VIT_H), CLIP_VIT_L_14.hidden_size, config["hidden_size"], PROMPT_DIM)
+        extras = LisaExtras(build_sam(VIT_H), CLIP_VIT_L_14.hidden_size, config["hidden_size"], PROMPT_DIM)
     return LisaGrounder(
         llm, vision, extras, LlamaTokenizer.from_pretrained(tokenizer_dir), CLIPImageProcessorPil(),
         device, dtype, max_new_tokens=new_tokens,
