@@ -73,10 +73,12 @@ def build(device: torch.device, dtype: torch.dtype, new_tokens: int, tokenizer_d
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    """``fn()``'s result and its seconds, the GPU (where there is one) synchronised before and after."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     result = fn()
-    torch.cuda.synchronize()
+    sync()
     return result, time.perf_counter() - start
 
 
@@ -89,11 +91,17 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="load LISA from this folder (published layout)")
     parser.add_argument("--quantization", choices=("", "8bit", "4bit"), default="",
                         help="LLaMA's bitsandbytes quantization (with --checkpoint)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu (float32) to check the script on a "
+                                                            "small --checkpoint")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/lisa_full_size.py needs a CUDA GPU; none is visible to torch on this machine")
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    if device.type != "cuda" and not args.checkpoint:
+        sys.exit("--device cpu needs --checkpoint (a full-size LISA is built on the GPU)")
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     image = np.asarray(Image.open(args.image).convert("RGB"))
     images, queries = [image] * args.batch, [QUERY] * args.batch
 
@@ -108,11 +116,12 @@ def main() -> None:
             grounder, build_s = timed(lambda: build(device, dtype, args.new_tokens, Path(tokenizer_dir)))
     word = grounder.tokenizer.convert_tokens_to_ids("▁the")
     script = [word] * (args.new_tokens - 1) + [grounder.seg_token_id]
-    weights_gib = torch.cuda.memory_allocated() / 2**30
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
 
     with scripted(grounder, script):  # warm-up
         grounder.ground_batch(images, queries)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     ground_s = []
     for _ in range(args.repeats):
         with scripted(grounder, script):
@@ -133,7 +142,7 @@ def main() -> None:
         ),
     }
     result = {
-        "device": torch.cuda.get_device_name(device),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": args.quantization or "none",
         "loaded_from": "checkpoint folder (LisaGrounder.from_pretrained)" if args.checkpoint else "built on the GPU",
@@ -153,8 +162,8 @@ def main() -> None:
         "masks_from_generations_s": round(mask_s, 4),
         "sam_encoder_s_for_up_to_4": round(sam_encoder_s, 4),
         "clip_features_s": round(clip_s, 4),
-        "weights_gib": round(weights_gib, 3),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "weights_gib": round(weights_gib, 3) if cuda else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "mask_pixels": int(grounding.mask.sum()) if grounding.mask is not None else 0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """SAM ViT-H's image encoder on the GPU: its relative-position index built on the host at every block
 (``segment_anything``'s own) against kept on the device (``amodal.models.sam.device_rel_pos``), and
 eager against ``torch.compile``, at the segment stage's encoder batch (full-size random weights, bf16).
+``--device cpu --tiny --no-compile`` runs the script on a small encoder in float32, to check it.
 
     python bench/sam_encoder.py --out bench/results/sam_encoder.json
 """
@@ -21,15 +22,19 @@ from amodal.models import sam  # noqa: E402
 from segment_anything.modeling import image_encoder  # noqa: E402
 
 
+TINY = sam.SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)
+
+
 def timed(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
     """Median seconds of ``fn(x)`` over ``repeats`` calls after one warm-up, and the last output."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     out = fn(x)
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         out = fn(x)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2], out
 
@@ -39,14 +44,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=sam.ENCODER_BATCH)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a small encoder (checks the script)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sam_encoder.json"))
     args = ap.parse_args()
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        encoder = sam.build_sam(sam.VIT_H).image_encoder.to(torch.bfloat16).eval()
-        x = torch.randn(args.batch, 3, 1024, 1024, dtype=torch.bfloat16)
-    record: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": args.batch,
-                    "dtype": "bfloat16", "repeats": args.repeats}
+    with torch.device(args.device):
+        encoder = sam.build_sam(TINY if args.tiny else sam.VIT_H).image_encoder.to(dtype).eval()
+        x = torch.randn(args.batch, 3, 1024, 1024, dtype=dtype)
+    record: dict = {"device": torch.cuda.get_device_name(0) if cuda else args.device, "torch": torch.__version__,
+                    "encoder": "tiny" if args.tiny else "vit_h", "batch": args.batch,
+                    "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats}
     image_encoder.get_rel_pos = sam._host_rel_pos
     record["eager_host_index_s"], reference = timed(encoder, x, args.repeats)
     image_encoder.get_rel_pos = sam.device_rel_pos
@@ -55,18 +66,20 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(record, indent=2) + "\n")  # the eager figures, before the slow compile
-    start = time.perf_counter()
-    compiled = torch.compile(encoder)
-    compiled(x)
-    torch.cuda.synchronize()
-    record["compile_s"] = time.perf_counter() - start
-    record["compiled_s"], out = timed(compiled, x, args.repeats)
-    record["compiled_max_abs_diff"] = float((out.float() - reference.float()).abs().max())
     record["reference_max_abs"] = float(reference.float().abs().max())
-    # ViT-H at 64x64 tokens: 2 FLOP per multiply-add over its parameters per token, plus attention
+    if args.compile:
+        start = time.perf_counter()
+        compiled = torch.compile(encoder)
+        compiled(x)
+        if cuda:
+            torch.cuda.synchronize()
+        record["compile_s"] = time.perf_counter() - start
+        record["compiled_s"], out = timed(compiled, x, args.repeats)
+        record["compiled_max_abs_diff"] = float((out.float() - reference.float()).abs().max())
+    # 64x64 tokens: 2 FLOP per multiply-add over the parameters per token (attention not counted)
     flop = 2 * sum(p.numel() for p in encoder.parameters()) * 64 * 64 * args.batch
-    record["tflops_by_parameters"] = {k: flop / record[k] / 1e12
-                                      for k in ("eager_host_index_s", "eager_device_index_s", "compiled_s")}
+    record["tflops_by_parameters"] = {k: flop / record[k] / 1e12 for k in
+                                      ("eager_host_index_s", "eager_device_index_s", "compiled_s") if k in record}
     out_path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -74,3 +74,34 @@ def test_full_size_grounding_dino_tokenizer_keeps_tag_words_whole(tmp_path):
     words = [len(tag.split()) for tag in tag_list()[:200]]
     tokens = [len(ids) for ids in tokenizer(tag_list()[:200], add_special_tokens=False)["input_ids"]]
     assert sum(tokens) <= 1.3 * sum(words)  # about a token a word, as bert-base-uncased spells these tags
+
+
+def test_lisa_timing_script_loads_a_checkpoint_folder(tiny_models, tmp_path, paper_examples):
+    from amodal.models.registry import LISA_DIR
+
+    out = tmp_path / "lisa.json"
+    photo = next(paper_examples.glob("images/*.jpg"))
+    command = [sys.executable, str(ROOT / "bench" / "lisa_full_size.py"), "--checkpoint", str(tiny_models / LISA_DIR),
+               "--device", "cpu", "--batch", "2", "--repeats", "2", "--new-tokens", "4", "--image", str(photo),
+               "--out", str(out)]
+    res = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["batch"] == 2 and record["new_tokens"] == 4 and len(record["ground_s"]) == 2
+    assert record["quantization"] == "none" and record["loaded_from"].startswith("checkpoint folder")
+    assert record["mask_pixels"] > 0  # the scripted answers reach [SEG], so SAM decodes a mask
+    res = subprocess.run(command + ["--quantization", "8bit"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    # the option reaches the loader, which refuses it here (no bitsandbytes, or no CUDA device)
+    assert res.returncode != 0 and "8-bit and 4-bit loading" in res.stderr.strip().splitlines()[-1]
+
+
+def test_sam_encoder_script_compares_the_two_index_builds(tmp_path):
+    out = tmp_path / "sam.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "sam_encoder.py"), "--device", "cpu", "--tiny",
+                          "--no-compile", "--batch", "1", "--repeats", "1", "--out", str(out)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["encoder"] == "tiny" and record["device_index_max_abs_diff"] == 0.0
+    assert record["eager_host_index_s"] > 0 and record["eager_device_index_s"] > 0 and "compiled_s" not in record
