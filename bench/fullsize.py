@@ -15,8 +15,8 @@ from transformers import BertTokenizer
 
 from amodal.models import clip, grounding_dino, instaorder, sam, sd_inpaint
 from amodal.models.lisa_checkpoint import VISION_TOWER, LisaExtras, config_dict, llama_config
-from amodal.models.ram_plus import tag_list
 from amodal.models.lisa_tiny import OPENAI_CLIP_PREPROCESSOR, write_shards, write_tiny_tokenizer
+from amodal.models.ram_plus import tag_list
 from amodal.models.ram_plus_net import PUBLISHED, RamPlusNet, checkpoint_state
 from amodal.models.registry import (
     CLIP_DIR,

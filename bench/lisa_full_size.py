@@ -15,7 +15,7 @@ With ``--checkpoint``, LISA is loaded instead from a folder in the published lay
 own path, which also takes ``--quantization 8bit`` or ``4bit`` (bitsandbytes).
 
     python bench/lisa_full_size.py [--new-tokens 32] [--repeats 3] [--batch 1] [--image PHOTO]
-    python bench/lisa_full_size.py --checkpoint MODELS/lisa --quantization 8bit --batch 8 --out OUT.json
+    python bench/lisa_full_size.py --checkpoint MODELS/LISA-13B-llama2-v1 --quantization 8bit --batch 8 --out OUT.json
 
 Writes ``bench/results/lisa_full_size.json``.
 """

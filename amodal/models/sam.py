@@ -81,6 +81,7 @@ class SamArchitecture:
 VIT_H = SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), window_size=14)
 """The published ViT-H encoder (``sam_vit_h_4b8939.pth``)."""
 
+
 def _tensor(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
     if key not in state:
         raise ValueError(f"not a SAM checkpoint: missing {key}")
