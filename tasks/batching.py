@@ -173,7 +173,7 @@ def run_requests(stage: str, requests: list[SimpleRequest]) -> dict[str, Outcome
             state = claim(*message, stage)
         except Exception as exc:  # noqa: BLE001 - the others run; the dispatcher sends this job's step again
             log.exception("job %s v%d: %s message not claimed", *message, stage)
-            settle(message, "failed", {"exception": saferepr(exc), "traceback": "".join(traceback.format_exception(exc))})
+            settle(message, "failed", _error_fields(exc))
             continue
         if state is None:
             settle(message, "succeeded", {"result": "stale"})
@@ -211,4 +211,9 @@ def _retry_or_fail(stage: str, state: JobState, exc: Exception) -> tuple[str, di
     else:
         send_stage(stage, state.job_id, state.version, countdown=min(5 * 2 ** attempt, 300))
         event = "retried"
-    return event, {"exception": saferepr(exc), "traceback": "".join(traceback.format_exception(exc))}
+    return event, _error_fields(exc)
+
+
+def _error_fields(exc: Exception) -> dict[str, str]:
+    """A task event's fields for an exception (as Celery's own failure events carry them)."""
+    return {"exception": saferepr(exc), "traceback": "".join(traceback.format_exception(exc))}

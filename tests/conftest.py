@@ -14,7 +14,6 @@ from tests.s3server import start_s3_server
 from tests.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedServer, seaweedfs
 
 
-
 @pytest.fixture(scope="session")
 def paper_examples() -> Path:
     if not EXAMPLES.exists():
