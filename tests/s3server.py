@@ -13,6 +13,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -47,6 +48,22 @@ def start_s3_server(port: int | None = None, buckets: Iterable[str] = ()) -> tup
     return f"http://{HOST}:{int(line.split()[1])}", stop
 
 
+class AtomicCreateOnly:
+    """WSGI middleware: one create-only PUT (``If-None-Match: *``) at a time. moto checks the condition and
+    then stores the object, so in a threaded server two racing writers could both pass; S3 makes the pair
+    atomic, and workers refuse storage that does not (``amodal.storage.probe_create_only``)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") == "PUT" and environ.get("HTTP_IF_NONE_MATCH"):
+            with self.lock:
+                return list(self.app(environ, start_response))  # the whole response inside the lock
+        return self.app(environ, start_response)
+
+
 def main(argv: list[str] | None = None) -> None:
     from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
                                                create_backend_app)
@@ -64,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         response = Client(app).put(f"/{bucket}")
         if response.status_code != 200:
             raise SystemExit(f"could not create bucket {bucket!r}: {response.status_code}")
-    server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    server = make_server(args.host, args.port, AtomicCreateOnly(app), threaded=True,
+                         request_handler=MotoRequestHandler)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     # Listening from here on: connections wait in the backlog until serve_forever takes them.
     print(f"ready {server.server_port}", flush=True)
