@@ -44,16 +44,18 @@ def _images(count: int, seed: int = 0):
     return out
 
 
-def _timed(fn, repeats: int = 5) -> tuple[float, object]:
-    """Median seconds of ``fn()`` (device synchronised before and after), and its last result."""
+def median_seconds(fn, repeats: int = 5) -> tuple[float, object]:
+    """Median seconds of ``fn()`` (the GPU, where there is one, synchronised before and after), and its
+    last result."""
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times, result = [], None
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         result = fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2], result
 
@@ -119,8 +121,8 @@ def probe(models_dir: Path) -> dict:
             det.detect(images, [labels] * 4)
             prompts = det.prompts(labels)
             part: dict = {"prompts_per_image": len(prompts)}
-            part["detect_s"], _ = _timed(lambda: det.detect(images, [labels] * 4))
-            part["preprocess_s"], pixels = _timed(lambda: [dict(det.processor.image_processor(
+            part["detect_s"], _ = median_seconds(lambda: det.detect(images, [labels] * 4))
+            part["preprocess_s"], pixels = median_seconds(lambda: [dict(det.processor.image_processor(
                 Image.fromarray(im), return_tensors="pt")) for im in images])
             text = det.processor.tokenizer([". ".join(prompts[0]) + "."] * 4, padding=True, truncation=True,
                                            max_length=det.max_text_len, return_tensors="pt").to(det.device)
@@ -129,30 +131,30 @@ def probe(models_dir: Path) -> dict:
             inputs.update(text)
             part["pixel_shape"] = list(inputs["pixel_values"].shape)
             part["text_tokens"] = int(text["input_ids"].shape[1])
-            part["forward_s"], _ = _timed(lambda: det.model(**inputs))
+            part["forward_s"], _ = median_seconds(lambda: det.model(**inputs))
             part.update(_kernels(lambda: det.model(**inputs)))
             replay = _graphed(det.model, inputs)
             if isinstance(replay, str):
                 part["graph_error"] = replay
             else:
-                part["graph_replay_s"], _ = _timed(replay)
+                part["graph_replay_s"], _ = median_seconds(replay)
             out[name] = part
             torch.cuda.empty_cache()
         boxes = [[(0.0, 100.0, 160.0, 380.0), (200.0, 50.0, 400.0, 300.0), (300.0, 200.0, 600.0, 470.0)]] * 4
         part = {}
         seg.segment(images, boxes)
-        part["segment_s"], _ = _timed(lambda: seg.segment(images, boxes))
-        part["encode_s"], embeddings = _timed(lambda: seg.encode(images))
-        part["decode_s"], _ = _timed(lambda: [seg.decode(e, b) for e, b in zip(embeddings, boxes)])
+        part["segment_s"], _ = median_seconds(lambda: seg.segment(images, boxes))
+        part["encode_s"], embeddings = median_seconds(lambda: seg.encode(images))
+        part["decode_s"], _ = median_seconds(lambda: [seg.decode(e, b) for e, b in zip(embeddings, boxes)])
         part["decode_kernels"] = _kernels(lambda: [seg.decode(e, b) for e, b in zip(embeddings, boxes)])
         batch = torch.randn(4, 3, 1024, 1024, device=seg.device, dtype=seg.dtype)
-        part["encoder_forward_s"], _ = _timed(lambda: seg.model.image_encoder(batch))
+        part["encoder_forward_s"], _ = median_seconds(lambda: seg.model.image_encoder(batch))
         part["encoder_kernels"] = _kernels(lambda: seg.model.image_encoder(batch))
         replay = _graphed(lambda x: seg.model.image_encoder(x), {"x": batch})
         if isinstance(replay, str):
             part["encoder_graph_error"] = replay
         else:
-            part["encoder_graph_replay_s"], _ = _timed(replay)
+            part["encoder_graph_replay_s"], _ = median_seconds(replay)
         out["sam_vit_h"] = part
     return out
 

@@ -19,24 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from amodal.models import sam  # noqa: E402
+from bench.gpu_profile import median_seconds  # noqa: E402
 from segment_anything.modeling import image_encoder  # noqa: E402
-
-
-TINY = sam.SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)
 
 
 def timed(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
     """Median seconds of ``fn(x)`` over ``repeats`` calls after one warm-up, and the last output."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    out = fn(x)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = fn(x)
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], out
+    fn(x)
+    return median_seconds(lambda: fn(x), repeats)
 
 
 @torch.inference_mode()
@@ -53,8 +43,9 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     with torch.device(args.device):
-        encoder = sam.build_sam(TINY if args.tiny else sam.VIT_H).image_encoder.to(dtype).eval()
-        x = torch.randn(args.batch, 3, 1024, 1024, dtype=dtype)
+        arch = sam.TINY if args.tiny else sam.VIT_H
+        encoder = sam.build_sam(arch).image_encoder.to(dtype).eval()
+        x = torch.randn(args.batch, 3, arch.img_size, arch.img_size, dtype=dtype)
     record: dict = {"device": torch.cuda.get_device_name(0) if cuda else args.device, "torch": torch.__version__,
                     "encoder": "tiny" if args.tiny else "vit_h", "batch": args.batch,
                     "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats}
@@ -76,8 +67,9 @@ def main() -> None:
         record["compile_s"] = time.perf_counter() - start
         record["compiled_s"], out = timed(compiled, x, args.repeats)
         record["compiled_max_abs_diff"] = float((out.float() - reference.float()).abs().max())
-    # 64x64 tokens: 2 FLOP per multiply-add over the parameters per token (attention not counted)
-    flop = 2 * sum(p.numel() for p in encoder.parameters()) * 64 * 64 * args.batch
+    # 2 FLOP per multiply-add over the parameters per token (attention not counted)
+    tokens = (arch.img_size // arch.patch_size) ** 2
+    flop = 2 * sum(p.numel() for p in encoder.parameters()) * tokens * args.batch
     record["tflops_by_parameters"] = {k: flop / record[k] / 1e12 for k in
                                       ("eager_host_index_s", "eager_device_index_s", "compiled_s") if k in record}
     out_path.write_text(json.dumps(record, indent=2) + "\n")

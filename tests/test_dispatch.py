@@ -25,7 +25,6 @@ from tests.cluster import cluster_env, start_workers
 from tests.synthetic import synthetic_dataset
 
 
-
 @pytest.fixture
 def redis_url():
     with databases.emptied(databases.DISPATCH) as url:

@@ -28,11 +28,10 @@ from amodal.models.lisa_checkpoint import (
     config_dict,
     llama_config,
 )
-from amodal.models.sam import PROMPT_DIM, SamArchitecture, build_sam
+from amodal.models.sam import PROMPT_DIM, TINY, build_sam
 
 SHARDS = 2
 # SAM at 256 px input (16x16 embeddings) keeps a CPU forward short; the published one takes 1024 px.
-TINY_SAM = SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=8, img_size=256)
 TINY_TOWER = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 SPM_PIECES = 320
 _CORPUS = (
@@ -129,7 +128,7 @@ def write_tiny(folder: Path) -> None:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
         llm = LlamaForCausalLM(llama_config(config))
-        extras = LisaExtras(build_sam(TINY_SAM), config["mm_hidden_size"], config["hidden_size"], PROMPT_DIM)
+        extras = LisaExtras(build_sam(TINY), config["mm_hidden_size"], config["hidden_size"], PROMPT_DIM)
         encoder = extras.visual_model.image_encoder  # the published init zeroes these
         encoder.pos_embed.normal_(std=0.02)
         for block in encoder.blocks:

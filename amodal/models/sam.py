@@ -80,6 +80,8 @@ class SamArchitecture:
 
 VIT_H = SamArchitecture(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), window_size=14)
 """The published ViT-H encoder (``sam_vit_h_4b8939.pth``)."""
+TINY = SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=8, img_size=256)
+"""The tests' encoder: 32-d at 256 px, 2 blocks, the second global."""
 
 
 def _tensor(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
@@ -240,11 +242,10 @@ class SamSegmenter:
 
 
 def write_tiny(path: Path) -> None:
-    """Write a tiny random-weight SAM state dict (32-d encoder at 256 px, 2 blocks, the second global)."""
-    arch = SamArchitecture(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=8, img_size=256)
+    """Write a tiny random-weight SAM state dict (:data:`TINY`)."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # same weights on every write
         torch.manual_seed(0)
-        model = build_sam(arch)
+        model = build_sam(TINY)
         # The published init zeroes these; random values exercise them.
         model.image_encoder.pos_embed.normal_(std=0.02)
         for block in model.image_encoder.blocks:
