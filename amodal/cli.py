@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from amodal.errors import ServiceError, UsageError
@@ -149,6 +150,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from amodal.config import child_environment
     from workers.launch import WorkerGroup
     from workers.main import check_worker
+    from workers.mps import MpsDaemon
     from workers.placement import DEFAULT_COSTS, costs_from_benchmark, gpu_loads, plan
 
     settings = _settings(args)
@@ -163,10 +165,19 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 0
     for stage in sorted({slot.stage for slot in slots}):
         check_worker(stage, settings)
-    group = WorkerGroup(child_environment(settings), Path(args.logs))
-    for slot in slots:
-        group.start(slot)
-    group.supervise()
+    env = child_environment(settings)
+    mps = MpsDaemon(Path(tempfile.mkdtemp(prefix="amodal-mps-")), Path(args.logs) / "mps") if args.mps else None
+    if mps:
+        mps.start()
+        env.update(mps.env)
+    try:
+        group = WorkerGroup(env, Path(args.logs))
+        for slot in slots:
+            group.start(slot)
+        group.supervise()
+    finally:
+        if mps:
+            mps.stop()
     return 0
 
 
@@ -253,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--finalize", type=int, default=1, help="CPU finalize workers")
     launch.add_argument("--logs", default="logs", help="folder for the workers' logs")
     launch.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
+    launch.add_argument("--mps", action="store_true",
+                        help="run the GPU workers as clients of a CUDA MPS daemon started here (stages sharing a "
+                             "GPU run their kernels together instead of taking turns)")
     launch.add_argument("--dry-run", action="store_true", help="print the plan only")
     launch.set_defaults(func=cmd_launch)
 

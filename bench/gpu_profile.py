@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from amodal.errors import UsageError  # noqa: E402
+from workers.mps import MpsDaemon  # noqa: E402
 
 UNET_TFLOP_PER_SAMPLE_STEP = 0.80  # SD2 UNet, one 512 px sample (bench/gpu_throughput.py)
 
@@ -278,26 +280,22 @@ def main() -> None:
     a, b = np.load(work / "default.npy").astype(int), np.load(work / "channels_last.npy").astype(int)
     run.record["channels_last_vs_default_uint8"] = {"max_abs": int(abs(a - b).max()),
                                                     "mean_abs": float(abs(a - b).mean())}
-    mps = shutil.which("nvidia-cuda-mps-control") or next(
-        (str(p) for p in Path("/usr/local/nvidia/bin").glob("nvidia-cuda-mps-control")), None)
-    run.record["mps_control"] = mps
+    try:
+        mps = MpsDaemon(work / "mps_pipe", work / "mps_log")
+    except UsageError:
+        mps = None
+    run.record["mps_control"] = mps.control if mps else None
     if mps:
-        pipes = {"CUDA_MPS_PIPE_DIRECTORY": str(work / "mps_pipe"), "CUDA_MPS_LOG_DIRECTORY": str(work / "mps_log")}
-        for folder in pipes.values():
-            Path(folder).mkdir(exist_ok=True)
-        run.env.update(pipes)
-        started = subprocess.run([mps, "-d"], env=run.env, capture_output=True, text=True)
-        run.record["mps_start"] = {"rc": started.returncode, "out": (started.stdout + started.stderr)[-500:]}
-        if started.returncode == 0:
-            try:
-                unet = run.start_unet("unet_default_mps")
-                time.sleep(8)
-                run.run_probe("probe_beside_unet_mps")
-                run.stop_unet("unet_default_mps", unet, since=1)
-            finally:
-                subprocess.run([mps], input="quit\n", env=run.env, text=True)
-                logs = list((work / "mps_log").glob("*"))
-                run.record["mps_log_tail"] = "".join(p.read_text()[-800:] for p in logs)
+        mps.start()
+        run.env.update(mps.env)
+        try:
+            unet = run.start_unet("unet_default_mps")
+            time.sleep(8)
+            run.run_probe("probe_beside_unet_mps")
+            run.stop_unet("unet_default_mps", unet, since=1)
+        finally:
+            mps.stop()
+            run.record["mps_log_tail"] = mps.log_tail(800)
     run.save()
     print(json.dumps(run.record, indent=2))
 

@@ -53,6 +53,7 @@ from amodal.settings import Settings  # noqa: E402
 from amodal.config import Environment  # noqa: E402
 from amodal.stages import BATCHED_STAGES  # noqa: E402
 from workers.launch import WorkerGroup  # noqa: E402
+from workers.mps import MpsDaemon  # noqa: E402
 from workers.placement import plan  # noqa: E402
 from bench import lisa_answer, model_clock, site_hooks  # noqa: E402
 
@@ -156,9 +157,11 @@ def ensure_console_script() -> None:
 
 def run_distributed(work: Path, models: Path, datasets: dict[str, tuple[Path, Path, int]], settings: Settings,
                     batch: int, segment_batch: int, ground_batch: int, broker_url: str, gpus: int = 1,
-                    replicas: int = 1, concurrency: dict[str, int] | None = None) -> dict[str, dict]:
-    """Start the workers and the dispatcher once, then time each dataset (name -> images folder, annotations,
-    count) through them in turn."""
+                    replicas: int = 1, concurrency: dict[str, int] | None = None,
+                    mps: MpsDaemon | None = None, keep_logs: Path | None = None) -> dict[str, dict]:
+    """Start the workers and the dispatcher once (the GPU workers as clients of ``mps``, a started daemon,
+    when given), then time each dataset (name -> images folder, annotations, count) through them in turn;
+    the workers' logs are copied to ``keep_logs`` once they stop."""
     broker, store = work / "broker", work / "store"
     for folder in (broker, broker / "control", store):
         folder.mkdir(parents=True, exist_ok=True)
@@ -168,7 +171,8 @@ def run_distributed(work: Path, models: Path, datasets: dict[str, tuple[Path, Pa
                AMODAL_SETTINGS=json.dumps(settings.to_dict()), AMODAL_INPAINT_BATCH=str(batch),
                AMODAL_INPAINT_FLUSH="2.0", AMODAL_SEGMENT_BATCH=str(segment_batch),
                AMODAL_GROUND_BATCH=str(ground_batch), AMODAL_DISPATCH_INTERVAL="0.5", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")])),
+               **(mps.env if mps else {}))
     os.environ.update({k: env[k] for k in ("AMODAL_BROKER_URL", "AMODAL_BROKER_FOLDER", "AMODAL_STORAGE_URL")})
     ensure_console_script()
     group = WorkerGroup(env, work / "logs")
@@ -189,6 +193,8 @@ def run_distributed(work: Path, models: Path, datasets: dict[str, tuple[Path, Pa
             print(json.dumps({name: records[name]}, indent=2), flush=True)
     finally:
         group.stop()
+        if keep_logs:
+            shutil.copytree(work / "logs", keep_logs, dirs_exist_ok=True)
     return records
 
 
@@ -312,7 +318,7 @@ def run_baseline(work: Path, models: Path, datasets: dict[str, tuple[Path, Path,
             return self._detector
 
     lisa_answer.install()
-    models_set = ReferenceModels(models, settings.replace(compile_unet=False))
+    models_set = ReferenceModels(models, settings.replace(compile_unet=False, compile_sam=False))
     torch.set_num_threads(os.cpu_count() or 1)  # the reference runs alone: every core for its CPU work
     models_set.inpainter.pipeline.enable_attention_slicing()
     for resident in ("grounder", "tagger", "detector", "prompt_chooser", "clip", "occlusion"):  # loaded, as the
@@ -368,7 +374,11 @@ def main() -> None:
     ap.add_argument("--concurrency", action="append", default=[], metavar="STAGE=N",
                     help="pool processes of one stage's workers (each holds its models; default: amodal worker's)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="torch.compile the UNet in the inpaint worker (the default setting)")
+                    help="torch.compile the UNet and SAM's image encoder in the workers (the default settings)")
+    ap.add_argument("--mps", action="store_true",
+                    help="the workers as clients of a CUDA MPS daemon (amodal launch --mps), started after the models "
+                         "are written")
+    ap.add_argument("--keep-logs", help="copy the workers' logs to this folder")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the reference-structured baseline")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_throughput_lisa.json"))
@@ -393,7 +403,7 @@ def main() -> None:
             write_full_size_lisa(models / LISA_DIR)
     write_seconds = time.perf_counter() - t0
     settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
-                        grounder="lisa", compile_unet=args.compile)
+                        grounder="lisa", compile_unet=args.compile, compile_sam=args.compile)
     datasets = {name: (work / name, synthetic_images(work / name, args.images, masks=name == "masks_given"),
                        args.images) for name in args.datasets.split(",")}
     record = {
@@ -407,17 +417,26 @@ def main() -> None:
         "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch,
                      "segment_batch": args.segment_batch, "ground_batch": args.ground_batch, "image_size": "640x480",
                      "max_tags": settings.max_tags, "compile_unet": settings.compile_unet,
-                     "baseline": "same settings, one image at a time, LISA at batch 1, UNet not compiled, "
+                     "compile_sam": settings.compile_sam,
+                     "baseline": "same settings, one image at a time, LISA at batch 1, UNet and SAM not compiled, "
                                  "resident models loaded before timing"},
         "command": "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),
         "model_write_seconds": write_seconds,
     }
     redis = start_redis(args.redis_server) if args.redis_server else None
+    mps = MpsDaemon(work / "mps" / "pipe", work / "mps" / "log") if args.mps else None
+    record["mps"] = bool(mps)
     try:
+        if mps:
+            mps.start()
         ours = run_distributed(work, models, datasets, settings, args.batch, args.segment_batch, args.ground_batch,
                                "redis://127.0.0.1:6390/0" if redis else "filesystem://", args.gpus, args.replicas,
-                               {k: int(v) for k, v in (c.split("=") for c in args.concurrency)})
+                               {k: int(v) for k, v in (c.split("=") for c in args.concurrency)}, mps,
+                               Path(args.keep_logs) if args.keep_logs else None)
     finally:
+        if mps:
+            mps.stop()
+            record["mps_log_tail"] = mps.log_tail(800)
         if redis:
             redis.terminate()
     # the first dataset's figures under "ours", "baseline", "speedup" (what `amodal launch --costs` plans

@@ -1,7 +1,9 @@
 """SAM ViT-H's image encoder on the GPU: its relative-position index built on the host at every block
 (``segment_anything``'s own) against kept on the device (``amodal.models.sam.device_rel_pos``), and
-eager against ``torch.compile``, at the segment stage's encoder batch (full-size random weights, bf16).
-``--device cpu --tiny --no-compile`` runs the script on a small encoder in float32, to check it.
+eager against ``torch.compile``, at the segment stage's encoder batch (full-size random weights, bf16);
+and how far the compiled encoder moves the masks: each image's masks for fixed boxes, decoded from the
+eager and from the compiled features, compared pixel by pixel (IoU). ``--device cpu --tiny
+--no-compile`` runs the script on a small encoder in float32, to check it.
 
     python bench/sam_encoder.py --out bench/results/sam_encoder.json
 """
@@ -29,6 +31,24 @@ def timed(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
     return median_seconds(lambda: fn(x), repeats)
 
 
+def mask_agreement(segmenter: sam.SamSegmenter, reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Masks of fixed boxes on a 640x480 image decoded from two batches of encoder features: the IoU of
+    each pair (the mean and the lowest) and the share of pixels that differ."""
+    size = segmenter.model.image_encoder.img_size
+    original, inside = (480, 640), (size * 3 // 4, size)
+    boxes = [(x, y, x + w, y + h) for x, y, w, h in ((40, 30, 300, 260), (200, 100, 400, 300), (0, 0, 640, 480),
+                                                      (500, 300, 120, 160), (100, 200, 80, 60))]
+    ious, differ, pixels = [], 0, 0
+    for a, b in zip(reference.float(), other.float()):
+        masks = [segmenter.decode(sam.SamEmbedding(f[None], inside, original), boxes) for f in (a, b)]
+        for m, n in zip(*masks):
+            union = (m | n).sum()
+            ious.append(float((m & n).sum() / union) if union else 1.0)
+            differ, pixels = differ + int((m ^ n).sum()), pixels + m.size
+    return {"masks": len(ious), "mean_iou": sum(ious) / len(ious), "min_iou": min(ious),
+            "pixels_differing": differ / pixels}
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,8 +64,10 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(args.device):
         arch = sam.TINY if args.tiny else sam.VIT_H
-        encoder = sam.build_sam(arch).image_encoder.to(dtype).eval()
+        model = sam.build_sam(arch)
         x = torch.randn(args.batch, 3, arch.img_size, arch.img_size, dtype=dtype)
+    segmenter = sam.SamSegmenter(model, torch.device(args.device), dtype)
+    encoder = model.image_encoder
     record: dict = {"device": torch.cuda.get_device_name(0) if cuda else args.device, "torch": torch.__version__,
                     "encoder": "tiny" if args.tiny else "vit_h", "batch": args.batch,
                     "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats}
@@ -67,6 +89,7 @@ def main() -> None:
         record["compile_s"] = time.perf_counter() - start
         record["compiled_s"], out = timed(compiled, x, args.repeats)
         record["compiled_max_abs_diff"] = float((out.float() - reference.float()).abs().max())
+        record["compiled_masks"] = mask_agreement(segmenter, reference, out)
     # 2 FLOP per multiply-add over the parameters per token (attention not counted)
     tokens = (arch.img_size // arch.patch_size) ** 2
     flop = 2 * sum(p.numel() for p in encoder.parameters()) * tokens * args.batch

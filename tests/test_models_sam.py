@@ -160,3 +160,36 @@ def test_wrong_tensor_shape_names_the_key(checkpoint, tmp_path, key):
     torch.save(state, broken)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         SamSegmenter.from_checkpoint(broken, device=CPU, dtype=torch.float32)
+
+
+def test_compiled_encoder_is_given_full_batches_only(checkpoint, image, monkeypatch):
+    """A compiled encoder has one static shape: short batches are padded, and the padding is dropped."""
+    segmenter = SamSegmenter.from_checkpoint(checkpoint, device=CPU, dtype=torch.float32)
+    eager = segmenter.encode([image])[0].features
+    shapes = []
+    segmenter.model.image_encoder.register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape[0]))
+    monkeypatch.setattr(segmenter, "compiled", True)
+    encoded = segmenter.encode([image, np.ascontiguousarray(image[:300, :200]), image])
+    assert shapes == [sam.ENCODER_BATCH] and len(encoded) == 3
+    torch.testing.assert_close(encoded[0].features, eager, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="at most"):
+        segmenter.encode([image] * (sam.ENCODER_BATCH + 1))
+
+
+@pytest.mark.slow
+def test_compiled_encoder_segments_what_the_eager_one_does(checkpoint, image, segmenter):
+    compiled = SamSegmenter.from_checkpoint(checkpoint, device=CPU, dtype=torch.float32, compile_encoder=True)
+    assert compiled.compiled and not segmenter.compiled
+    other = np.ascontiguousarray(image[:300, :200])
+    for images in ([image], [image, other, image]):  # one graph serves both: the batch is padded
+        boxes = [BOXES] * len(images)
+        for ours, eager in zip(compiled.segment(images, boxes), segmenter.segment(images, boxes)):
+            assert all((a == b).mean() > 0.999 for a, b in zip(ours, eager))
+
+
+def test_encoder_is_compiled_on_cuda_only(checkpoint):
+    from amodal.models.registry import ModelSet
+    from amodal.settings import Settings
+
+    models = ModelSet(checkpoint.parents[1], Settings(device="cpu", compile_sam=True))  # SAM_FILES: sam/...
+    assert not models.segmenter.compiled

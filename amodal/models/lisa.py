@@ -140,6 +140,7 @@ class LisaGrounder:
         select_layer: int = -2,
         im_start_end: bool = True,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        compile_sam: bool = False,
     ) -> None:
         missing = [t for t in (SEG_TOKEN, IM_START, IM_END) if t not in tokenizer.get_vocab()]
         if missing:
@@ -151,7 +152,7 @@ class LisaGrounder:
         self.extras = extras.to(device).eval()
         self.extras.mm_projector.to(dtype)
         self.extras.text_hidden_fcs.to(dtype)
-        self.sam = SamSegmenter(extras.visual_model, device=device, dtype=dtype)
+        self.sam = SamSegmenter(extras.visual_model, device=device, dtype=dtype, compile_encoder=compile_sam)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.select_layer = select_layer
@@ -177,8 +178,10 @@ class LisaGrounder:
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        compile_sam: bool = False,
     ) -> LisaGrounder:
-        """Load a LISA folder in the published layout (see ``amodal.models.lisa_checkpoint``)."""
+        """Load a LISA folder in the published layout (see ``amodal.models.lisa_checkpoint``);
+        ``compile_sam`` compiles its SAM's image encoder (``amodal.models.sam``)."""
         folder = require(Path(path))
         quantization = _quantization(load_in_8bit, load_in_4bit, device, dtype)
         config = read_config(folder)
@@ -202,6 +205,7 @@ class LisaGrounder:
             select_layer=config["mm_vision_select_layer"],
             im_start_end=config["mm_use_im_start_end"],
             max_new_tokens=max_new_tokens,
+            compile_sam=compile_sam,
         )
 
     @torch.inference_mode()

@@ -81,7 +81,8 @@ class ModelSet:
         from amodal.models.sam import SamSegmenter
 
         return SamSegmenter.from_checkpoint(
-            self.path(SAM_FILES[self.settings.sam_variant]), device=self.device, dtype=self.dtype
+            self.path(SAM_FILES[self.settings.sam_variant]), device=self.device, dtype=self.dtype,
+            compile_encoder=self.settings.compile_sam and self.device.type == "cuda",
         )
 
     @functools.cached_property
@@ -134,7 +135,8 @@ class ModelSet:
             if quantization not in ("", "8bit", "4bit"):
                 raise ValueError(f"unknown lisa_quantization {quantization!r} (one of '', '8bit', '4bit')")
             return LisaGrounder.from_pretrained(self.path(LISA_DIR), device=self.device, dtype=self.dtype,
-                                                load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit")
+                                                load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+                                                compile_sam=self.settings.compile_sam and self.device.type == "cuda")
         raise ValueError(f"unknown grounder {self.settings.grounder!r}")
 
     @functools.cached_property
