@@ -36,15 +36,15 @@ class Stage:
 # (bench/results/gpu_throughput_clip_tagger.json, gpu_throughput_b8.json); segment 4 cut the stage's time per
 # image from 1.88 s to 1.47 s, 8 cut it no further and, with SAM encoding 8 at once, took the card to 78 GiB
 # (gpu_throughput_segment_batch*.json); occlusion: a job asks about 2(N-1) pairs, so 8 jobs fill InstaOrder's
-# batch of 64; ground: LISA-13B's language model decodes 8 prompts in 0.12 s per query against 0.84 s alone
-# (one H200, bf16), and one ground call of 8 jobs took 3.0 s with every stage sharing the card
-# (gpu_throughput_lisa.json). Processes: two segment processes overlap one's CPU work with the other's GPU
+# batch of 64; ground: LISA-13B's language model decodes 16 prompts in 0.071 s per query, 8 in 0.12 and one
+# alone in 0.84 (one H200, bf16); with every stage sharing the card under MPS, 16 jobs per call took the
+# stage's busy time from 0.37 s per image at 8 to 0.18 (gpu_throughput_lisa_mps.json, _lisa_48.json). Processes: two segment processes overlap one's CPU work with the other's GPU
 # work, 2,971 against 2,547 images/hour (gpu_throughput_segment2.json, _segment1.json); two inpaint processes
 # 3,204 against 2,911 (gpu_throughput_inpaint2.json, _segment_batch4.json) for 13 GiB more. Costs: busy seconds
 # per image / processes at the paper's settings on one H100 with every stage sharing it (gpu_throughput.json);
 # ground's is LISA's, batched, on one H200 (gpu_throughput_lisa.json; 0.02 s with masks given).
 STAGES: tuple[Stage, ...] = (
-    Stage("ground", gpu=True, batch=8, flush=0.2, processes=1, cost=0.40, models=("grounder",)),
+    Stage("ground", gpu=True, batch=16, flush=0.2, processes=1, cost=0.40, models=("grounder",)),
     Stage("segment", gpu=True, batch=4, flush=0.2, processes=2, cost=0.99,
           models=("tagger", "detector", "segmenter", "prompt_chooser", "clip")),
     Stage("occlusion", gpu=True, batch=8, flush=0.2, processes=1, cost=0.11, models=("occlusion",)),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_mps import control_calls, fake_mps_control
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
@@ -21,12 +23,18 @@ STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
 def test_benchmark_runs_both_stacks_and_baselines_on_tiny_models(tmp_path):
     out = tmp_path / "record.json"
     command = [sys.executable, "bench/gpu_throughput.py", "--tiny", "--images", "2", "--baseline-images", "1",
-               "--steps", "2", "--passes", "1", "--no-compile", "--models", str(tmp_path / "models"), "--out", str(out)]
+               "--steps", "2", "--passes", "1", "--no-compile", "--models", str(tmp_path / "models"), "--out", str(out),
+               "--mps"]
     if shutil.which("redis-server"):
         command += ["--redis-server", shutil.which("redis-server")]
-    res = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "PATH": f"{fake_mps_control(tmp_path)}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads(out.read_text())
+    assert record["mps"] is True  # the workers ran as clients of a daemon started, then told to quit
+    calls = control_calls(record["mps_log_tail"])
+    assert [(args, stdin) for args, _, stdin in calls] == [("-d", ""), ("", "quit")], record["mps_log_tail"]
+    assert len({pipe for _, pipe, _ in calls}) == 1  # one daemon: quit went to the one started
     for stack, baseline in (("ours", "baseline"), ("ours_masks_given", "baseline_masks_given")):
         ours = record[stack]
         assert ours["statuses"] == {"completed": 2} and ours["passes"] == [1]

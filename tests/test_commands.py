@@ -9,12 +9,15 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import psutil
 import pytest
 
 from tests.browser import image_states
 from tests.cluster import AMODAL, amodal, outside_repository
 from tests.synthetic import synthetic_dataset
+from tests.test_mps import control_calls, fake_mps_control
 
 pytestmark = pytest.mark.slow
 STAGES = ("ground", "segment", "occlusion", "inpaint", "finalize")
@@ -28,23 +31,37 @@ def launch_env(redis_url: str, storage: str, models: Path, server) -> dict[str, 
     return env
 
 
+class Launch(NamedTuple):
+    """A running ``amodal launch``: its environment, its process and its MPS daemon's control log."""
+
+    env: dict[str, str]
+    proc: subprocess.Popen
+    control_log: Path
+
+
 @pytest.fixture
 def launched(tmp_path, redis_url, seaweed_server, seaweed_bucket, tiny_models):
-    """``amodal launch --gpus 1`` (every stage's worker) under a worker-side ``--set``, until it is stopped."""
+    """``amodal launch --gpus 1 --mps`` (every stage's worker, a fake MPS control program first on PATH)
+    under a worker-side ``--set``, until it is stopped; stopped, it has sent the daemon ``quit``."""
     env = launch_env(redis_url, f"s3://{seaweed_bucket}/data", tiny_models, seaweed_server)
+    env["PATH"] = f"{fake_mps_control(tmp_path)}{os.pathsep}{env['PATH']}"
     logs = tmp_path / "logs"
-    proc = subprocess.Popen([*AMODAL, "launch", "--gpus", "1", "--logs", str(logs), "--set", "compile_unet=false"],
+    control_log = logs / "mps" / "control.log"
+    proc = subprocess.Popen([*AMODAL, "launch", "--gpus", "1", "--mps", "--logs", str(logs),
+                             "--set", "compile_unet=false"],
                             env=env, cwd=outside_repository(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         wait_for_workers(env, proc, logs)
-        yield env
+        yield Launch(env, proc, control_log)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    calls = [(args, stdin) for args, _, stdin in control_calls(control_log.read_text())]
+    assert proc.returncode == 0 and calls == [("-d", ""), ("", "quit")], calls  # stopped, it told the daemon
 
 
 def wait_for_workers(env: dict, proc: subprocess.Popen, logs: Path, timeout: float = 600) -> None:
@@ -65,8 +82,16 @@ def wait_for_workers(env: dict, proc: subprocess.Popen, logs: Path, timeout: flo
 
 def test_launch_submit_status_and_report(launched, tmp_path):
     """Settings reach job.json from every way in: the producer's AMODAL_SETTINGS and --set, the workers'
-    AMODAL_SETTINGS and launch --set; status follows the run and writes a page that loads."""
-    env = dict(launched)
+    AMODAL_SETTINGS and launch --set; status follows the run and writes a page that loads. Under ``--mps``
+    the daemon was started once in an absolute pipe folder, and the workers are its clients."""
+    calls = control_calls(launched.control_log.read_text())
+    assert len(calls) == 1 and calls[0][0] == "-d", calls
+    pipe = calls[0][1]
+    assert Path(pipe).is_absolute() and Path(pipe).is_dir(), pipe
+    children = psutil.Process(launched.proc.pid).children()
+    assert children
+    assert [child.environ().get("CUDA_MPS_PIPE_DIRECTORY") for child in children] == [pipe] * len(children)
+    env = dict(launched.env)
     images, annotations = synthetic_dataset(tmp_path, count=4, given=4)
     env["AMODAL_SETTINGS"] = json.dumps({"num_inference_steps": 2, "max_passes": 1, "seed": 1})
     res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset", "cmds",
