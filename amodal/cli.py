@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -178,6 +179,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     finally:
         if mps:
             mps.stop()
+            shutil.rmtree(mps.pipe_dir, ignore_errors=True)
     return 0
 
 
