@@ -154,3 +154,24 @@ def test_a_message_that_cannot_be_claimed_fails_alone(monkeypatch):
     assert {k: v.event for k, v in outcomes.items()} == {"ma": "failed", "mb": "succeeded", "mc": "succeeded"}
     assert "storage unreachable" in outcomes["ma"].fields["exception"]
     assert ran == [["b", "c"]]  # the jobs batched with it ran, together
+
+
+def test_a_pool_process_never_takes_more_than_the_batch_size(task, monkeypatch):
+    """Jobs buffered while every process ran are handed out a batch size at a time, one batch per free
+    process; the rest wait in the buffer."""
+    task, pool = task
+    monkeypatch.setattr(task, "flush_every", 2)
+    monkeypatch.setitem(task.app.conf, "worker_concurrency", 2)
+    for job in "ab":
+        task._buffer.put(request(job))
+        task._do_flush()
+    for job in "cdefg":
+        task._buffer.put(request(job))
+        task._do_flush()
+    assert pool.batches == [["a"], ["b"]]
+    pool.jobs[0].done = pool.jobs[1].done = True
+    task._do_flush()
+    assert pool.batches == [["a"], ["b"], ["c", "d"], ["e", "f"]]
+    pool.jobs[2].done = True
+    task._do_flush()
+    assert pool.batches[-1] == ["g"] and task._buffer.empty()
