@@ -38,9 +38,11 @@ class Stage:
 # (gpu_throughput_segment_batch*.json); occlusion: a job asks about 2(N-1) pairs, so 8 jobs fill InstaOrder's
 # batch of 64; ground: LISA-13B's language model decodes 16 prompts in 0.071 s per query, 8 in 0.12 and one
 # alone in 0.84 (one H200, bf16); with every stage sharing the card under MPS, 16 jobs per call took the
-# stage's busy time from 0.37 s per image at 8 to 0.18 (gpu_throughput_lisa_mps_48.json, _lisa_48.json). Processes: two segment processes overlap one's CPU work with the other's GPU
-# work, 2,971 against 2,547 images/hour (gpu_throughput_segment2.json, _segment1.json); two inpaint processes
-# 3,204 against 2,911 (gpu_throughput_inpaint2.json, _segment_batch4.json) for 13 GiB more. Costs: busy seconds
+# stage's busy time from 0.37 s per image at 8 to 0.18 (gpu_throughput_lisa_mps_48.json, _lisa_48.json).
+# Processes: two segment processes overlap one's CPU work with the other's GPU work, 2,971 against 2,547
+# images/hour (gpu_throughput_segment2.json, _segment1.json); two inpaint processes 3,204 against 2,911
+# (gpu_throughput_inpaint2.json, _segment_batch4.json) for 13 GiB more; a third made the diffusion calls
+# smaller, 3,047 against 3,566 (gpu_throughput_lisa_mps_inpaint3.json, _lisa_mps.json). Costs: busy seconds
 # per image / processes at the paper's settings on one H100 with every stage sharing it (gpu_throughput.json);
 # ground's is LISA's, batched, on one H200 (gpu_throughput_lisa.json; 0.02 s with masks given).
 STAGES: tuple[Stage, ...] = (

@@ -23,10 +23,11 @@ and the images per hour of completed jobs too. Each model call in the workers is
 (``bench/model_clock.py``): per stage, model seconds against the step's seconds.
 
 The broker is a Redis server started here from ``--redis-server`` (a binary carried to the host),
-else kombu's filesystem transport (slow: it polls); storage is a local folder. ``--tiny`` runs the
+else kombu's filesystem transport (slow: it polls); storage is a local folder. ``--mps`` runs the workers as
+clients of a CUDA MPS daemon, as ``amodal launch --mps`` does. ``--tiny`` runs the
 same path with tiny models on the CPU, to check the script.
 
-    python bench/gpu_throughput.py --images 48 --baseline-images 2 --redis-server PATH
+    python bench/gpu_throughput.py --images 80 --baseline-images 1 --mps --redis-server PATH
 """
 from __future__ import annotations
 

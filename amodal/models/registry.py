@@ -134,9 +134,10 @@ class ModelSet:
             quantization = self.settings.lisa_quantization
             if quantization not in ("", "8bit", "4bit"):
                 raise ValueError(f"unknown lisa_quantization {quantization!r} (one of '', '8bit', '4bit')")
-            return LisaGrounder.from_pretrained(self.path(LISA_DIR), device=self.device, dtype=self.dtype,
-                                                load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
-                                                compile_sam=self.settings.compile_sam and self.device.type == "cuda")
+            return LisaGrounder.from_pretrained(
+                self.path(LISA_DIR), device=self.device, dtype=self.dtype, load_in_8bit=quantization == "8bit",
+                load_in_4bit=quantization == "4bit", compile_sam=self.settings.compile_sam and self.device.type == "cuda",
+            )
         raise ValueError(f"unknown grounder {self.settings.grounder!r}")
 
     @functools.cached_property
