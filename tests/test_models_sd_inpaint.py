@@ -100,6 +100,22 @@ def test_inpaint_is_deterministic_and_independent_of_the_batch(inpainter, cat_re
     assert np.abs(reseeded.astype(int) - single).mean() > 1
 
 
+def test_device_side_conversions_paint_what_the_pipelines_own_do(inpainter, cat_request):
+    """Tensors in, 8-bit out on the device: the same pixels as PIL images in and NumPy out."""
+    other = dataclasses.replace(cat_request, mask=box_mask(0, 200, 0, 512), seed=8)
+    requests = [cat_request, other]
+    own = inpainter.pipeline(
+        prompt=[r.prompt for r in requests], image=[Image.fromarray(r.image) for r in requests],
+        mask_image=[Image.fromarray(r.mask.astype(np.uint8) * 255) for r in requests], height=SIZE, width=SIZE,
+        num_inference_steps=2, guidance_scale=7.5, output_type="np",
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+    ).images
+    expected = np.clip(np.rint(own * 255), 0, 255).astype(np.uint8)
+    ours = inpainter.inpaint(requests)
+    assert [o.dtype for o in ours] == [np.uint8] * 2 and ours[0].shape == (SIZE, SIZE, 3)
+    assert np.array_equal(np.stack(ours), expected)
+
+
 def test_inpaint_rejects_bad_batches(inpainter, cat_request):
     assert inpainter.inpaint([]) == []
     small = InpaintRequest(cat_request.image[:256, :256], cat_request.mask[:256, :256], "a cat", seed=0)
