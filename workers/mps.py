@@ -3,7 +3,7 @@
 Without MPS the processes' CUDA contexts take turns on a GPU in time slices: a process whose kernels
 are small and whose host waits are many (the segment stage) waits out the others' slices every time.
 Under MPS every process is a client of one server per GPU and their kernels run on the GPU together
-(docs/design.md, "Stages sharing one GPU"). The control daemon is NVIDIA's own
+(docs/design.md, "Stages"). The control daemon is NVIDIA's own
 (``nvidia-cuda-mps-control``, shipped with the driver); this module starts it in folders of the
 deployment's choosing, gives the workers the variables that make them its clients, and stops it.
 """
