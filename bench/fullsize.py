@@ -38,8 +38,7 @@ LISA_SHARDS = 3  # as published
 
 
 def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPConfig, CLIPModel
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
     model_dir = Path(model_dir)
@@ -64,27 +63,7 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
         clip.write_tiny(folder)
         CLIPModel(CLIPConfig()).save_pretrained(folder)
 
-        # SD2 inpainting: UNet, VAE and the OpenCLIP ViT-H text tower, saved in fp16
-        folder = model_dir / SD_INPAINT_DIR
-        sd_inpaint.write_tiny(folder)
-        UNet2DConditionModel(
-            sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=1024, use_linear_projection=True,
-        ).half().save_pretrained(folder / "unet")
-        AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
-            scaling_factor=0.18215,
-        ).half().save_pretrained(folder / "vae")
-        text = json.loads((folder / "text_encoder" / "config.json").read_text())
-        CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-            bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"],
-        )).half().save_pretrained(folder / "text_encoder")
+        write_full_size_inpainter(model_dir / SD_INPAINT_DIR)
 
         # RAM++ Swin-L at 384 px with the 4585 tag descriptions, in the training script's checkpoint dict
         net = RamPlusNet(PUBLISHED)
@@ -99,6 +78,34 @@ def write_full_size_models(model_dir: Path, device: str = "cuda") -> None:
         path = model_dir / INSTAORDER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"step": 0, "state_dict": {f"module.{k}": v.cpu() for k, v in net.state_dict().items()}}, path)
+
+
+def write_full_size_inpainter(folder: Path) -> None:
+    """SD2 inpainting's UNet, VAE and OpenCLIP ViT-H text tower in its folder layout, saved in fp16 (built on
+    the current default device)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    sd_inpaint.write_tiny(folder)
+    UNet2DConditionModel(
+        sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, use_linear_projection=True,
+    ).half().save_pretrained(folder / "unet")
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+        scaling_factor=0.18215,
+    ).half().save_pretrained(folder / "vae")
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+        bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"],
+    )).half().save_pretrained(folder / "text_encoder")
 
 
 def write_word_tokenizer(folder: Path) -> None:

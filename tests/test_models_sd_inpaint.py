@@ -157,3 +157,49 @@ def test_each_call_logs_its_denoising_time(inpainter, cat_request, caplog, monke
     counted, seconds = re.fullmatch(rf"denoised 2 image\(s\) at {SIZE}x{SIZE}: (\d+) steps in ([\d.]+) s", line).groups()
     assert int(counted) == len(steps) - 1  # UNet calls, timed from the end of the first
     assert float(seconds) > 0
+
+
+def test_one_encoder_call_paints_what_diffusers_image_by_image_encoding_does(folder, inpainter, cat_request):
+    """The masked images go through the VAE's encoder in one call, each latent sampled from its own generator:
+    the pixels of diffusers' own pipeline, which encodes one image per call."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    own = StableDiffusionInpaintPipeline.from_pretrained(folder, dtype=torch.float32)
+    own.set_progress_bar_config(disable=True)
+    requests = [cat_request, dataclasses.replace(cat_request, mask=box_mask(0, 200, 0, 512), seed=8)]
+    expected = own(
+        prompt=[r.prompt for r in requests], image=[Image.fromarray(r.image) for r in requests],
+        mask_image=[Image.fromarray(r.mask.astype(np.uint8) * 255) for r in requests], height=SIZE, width=SIZE,
+        num_inference_steps=2, guidance_scale=7.5, output_type="np",
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+    ).images
+    calls = []
+    encode = inpainter.pipeline.vae.encode
+    inpainter.pipeline.vae.encode = lambda images, *a, **k: calls.append(len(images)) or encode(images, *a, **k)
+    try:
+        ours = np.stack(inpainter.inpaint(requests)).astype(int)
+    finally:
+        del inpainter.pipeline.vae.encode
+    assert calls == [2]
+    assert np.abs(ours - np.rint(expected * 255)).max() <= 1
+
+
+@pytest.mark.slow
+def test_gpu_options_paint_what_the_defaults_do(folder, inpainter, cat_request):
+    """Channels-last weights, a compiled VAE and cuDNN's attention first (on the CPU: its other backends) change
+    a result by rounding only; each is in force."""
+    tuned = StableDiffusionInpainter.from_pretrained(
+        folder, device=torch.device("cpu"), dtype=torch.float32, num_inference_steps=2, guidance_scale=7.5,
+        channels_last=True, compile_vae=True, cudnn_attention=True,
+    )
+    pipeline = tuned.pipeline
+    assert pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipeline.vae.encoder._compiled_call_impl is not None and pipeline.vae.decoder._compiled_call_impl is not None
+    first_backends = []
+    pipeline.unet.register_forward_pre_hook(lambda *_: first_backends.append(torch._C._get_sdp_priority_order()[0]))
+    requests = [cat_request, dataclasses.replace(cat_request, seed=5)]
+    for ours, default in zip(tuned.inpaint(requests), inpainter.inpaint(requests)):
+        assert np.abs(ours.astype(int) - default).max() <= 2
+    assert set(first_backends) == {int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)}
+    assert torch._C._get_sdp_priority_order()[0] != int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)  # restored

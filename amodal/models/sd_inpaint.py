@@ -1,6 +1,7 @@
 """Stable Diffusion 2 inpainting (``stabilityai/stable-diffusion-2-inpainting``) through diffusers."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -9,12 +10,35 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from amodal.models.base import InpaintRequest
 from amodal.models.tokenizers import BOS, EOS, tiny_clip_vocab, write_tiny_clip_tokenizer
 
 log = logging.getLogger(__name__)
+
+# scaled_dot_product_attention's backends with cuDNN's first (it is last in the default order)
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+class BatchEncodingInpaintPipeline(StableDiffusionInpaintPipeline):
+    """diffusers' inpainting pipeline, encoding a batch of masked images in one VAE call.
+
+    With one generator per image, diffusers encodes the images one at a time (16 VAE calls for 16 images);
+    here the batch goes through the encoder once and each image's latent sample is drawn from its own
+    generator, as diffusers draws it (its mean plus its deviation times the generator's normal noise).
+    """
+
+    def _encode_vae_image(self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator]):
+        if not isinstance(generator, list):
+            return super()._encode_vae_image(image, generator)
+        dist = self.vae.encode(image).latent_dist
+        noise = torch.cat([randn_tensor(dist.mean[:1].shape, generator=g, device=dist.mean.device, dtype=dist.mean.dtype)
+                           for g in generator])
+        return self.vae.config.scaling_factor * (dist.mean + dist.std * noise)
 
 
 class StableDiffusionInpainter:
@@ -29,6 +53,11 @@ class StableDiffusionInpainter:
     is 8-bit: the same arithmetic as the pipeline's PIL and NumPy conversions (the same results), done
     on the device instead of the host, where it took 0.3-1.0 s per call of 16 images on two cores.
 
+    Options for a GPU (bench/inpaint_call.py measures them): ``compile_unet`` puts the UNet through
+    ``torch.compile``; ``channels_last`` keeps the UNet and the VAE in channels-last memory format; ``compile_vae``
+    compiles the VAE's encoder and decoder; ``cudnn_attention`` puts cuDNN's fused attention first among
+    ``scaled_dot_product_attention``'s backends (the others stay behind it for shapes it does not take).
+
     Each call logs the time of its denoising loop from the end of the first step to the end of the
     last (UNet and scheduler only, timed on the device without synchronising), so the UNet's achieved
     arithmetic rate can be read off a running worker.
@@ -37,13 +66,21 @@ class StableDiffusionInpainter:
     name = "sd2_inpaint"
 
     def __init__(self, pipeline: StableDiffusionInpaintPipeline, num_inference_steps: int, guidance_scale: float,
-                 compile_unet: bool = False) -> None:
+                 compile_unet: bool = False, channels_last: bool = False, compile_vae: bool = False,
+                 cudnn_attention: bool = False) -> None:
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.compiled = compile_unet
+        self.cudnn_attention = cudnn_attention
+        if channels_last:
+            pipeline.unet.to(memory_format=torch.channels_last)
+            pipeline.vae.to(memory_format=torch.channels_last)
         if compile_unet:
             pipeline.unet.compile(fullgraph=True)
+        if compile_vae:
+            pipeline.vae.encoder.compile()
+            pipeline.vae.decoder.compile()
 
     @classmethod
     def from_pretrained(
@@ -53,13 +90,13 @@ class StableDiffusionInpainter:
         dtype: torch.dtype,
         num_inference_steps: int,
         guidance_scale: float,
-        compile_unet: bool = False,
+        **options: bool,
     ) -> "StableDiffusionInpainter":
-        """Load the pipeline; ``compile_unet`` puts the UNet through ``torch.compile``, which compiles on
-        first use for each batch shape (after a second shape, one graph with a dynamic batch serves the rest)."""
-        pipeline = StableDiffusionInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
+        """Load the pipeline, with the class's GPU ``options``. A compiled module compiles on first use for each
+        batch shape (after a second shape, one graph with a dynamic batch serves the rest)."""
+        pipeline = BatchEncodingInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, num_inference_steps, guidance_scale, compile_unet)
+        return cls(pipeline, num_inference_steps, guidance_scale, **options)
 
     def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]:
         """Return one uint8 RGB image per request, of the request's size (a multiple of 8)."""
@@ -72,9 +109,18 @@ class StableDiffusionInpainter:
                 raise ValueError(f"one batch needs one size: {r.image.shape} / {r.mask.shape} vs {(height, width)}")
         if height % scale or width % scale:
             raise ValueError(f"inpainting size {height}x{width} is not a multiple of {scale}")
+        clock = _StepClock(self.pipeline.device)
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True) if self.cudnn_attention else contextlib.nullcontext():
+            images = self._call(requests, height, width, clock)
+        log.info("denoised %d image(s) at %dx%d: %d steps in %.4f s", len(requests), height, width,
+                 len(clock.marks) - 1, clock.seconds())
+        rgb = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return list(rgb.cpu().numpy())
+
+    def _call(self, requests: Sequence[InpaintRequest], height: int, width: int, clock: "_StepClock") -> torch.Tensor:
+        """The pipeline's output for the requests: a float image batch on the device, in [0, 1]."""
         device = self.pipeline.device
-        clock = _StepClock(device)
-        images = self.pipeline(
+        return self.pipeline(
             prompt=[r.prompt for r in requests],
             image=torch.from_numpy(np.stack([r.image for r in requests])).to(device).permute(0, 3, 1, 2) / 255.0,
             mask_image=torch.from_numpy(np.stack([r.mask for r in requests])).to(device)[:, None].float(),
@@ -86,10 +132,6 @@ class StableDiffusionInpainter:
             output_type="pt",
             callback_on_step_end=clock,
         ).images
-        log.info("denoised %d image(s) at %dx%d: %d steps in %.4f s", len(requests), height, width,
-                 len(clock.marks) - 1, clock.seconds())
-        rgb = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        return list(rgb.cpu().numpy())
 
 
 class _StepClock:
