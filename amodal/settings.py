@@ -65,9 +65,10 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"  # "auto" -> bfloat16 (or float16) on CUDA, float32 on CPU
     compile_unet: bool = True  # torch.compile the diffusion UNet on CUDA (once per worker; faster steps)
+    compile_vae: bool = True  # torch.compile the diffusion VAE on CUDA (once per worker; faster en- and decoding)
     compile_sam: bool = True  # torch.compile SAM's image encoder on CUDA (once per worker; faster encoding)
 
-    RUNTIME_FIELDS = ("device", "dtype", "compile_unet", "compile_sam")
+    RUNTIME_FIELDS = ("device", "dtype", "compile_unet", "compile_vae", "compile_sam")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

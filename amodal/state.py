@@ -53,8 +53,8 @@ class JobState:
     backends: dict[str, str] = field(default_factory=dict)
     grounder_text: str = ""
     attempts: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    flags: list[str] = field(default_factory=list)  # the result's named doubts (amodal.quality), set by finalize  # busy seconds per stage, all passes
+    timings: dict[str, float] = field(default_factory=dict)  # busy seconds per stage, all passes
+    flags: list[str] = field(default_factory=list)  # the result's named doubts (amodal.quality), set by finalize
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds

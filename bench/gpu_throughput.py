@@ -209,9 +209,12 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
     with GpuMemory() as memory:
         t0, started = time.perf_counter(), time.time()
         client.submit_dataset(images, annotations, dataset, progress=False)
-        while client.status(dataset)["pending"]:
+        progress = [(0.0, 0)]  # (seconds since submitting, outcomes known)
+        while pending := client.status(dataset)["pending"]:
+            progress.append((time.perf_counter() - t0, count - pending))
             time.sleep(0.5)
         wall, finished = time.perf_counter() - t0, time.time()
+        progress.append((wall, count))
     lines = list(client.manifest(dataset))
     logs = [group.log(name) for name in group.procs]
     calls = {stage: [n for log in logs for when, n in step_calls(log, stage) if started < when <= finished]
@@ -225,6 +228,7 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
     busy = {s: sum(state.timings.get(s, 0.0) for state in states) for s in STAGES}
     tags = [len(state.tags) for state in states]
     return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
+            "middle_half_images_per_hour": middle_rate(progress, count),
             "completed_per_hour": 3600 * statuses.get("completed", 0) / wall,
             "statuses": statuses, "passes": sorted({state.passes for state in states}),
             "stage_seconds_per_image": {s: busy[s] / count for s in STAGES},
@@ -240,6 +244,16 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
                           "timed_sample_steps": sum(n * s for _, n, s, _ in loops),
                           "timed_seconds": sum(x for *_, x in loops),
                           "seconds_any_running": busy_union([(end - x, end) for end, _, _, x in loops])}}
+
+
+def middle_rate(progress: list[tuple[float, int]], count: int) -> float | None:
+    """Images per hour from the first sample with a quarter of the outcomes known to the first with three
+    quarters: the pipeline's rate once full, without its filling and draining."""
+    def reached(share: float) -> tuple[float, int]:
+        return next((t, done) for t, done in progress if done >= share * count)
+
+    (t0, n0), (t1, n1) = reached(0.25), reached(0.75)
+    return 3600 * (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 def _stamp(line: str) -> float | None:
@@ -319,7 +333,7 @@ def run_baseline(work: Path, models: Path, datasets: dict[str, tuple[Path, Path,
             return self._detector
 
     lisa_answer.install()
-    models_set = ReferenceModels(models, settings.replace(compile_unet=False, compile_sam=False))
+    models_set = ReferenceModels(models, settings.replace(compile_unet=False, compile_vae=False, compile_sam=False))
     torch.set_num_threads(os.cpu_count() or 1)  # the reference runs alone: every core for its CPU work
     models_set.inpainter.pipeline.enable_attention_slicing()
     for resident in ("grounder", "tagger", "detector", "prompt_chooser", "clip", "occlusion"):  # loaded, as the
@@ -375,7 +389,8 @@ def main() -> None:
     ap.add_argument("--concurrency", action="append", default=[], metavar="STAGE=N",
                     help="pool processes of one stage's workers (each holds its models; default: amodal worker's)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="torch.compile the UNet and SAM's image encoder in the workers (the default settings)")
+                    help="torch.compile the UNet, the VAE and SAM's image encoder in the workers (the default "
+                         "settings)")
     ap.add_argument("--mps", action="store_true",
                     help="the workers as clients of a CUDA MPS daemon (amodal launch --mps), started after the models "
                          "are written")
@@ -404,7 +419,8 @@ def main() -> None:
             write_full_size_lisa(models / LISA_DIR)
     write_seconds = time.perf_counter() - t0
     settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
-                        grounder="lisa", compile_unet=args.compile, compile_sam=args.compile)
+                        grounder="lisa", compile_unet=args.compile, compile_vae=args.compile,
+                        compile_sam=args.compile)
     datasets = {name: (work / name, synthetic_images(work / name, args.images, masks=name == "masks_given"),
                        args.images) for name in args.datasets.split(",")}
     record = {
@@ -418,8 +434,8 @@ def main() -> None:
         "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch,
                      "segment_batch": args.segment_batch, "ground_batch": args.ground_batch, "image_size": "640x480",
                      "max_tags": settings.max_tags, "compile_unet": settings.compile_unet,
-                     "compile_sam": settings.compile_sam,
-                     "baseline": "same settings, one image at a time, LISA at batch 1, UNet and SAM not compiled, "
+                     "compile_vae": settings.compile_vae, "compile_sam": settings.compile_sam,
+                     "baseline": "same settings, one image at a time, LISA at batch 1, UNet, VAE and SAM not compiled, "
                                  "resident models loaded before timing"},
         "command": "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),
         "model_write_seconds": write_seconds,

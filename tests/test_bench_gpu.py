@@ -115,3 +115,29 @@ def test_sam_encoder_script_compares_index_builds_and_compiled_masks(tmp_path):
     assert record["eager_host_index_s"] > 0 and record["eager_device_index_s"] > 0 and record["compiled_s"] > 0
     masks = record["compiled_masks"]  # float32 on the CPU: compiling moves no mask by more than a few pixels
     assert masks["masks"] == 2 * 5 and masks["min_iou"] > 0.99 and masks["pixels_differing"] < 1e-3
+
+
+@pytest.mark.slow
+def test_inpaint_call_script_times_a_call_in_phases_and_compares_variants(tmp_path):
+    out = tmp_path / "record.json"
+    res = subprocess.run([sys.executable, "bench/inpaint_call.py", "--tiny", "--calls", "1", "--warmup", "1",
+                          "--models", str(tmp_path / "models"), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"eager_vae", "compiled_vae"}
+    for variant in variants.values():
+        median = variant["median_s"]
+        assert all(median[phase] > 0 for phase in ("text", "vae_encode", "loop", "vae_decode", "wall_s"))
+        assert median["wall_s"] > median["loop"]
+    assert variants["compiled_vae"]["options"] == {"compile_vae": True}
+    assert variants["compiled_vae"]["vs_eager_vae_uint8"]["max_abs"] <= 2
+
+
+def test_middle_rate_leaves_out_filling_and_draining():
+    from bench.gpu_throughput import middle_rate
+
+    # 10 s before the first outcome, then one image a second, then a 20 s tail for the last two
+    progress = [(0.0, 0), *((10.0 + i, i) for i in range(1, 19)), (48.0, 20)]
+    assert middle_rate(progress, 20) == 3600.0
+    assert middle_rate([(0.0, 0), (5.0, 4)], 4) is None  # all at once: no rate to read

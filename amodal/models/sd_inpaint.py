@@ -1,7 +1,6 @@
 """Stable Diffusion 2 inpainting (``stabilityai/stable-diffusion-2-inpainting``) through diffusers."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -11,7 +10,6 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from amodal.models.base import InpaintRequest
@@ -19,9 +17,6 @@ from amodal.models.tokenizers import BOS, EOS, tiny_clip_vocab, write_tiny_clip_
 
 log = logging.getLogger(__name__)
 
-# scaled_dot_product_attention's backends with cuDNN's first (it is last in the default order)
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.MATH]
 
 
 class BatchEncodingInpaintPipeline(StableDiffusionInpaintPipeline):
@@ -53,10 +48,8 @@ class StableDiffusionInpainter:
     is 8-bit: the same arithmetic as the pipeline's PIL and NumPy conversions (the same results), done
     on the device instead of the host, where it took 0.3-1.0 s per call of 16 images on two cores.
 
-    Options for a GPU (bench/inpaint_call.py measures them): ``compile_unet`` puts the UNet through
-    ``torch.compile``; ``channels_last`` keeps the UNet and the VAE in channels-last memory format; ``compile_vae``
-    compiles the VAE's encoder and decoder; ``cudnn_attention`` puts cuDNN's fused attention first among
-    ``scaled_dot_product_attention``'s backends (the others stay behind it for shapes it does not take).
+    ``compile_unet`` puts the UNet through ``torch.compile``, ``compile_vae`` the VAE's encoder and decoder (on
+    one H200 their share of a 16-image call fell from 0.32 to 0.15 s: bench/results/inpaint_call.json).
 
     Each call logs the time of its denoising loop from the end of the first step to the end of the
     last (UNet and scheduler only, timed on the device without synchronising), so the UNet's achieved
@@ -66,16 +59,11 @@ class StableDiffusionInpainter:
     name = "sd2_inpaint"
 
     def __init__(self, pipeline: StableDiffusionInpaintPipeline, num_inference_steps: int, guidance_scale: float,
-                 compile_unet: bool = False, channels_last: bool = False, compile_vae: bool = False,
-                 cudnn_attention: bool = False) -> None:
+                 compile_unet: bool = False, compile_vae: bool = False) -> None:
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.compiled = compile_unet
-        self.cudnn_attention = cudnn_attention
-        if channels_last:
-            pipeline.unet.to(memory_format=torch.channels_last)
-            pipeline.vae.to(memory_format=torch.channels_last)
         if compile_unet:
             pipeline.unet.compile(fullgraph=True)
         if compile_vae:
@@ -90,13 +78,14 @@ class StableDiffusionInpainter:
         dtype: torch.dtype,
         num_inference_steps: int,
         guidance_scale: float,
-        **options: bool,
+        compile_unet: bool = False,
+        compile_vae: bool = False,
     ) -> "StableDiffusionInpainter":
-        """Load the pipeline, with the class's GPU ``options``. A compiled module compiles on first use for each
+        """Load the pipeline, its UNet and VAE compiled where asked. A compiled module compiles on first use for each
         batch shape (after a second shape, one graph with a dynamic batch serves the rest)."""
         pipeline = BatchEncodingInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, num_inference_steps, guidance_scale, **options)
+        return cls(pipeline, num_inference_steps, guidance_scale, compile_unet, compile_vae)
 
     def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]:
         """Return one uint8 RGB image per request, of the request's size (a multiple of 8)."""
@@ -110,8 +99,7 @@ class StableDiffusionInpainter:
         if height % scale or width % scale:
             raise ValueError(f"inpainting size {height}x{width} is not a multiple of {scale}")
         clock = _StepClock(self.pipeline.device)
-        with sdpa_kernel(CUDNN_FIRST, set_priority=True) if self.cudnn_attention else contextlib.nullcontext():
-            images = self._call(requests, height, width, clock)
+        images = self._call(requests, height, width, clock)
         log.info("denoised %d image(s) at %dx%d: %d steps in %.4f s", len(requests), height, width,
                  len(clock.marks) - 1, clock.seconds())
         rgb = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
