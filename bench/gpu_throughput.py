@@ -228,7 +228,7 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
     busy = {s: sum(state.timings.get(s, 0.0) for state in states) for s in STAGES}
     tags = [len(state.tags) for state in states]
     return {"images": count, "wall_seconds": wall, "images_per_hour": 3600 * count / wall,
-            "middle_half_images_per_hour": middle_rate(progress, count),
+            "first_outcome_seconds": first_outcome_seconds(progress),
             "completed_per_hour": 3600 * statuses.get("completed", 0) / wall,
             "statuses": statuses, "passes": sorted({state.passes for state in states}),
             "stage_seconds_per_image": {s: busy[s] / count for s in STAGES},
@@ -246,14 +246,11 @@ def time_dataset(group: WorkerGroup, settings: Settings, dataset: str, images: P
                           "seconds_any_running": busy_union([(end - x, end) for end, _, _, x in loops])}}
 
 
-def middle_rate(progress: list[tuple[float, int]], count: int) -> float | None:
-    """Images per hour from the first sample with a quarter of the outcomes known to the first with three
-    quarters: the pipeline's rate once full, without its filling and draining."""
-    def reached(share: float) -> tuple[float, int]:
-        return next((t, done) for t, done in progress if done >= share * count)
-
-    (t0, n0), (t1, n1) = reached(0.25), reached(0.75)
-    return 3600 * (n1 - n0) / (t1 - t0) if t1 > t0 else None
+def first_outcome_seconds(progress: list[tuple[float, int]]) -> float:
+    """Seconds from submitting to the first sample with an outcome known. The stages take each job's passes
+    in step with the others', so a short run's outcomes all come in its last part: a rate read between them
+    is not the pipeline's."""
+    return next(t for t, done in progress if done > 0)
 
 
 def _stamp(line: str) -> float | None:

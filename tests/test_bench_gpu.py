@@ -134,10 +134,8 @@ def test_inpaint_call_script_times_a_call_in_phases_and_compares_variants(tmp_pa
     assert variants["compiled_vae"]["vs_eager_vae_uint8"]["max_abs"] <= 2
 
 
-def test_middle_rate_leaves_out_filling_and_draining():
-    from bench.gpu_throughput import middle_rate
+def test_first_outcome_seconds_is_the_first_sample_with_an_outcome():
+    from bench.gpu_throughput import first_outcome_seconds
 
-    # 10 s before the first outcome, then one image a second, then a 20 s tail for the last two
-    progress = [(0.0, 0), *((10.0 + i, i) for i in range(1, 19)), (48.0, 20)]
-    assert middle_rate(progress, 20) == 3600.0
-    assert middle_rate([(0.0, 0), (5.0, 4)], 4) is None  # all at once: no rate to read
+    progress = [(0.0, 0), (0.5, 0), (10.0, 0), (10.5, 4), (11.0, 4), (14.5, 8)]
+    assert first_outcome_seconds(progress) == 10.5
