@@ -45,7 +45,7 @@ class Stage:
 # smaller, 3,047 against 3,566 (gpu_throughput_lisa_mps_inpaint3.json, _lisa_mps.json). Costs: busy seconds
 # per image / processes at the paper's settings on one H100 with every stage sharing it (gpu_throughput.json);
 # ground's is LISA's, batched, on one H200 (gpu_throughput_lisa.json; 0.02 s with masks given). Finalize
-# runs two processes: one, at 0.45 s a job for windows as large as random-weight LISA's masks make them, kept
+# runs two processes: one, at 0.45 s a job (likely large windows from random-weight LISA's noisy masks), kept
 # the default stack's last 15 s of 129 after the last diffusion call (gpu_throughput_lisa_mps_vae.json; two
 # not yet timed there).
 STAGES: tuple[Stage, ...] = (
