@@ -167,13 +167,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     for stage in sorted({slot.stage for slot in slots}):
         check_worker(stage, settings)
     env = child_environment(settings)
+    group = WorkerGroup(env, Path(args.logs))
+    group.catch_stop_signals()  # before the daemon and the first worker start, so a stop ends what started
     mps = MpsDaemon(Path(tempfile.mkdtemp(prefix="amodal-mps-")), Path(args.logs) / "mps") if args.mps else None
     if mps:
         mps.start()
         env.update(mps.env)
     try:
-        group = WorkerGroup(env, Path(args.logs))
         for slot in slots:
+            if group.stopping:
+                break
             group.start(slot)
         group.supervise()
     finally:

@@ -149,3 +149,29 @@ def test_status_wait_says_when_nothing_moves(tmp_path, redis_url, seaweed_server
         err = proc.communicate(timeout=30)[1]
     assert "idle" in err and "0/7" in err, err
     assert "no progress for" in err and "ground 0 (none: start one)" in err, err
+
+
+def test_launch_stopped_while_the_daemon_starts(tmp_path, redis_url, seaweed_server, seaweed_bucket, tiny_models):
+    """SIGTERM to ``amodal launch --mps`` while the MPS daemon is still starting: it starts no worker, tells
+    the daemon to quit and exits 0, leaving no process behind."""
+    env = launch_env(redis_url, f"s3://{seaweed_bucket}/data", tiny_models, seaweed_server)
+    env["PATH"] = f"{fake_mps_control(tmp_path, start_seconds=4)}{os.pathsep}{env['PATH']}"
+    logs = tmp_path / "logs"
+    control_log = logs / "mps" / "control.log"
+    proc = subprocess.Popen([*AMODAL, "launch", "--gpus", "1", "--mps", "--logs", str(logs)], env=env,
+                            cwd=outside_repository(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (control_log.exists() and control_log.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` sends it, while `-d` still runs
+    try:
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    calls = [(args, stdin) for args, _, stdin in control_calls(control_log.read_text())]
+    assert calls == [("-d", ""), ("", "quit")], calls
+    assert not list(logs.glob("*.log")), list(logs.iterdir())  # no worker nor dispatcher was started

@@ -14,10 +14,11 @@ from amodal.errors import ServiceError, UsageError
 from workers.mps import CONTROL, MpsDaemon, control_binary
 
 
-def fake_mps_control(folder: Path, fail: str | None = None) -> Path:
+def fake_mps_control(folder: Path, fail: str | None = None, start_seconds: float = 0) -> Path:
     """Write a fake control program into ``folder/bin`` and return that folder (to put first on PATH). Each
     call appends ``args=... pipe=... stdin=...`` to ``$CUDA_MPS_LOG_DIRECTORY/control.log`` (stdin only
-    read when called with no arguments); given ``fail``, it then prints that on stderr and exits 1."""
+    read when called with no arguments); given ``fail``, it then prints that on stderr and exits 1. Starting
+    (``-d``) then takes ``start_seconds``."""
     bin_dir = folder / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     script = bin_dir / CONTROL
@@ -25,6 +26,7 @@ def fake_mps_control(folder: Path, fail: str | None = None) -> Path:
         "#!/bin/sh\n"
         'echo "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(if [ $# -eq 0 ]; then cat; fi)"'
         ' >> "$CUDA_MPS_LOG_DIRECTORY/control.log"\n'
+        f'if [ "$1" = -d ]; then sleep {start_seconds}; fi\n'
         + (f"echo {shlex.quote(fail)} >&2\nexit 1\n" if fail is not None else ""))
     script.chmod(0o755)
     return bin_dir

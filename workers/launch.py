@@ -37,6 +37,7 @@ class WorkerGroup:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     slots: dict[str, Slot] = field(default_factory=dict)
     pools: dict[str, int] = field(default_factory=dict)  # pool processes of each worker
+    stopping: bool = False  # set by SIGTERM or SIGINT once :meth:`catch_stop_signals` is called
 
     def start(self, slot: Slot, concurrency: int | None = None) -> str:
         name = slot_name(slot)
@@ -94,20 +95,23 @@ class WorkerGroup:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
-    def supervise(self, poll: float = 5.0) -> None:
-        """Start the dispatcher if the group has none, then restart any process that exits, until SIGTERM
-        or SIGINT stops the whole group."""
-        stopping = False
+    def catch_stop_signals(self) -> None:
+        """From now on SIGTERM and SIGINT set :attr:`stopping` instead of ending this process: called before
+        anything is started, a stop that comes while the group starts still stops what was started."""
 
         def _stop(*_) -> None:
-            nonlocal stopping
-            stopping = True
+            self.stopping = True
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        if DISPATCH not in self.procs:
+
+    def supervise(self, poll: float = 5.0) -> None:
+        """Start the dispatcher if the group has none, then restart any process that exits, until SIGTERM
+        or SIGINT stops the whole group."""
+        self.catch_stop_signals()
+        if DISPATCH not in self.procs and not self.stopping:
             self.start_dispatcher()
-        while not stopping:
+        while not self.stopping:
             for name, proc in list(self.procs.items()):
                 if proc.poll() is not None:
                     print(f"{name} exited with {proc.returncode}; restarting", file=sys.stderr)
