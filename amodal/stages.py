@@ -45,9 +45,9 @@ class Stage:
 # smaller, 3,047 against 3,566 (gpu_throughput_lisa_mps_inpaint3.json, _lisa_mps.json). Costs: busy seconds
 # per image / processes at the paper's settings on one H100 with every stage sharing it (gpu_throughput.json);
 # ground's is LISA's, batched, on one H200 (gpu_throughput_lisa.json; 0.02 s with masks given). Finalize
-# runs two processes: one, at 0.45 s a job (likely large windows from random-weight LISA's noisy masks), kept
-# the default stack's last 15 s of 129 after the last diffusion call (gpu_throughput_lisa_mps_vae.json; two
-# not yet timed there).
+# runs two processes: one, at 0.45 s a job (likely large windows from random-weight LISA's noisy masks), was busy
+# through the default stack's last 15 s of 129 after the last diffusion call (gpu_throughput_lisa_mps_vae.json);
+# with two the last outcome still came 15 s after it (gpu_throughput_lisa_mps_finalize2.json).
 STAGES: tuple[Stage, ...] = (
     Stage("ground", gpu=True, batch=16, flush=0.2, processes=1, cost=0.40, models=("grounder",)),
     Stage("segment", gpu=True, batch=4, flush=0.2, processes=2, cost=0.99,

@@ -197,3 +197,23 @@ def test_compiled_vae_paints_what_the_eager_one_does(folder, inpainter, cat_requ
     requests = [cat_request, dataclasses.replace(cat_request, seed=5)]
     for ours, eager in zip(compiled.inpaint(requests), inpainter.inpaint(requests)):
         assert np.abs(ours.astype(int) - eager).max() <= 2
+
+
+@pytest.mark.slow
+def test_a_warmed_compiled_inpainter_takes_any_batch_without_compiling(folder):
+    """After the worker's warm-up at batch 4, calls of every size up to 4 reuse the graphs it compiled: a
+    first short call does not stall the stage on a compile."""
+    from types import SimpleNamespace
+
+    from workers.warmup import WARMERS
+
+    compiled = StableDiffusionInpainter.from_pretrained(
+        folder, device=torch.device("cpu"), dtype=torch.float32, num_inference_steps=1, guidance_scale=7.5,
+        compile_unet=True, compile_vae=True,
+    )
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    WARMERS["inpainter"](SimpleNamespace(inpainter=compiled), image, box_mask(0, 32, 0, 32)[:64, :64], 64, 4)
+    request = InpaintRequest(image, box_mask(8, 40, 8, 40)[:64, :64], "a cat", seed=1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (3, 1, 4, 2):
+            assert len(compiled.inpaint([request] * n)) == n
