@@ -172,7 +172,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     mps = MpsDaemon(Path(tempfile.mkdtemp(prefix="amodal-mps-")), Path(args.logs) / "mps") if args.mps else None
     if mps:
         mps.start()
-        env.update(mps.env)
+        group.env.update(mps.env)  # the workers are the daemon's clients
     try:
         for slot in slots:
             if group.stopping:

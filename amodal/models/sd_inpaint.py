@@ -63,7 +63,7 @@ class StableDiffusionInpainter:
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-        self.compiled = compile_unet
+        self.compiled = compile_unet or compile_vae  # a module compiled: the worker warms each batch kind
         if compile_unet:
             pipeline.unet.compile(fullgraph=True)
         if compile_vae:
@@ -82,7 +82,8 @@ class StableDiffusionInpainter:
         compile_vae: bool = False,
     ) -> "StableDiffusionInpainter":
         """Load the pipeline, its UNet and VAE compiled where asked. A compiled module compiles on first use for each
-        batch shape (after a second shape, one graph with a dynamic batch serves the rest)."""
+        kind of batch: one image (kept static), the first batch size above it, and one graph with a dynamic
+        batch for every other size."""
         pipeline = BatchEncodingInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, num_inference_steps, guidance_scale, compile_unet, compile_vae)
