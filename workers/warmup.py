@@ -1,14 +1,9 @@
 """Load a stage's models in each worker process and run them once before it takes work."""
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from celery.signals import worker_process_init
@@ -54,33 +49,6 @@ def warm(stage: str, models, size: int = 512, batch: int = 1) -> None:
         WARMERS[model](models, image, mask, size, batch)
 
 
-@contextmanager
-def first_on_this_host(stage: str, key: dict) -> Iterator[None]:
-    """Let one process of ``stage`` at a time into the block until one has finished it for ``key``, then every one
-    at once.
-
-    torch.compile keeps what it compiles in Inductor's on-disk cache, one per host and user
-    (``TORCHINDUCTOR_CACHE_DIR``), and which batch sizes went dynamic beside it: a process that warms after another
-    loads the first one's graphs instead of compiling them again, while processes warming together each compile
-    every graph, competing for the host's cores. The mark of a finished warm-up lives in that cache, so clearing
-    the cache clears it."""
-    import torch
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    folder = Path(cache_dir())
-    folder.mkdir(parents=True, exist_ok=True)
-    key = {**key, "torch": torch.__version__}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    done = folder / f"amodal-{stage}-{digest}.warmed"
-    with open(folder / f"amodal-{stage}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-        if not done.exists():
-            yield
-            done.touch()
-            return
-    yield
-
-
 @worker_process_init.connect
 def _warm_this_process(**_) -> None:
     from amodal.config import environment, resolve_settings
@@ -93,7 +61,5 @@ def _warm_this_process(**_) -> None:
 
     settings = resolve_settings()
     start = time.perf_counter()
-    size, batch = settings.inpaint_size, batch_size(stage)
-    with first_on_this_host(stage, {"settings": settings.to_dict(), "size": size, "batch": batch}):
-        warm(stage, models_for(settings), size, batch)
+    warm(stage, models_for(settings), settings.inpaint_size, batch_size(stage))
     log.warning("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)
