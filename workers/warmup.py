@@ -16,13 +16,12 @@ WARM_MESSAGE = "models loaded and warmed"
 
 
 def _warm_inpainter(models, image: np.ndarray, mask: np.ndarray, size: int, batch: int) -> None:
-    """A compiled UNet and VAE run a full ``batch``, then 2, then 1 image, so every graph a call can need is
-    compiled before the worker takes work: the full batch's, a dynamic one for the sizes from 2 up, and one
-    image's (torch.compile keeps a batch of 1 static). Warmed with 1 after the full batch alone, a first short
-    call of 12 compiled for 55 s while the stage held every job (gpu_throughput_lisa_mps_finalize2.json)."""
+    """A compiled UNet and VAE run a full ``batch``, then 1 image, so every graph a call can need is compiled before
+    the worker takes work: the one for every batch above 1 and the VAE's for a single image (kept static). A first
+    short call that compiled took 55 s while the stage held every job (gpu_throughput_lisa_mps_finalize2.json)."""
     request = InpaintRequest(np.resize(image, (size, size, 3)), np.resize(mask, (size, size)), "an object", seed=0)
     compiled = getattr(models.inpainter, "compiled", False)
-    for n in dict.fromkeys(n for n in (batch, 2, 1) if n <= batch) if compiled else (1,):
+    for n in dict.fromkeys((batch, 1)) if compiled else (1,):
         models.inpainter.inpaint([request] * n)
 
 

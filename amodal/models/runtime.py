@@ -1,6 +1,8 @@
 """Device and precision selection shared by every adapter."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -31,3 +33,26 @@ def limit_cpu_threads(device: torch.device) -> None:
     """Cap torch's CPU threads in a process whose models run on a GPU (``GPU_PROCESS_CPU_THREADS``)."""
     if device.type == "cuda" and torch.get_num_threads() > GPU_PROCESS_CPU_THREADS:
         torch.set_num_threads(GPU_PROCESS_CPU_THREADS)
+
+
+def compile_batch_dynamic(module: torch.nn.Module, **options) -> None:
+    """Put ``module``'s forward through ``torch.compile`` with its inputs' batch dimension dynamic from the first call.
+
+    Left to itself, torch.compile first compiles a graph for the batch size it meets, then one with a dynamic
+    batch at the next size, and keeps a batch of 1 static: three compiles for a worker to warm. Marked dynamic
+    from the start, a batch above 1 compiles one graph for every size above 1 (on one H200 the SD2 UNet's static
+    graph took 79 s to compile and its dynamic one 103 s; bench/results/gpu_throughput_warm_serial.json). Every
+    tensor argument whose first dimension is the first one's batch is marked; a batch of 1 stays static."""
+    compiled = torch.compile(module.forward, **options)
+
+    @functools.wraps(module.forward)
+    def forward(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()]
+        batch = tensors[0].shape[0] if tensors else 1
+        if batch > 1:
+            for tensor in tensors:
+                if tensor.shape[0] == batch:
+                    torch._dynamo.mark_dynamic(tensor, 0)
+        return compiled(*args, **kwargs)
+
+    module.forward = forward

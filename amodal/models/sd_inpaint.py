@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from amodal.models.base import InpaintRequest
+from amodal.models.runtime import compile_batch_dynamic
 from amodal.models.tokenizers import BOS, EOS, tiny_clip_vocab, write_tiny_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,10 @@ class StableDiffusionInpainter:
         self.guidance_scale = guidance_scale
         self.compiled = compile_unet or compile_vae  # a module compiled: the worker warms each batch kind
         if compile_unet:
-            pipeline.unet.compile(fullgraph=True)
+            compile_batch_dynamic(pipeline.unet, fullgraph=True)
         if compile_vae:
-            pipeline.vae.encoder.compile()
-            pipeline.vae.decoder.compile()
+            compile_batch_dynamic(pipeline.vae.encoder)
+            compile_batch_dynamic(pipeline.vae.decoder)
 
     @classmethod
     def from_pretrained(
@@ -81,9 +82,9 @@ class StableDiffusionInpainter:
         compile_unet: bool = False,
         compile_vae: bool = False,
     ) -> "StableDiffusionInpainter":
-        """Load the pipeline, its UNet and VAE compiled where asked. A compiled module compiles on first use for each
-        kind of batch: one image (kept static), the first batch size above it, and one graph with a dynamic
-        batch for every other size."""
+        """Load the pipeline, its UNet and VAE compiled where asked. A compiled module compiles on first use one graph
+        for every batch above 1 image (``compile_batch_dynamic``) and the VAE one for a single image; the UNet's
+        batch is never 1 (classifier-free guidance doubles it)."""
         pipeline = BatchEncodingInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, num_inference_steps, guidance_scale, compile_unet, compile_vae)
