@@ -67,9 +67,8 @@ class Settings:
     compile_unet: bool = True  # torch.compile the diffusion UNet on CUDA (once per worker; faster steps)
     compile_vae: bool = True  # torch.compile the diffusion VAE on CUDA (once per worker; faster en- and decoding)
     compile_sam: bool = True  # torch.compile SAM's image encoder on CUDA (once per worker; faster encoding)
-    fp8_unet: bool = False  # the UNet's linear layers in e4m3 (a precision, like dtype; amodal.models.fp8)
 
-    RUNTIME_FIELDS = ("device", "dtype", "compile_unet", "compile_vae", "compile_sam", "fp8_unet")
+    RUNTIME_FIELDS = ("device", "dtype", "compile_unet", "compile_vae", "compile_sam")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

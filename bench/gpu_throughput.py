@@ -330,8 +330,7 @@ def run_baseline(work: Path, models: Path, datasets: dict[str, tuple[Path, Path,
             return self._detector
 
     lisa_answer.install()
-    models_set = ReferenceModels(models, settings.replace(compile_unet=False, compile_vae=False, compile_sam=False,
-                                                          fp8_unet=False))
+    models_set = ReferenceModels(models, settings.replace(compile_unet=False, compile_vae=False, compile_sam=False))
     torch.set_num_threads(os.cpu_count() or 1)  # the reference runs alone: every core for its CPU work
     models_set.inpainter.pipeline.enable_attention_slicing()
     for resident in ("grounder", "tagger", "detector", "prompt_chooser", "clip", "occlusion"):  # loaded, as the
@@ -389,7 +388,6 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="torch.compile the UNet, the VAE and SAM's image encoder in the workers (the default "
                          "settings)")
-    ap.add_argument("--fp8-unet", action="store_true", help="the UNet's linear layers in e4m3 (setting fp8_unet)")
     ap.add_argument("--mps", action="store_true",
                     help="the workers as clients of a CUDA MPS daemon (amodal launch --mps), started after the models "
                          "are written")
@@ -419,7 +417,7 @@ def main() -> None:
     write_seconds = time.perf_counter() - t0
     settings = Settings(fixed_passes=args.passes, max_passes=args.passes, num_inference_steps=args.steps,
                         grounder="lisa", compile_unet=args.compile, compile_vae=args.compile,
-                        compile_sam=args.compile, fp8_unet=args.fp8_unet)
+                        compile_sam=args.compile)
     datasets = {name: (work / name, synthetic_images(work / name, args.images, masks=name == "masks_given"),
                        args.images) for name in args.datasets.split(",")}
     record = {
@@ -433,7 +431,7 @@ def main() -> None:
         "settings": {"passes": args.passes, "steps": args.steps, "inpaint_batch": args.batch,
                      "segment_batch": args.segment_batch, "ground_batch": args.ground_batch, "image_size": "640x480",
                      "max_tags": settings.max_tags, "compile_unet": settings.compile_unet,
-                     "compile_vae": settings.compile_vae, "compile_sam": settings.compile_sam, "fp8_unet": settings.fp8_unet,
+                     "compile_vae": settings.compile_vae, "compile_sam": settings.compile_sam,
                      "baseline": "same settings, one image at a time, LISA at batch 1, UNet, VAE and SAM not compiled, "
                                  "resident models loaded before timing"},
         "command": "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),

@@ -10,8 +10,7 @@ time is host work. Each variant's output of its first call is compared with the 
     python bench/inpaint_call.py --out bench/results/inpaint_call.json
     python bench/inpaint_call.py --tiny --out /tmp/inpaint_call.json   # tiny models on the CPU
 
-Variants: ``eager_vae``, ``compiled_vae`` (``compile_vae``, as the settings run it), and ``fp8_unet`` (the UNet's
-linear layers in e4m3 as well, ``amodal.models.fp8``).
+Variants: ``eager_vae``, and ``compiled_vae`` (``compile_vae``, as the settings run it).
 """
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 UNET_TFLOP_PER_SAMPLE_STEP = 0.80  # SD2 UNet, one 512 px sample (bench/gpu_throughput.py)
-VARIANTS = {"eager_vae": {"compile_vae": False}, "compiled_vae": {"compile_vae": True},
-            "fp8_unet": {"compile_vae": True, "fp8_unet": True}}
+VARIANTS = {"eager_vae": {"compile_vae": False}, "compiled_vae": {"compile_vae": True}}
 
 
 class PhaseClock:

@@ -125,15 +125,13 @@ def test_inpaint_call_script_times_a_call_in_phases_and_compares_variants(tmp_pa
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
-    assert set(variants) == {"eager_vae", "compiled_vae", "fp8_unet"}
+    assert set(variants) == {"eager_vae", "compiled_vae"}
     for variant in variants.values():
         median = variant["median_s"]
         assert all(median[phase] > 0 for phase in ("text", "vae_encode", "loop", "vae_decode", "wall_s"))
         assert median["wall_s"] > median["loop"]
     assert variants["compiled_vae"]["options"] == {"compile_vae": True}
     assert variants["compiled_vae"]["vs_eager_vae_uint8"]["max_abs"] <= 2
-    assert variants["fp8_unet"]["options"] == {"compile_vae": True, "fp8_unet": True}
-    assert 0 < variants["fp8_unet"]["vs_eager_vae_uint8"]["mean_abs"] < 8  # e4m3's rounding, no more
 
 
 def test_first_outcome_seconds_is_the_first_sample_with_an_outcome():

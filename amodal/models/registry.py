@@ -155,5 +155,5 @@ class ModelSet:
             self.path(SD_INPAINT_DIR), device=self.device, dtype=self.dtype,
             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
             compile_unet=s.compile_unet and self.device.type == "cuda",
-            compile_vae=s.compile_vae and self.device.type == "cuda", fp8_unet=s.fp8_unet,
+            compile_vae=s.compile_vae and self.device.type == "cuda",
         )

@@ -13,7 +13,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from amodal.models.base import InpaintRequest
-from amodal.models.fp8 import quantize_linears
 from amodal.models.runtime import compile_batch_dynamic
 from amodal.models.tokenizers import BOS, EOS, tiny_clip_vocab, write_tiny_clip_tokenizer
 
@@ -52,8 +51,6 @@ class StableDiffusionInpainter:
 
     ``compile_unet`` puts the UNet through ``torch.compile``, ``compile_vae`` the VAE's encoder and decoder (on
     one H200 their share of a 16-image call fell from 0.32 to 0.15 s: bench/results/inpaint_call.json).
-    ``fp8_unet`` computes the UNet's linear layers in e4m3 (``amodal.models.fp8``), after the pipeline has its
-    device and dtype.
 
     Each call logs the time of its denoising loop from the end of the first step to the end of the
     last (UNet and scheduler only, timed on the device without synchronising), so the UNet's achieved
@@ -63,13 +60,11 @@ class StableDiffusionInpainter:
     name = "sd2_inpaint"
 
     def __init__(self, pipeline: StableDiffusionInpaintPipeline, num_inference_steps: int, guidance_scale: float,
-                 compile_unet: bool = False, compile_vae: bool = False, fp8_unet: bool = False) -> None:
+                 compile_unet: bool = False, compile_vae: bool = False) -> None:
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.compiled = compile_unet or compile_vae  # a module compiled: the worker warms each batch kind
-        if fp8_unet:
-            quantize_linears(pipeline.unet)
         if compile_unet:
             compile_batch_dynamic(pipeline.unet, fullgraph=True)
         if compile_vae:
@@ -86,14 +81,13 @@ class StableDiffusionInpainter:
         guidance_scale: float,
         compile_unet: bool = False,
         compile_vae: bool = False,
-        fp8_unet: bool = False,
     ) -> "StableDiffusionInpainter":
         """Load the pipeline, its UNet and VAE compiled where asked. A compiled module compiles on first use one graph
         for every batch above 1 image (``compile_batch_dynamic``) and the VAE one for a single image; the UNet's
         batch is never 1 (classifier-free guidance doubles it)."""
         pipeline = BatchEncodingInpaintPipeline.from_pretrained(str(path_or_id), dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, num_inference_steps, guidance_scale, compile_unet, compile_vae, fp8_unet)
+        return cls(pipeline, num_inference_steps, guidance_scale, compile_unet, compile_vae)
 
     def inpaint(self, requests: Sequence[InpaintRequest]) -> list[np.ndarray]:
         """Return one uint8 RGB image per request, of the request's size (a multiple of 8)."""
