@@ -165,8 +165,6 @@ class LisaGrounder:
             use_cache=True,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.unk_token_id,
-            output_hidden_states=True,
-            return_dict_in_generate=True,
         )
 
     @classmethod
@@ -235,13 +233,20 @@ class LisaGrounder:
         for i, row in enumerate(rows):
             embeds[i, length - len(row) :] = row
             attention[i, length - len(row) :] = 1
-        # 3. decoding; step t's last position is the one that predicted new token t (a KV cache is in use)
-        out = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=attention, generation_config=self.generation_config
-        )
-        hidden = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)
+        # 3. decoding; forward t's last position is the one that predicted new token t (a KV cache is in use).
+        # Only the final norm's output there is kept: output_hidden_states would hold every layer's states
+        # of every prompt position until the end (2 GiB for LISA-13B at 16 prompts).
+        last: list[torch.Tensor] = []
+        hook = self.llm.model.norm.register_forward_hook(lambda _module, _args, out: last.append(out[:, -1]))
+        try:
+            sequences = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=attention, generation_config=self.generation_config
+            )
+        finally:
+            hook.remove()
+        hidden = torch.stack(last, dim=1)
         # 4. each answer up to its end-of-sequence token (the rows that ended earlier are padded after it)
-        return [self._answer(ids, h) for ids, h in zip(out.sequences, hidden)]
+        return [self._answer(ids, h) for ids, h in zip(sequences, hidden, strict=True)]
 
     def _answer(self, ids: torch.Tensor, hidden: torch.Tensor) -> Generation:
         ends = (ids == self.tokenizer.eos_token_id).nonzero()
