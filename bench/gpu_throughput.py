@@ -364,6 +364,27 @@ def unet_rates(record: dict, passes: int, steps: int) -> dict:
             "arithmetic_floor_images_per_hour_at_280_tflops": 3600 * 280 / unet_tflop}
 
 
+def run_stacks(args: argparse.Namespace, work: Path, models: Path, datasets: dict, settings: Settings,
+               record: dict) -> dict[str, dict]:
+    """Each dataset's figures through the workers, with the broker and the MPS daemon ``args`` ask for."""
+    redis = start_redis(args.redis_server) if args.redis_server else None
+    mps = MpsDaemon(work / "mps" / "pipe", work / "mps" / "log") if args.mps else None
+    record["mps"] = bool(mps)
+    try:
+        if mps:
+            mps.start()
+        return run_distributed(work, models, datasets, settings, args.batch, args.segment_batch, args.ground_batch,
+                               "redis://127.0.0.1:6390/0" if redis else "filesystem://", args.gpus, args.replicas,
+                               {k: int(v) for k, v in (c.split("=") for c in args.concurrency)}, mps,
+                               Path(args.keep_logs) if args.keep_logs else None)
+    finally:
+        if mps:
+            mps.stop()
+            record["mps_log_tail"] = mps.log_tail(800)
+        if redis:
+            redis.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=48, help="images of each dataset")
@@ -392,6 +413,8 @@ def main() -> None:
                     help="the workers as clients of a CUDA MPS daemon (amodal launch --mps), started after the models "
                          "are written")
     ap.add_argument("--keep-logs", help="copy the workers' logs to this folder")
+    ap.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the stacks through the workers (--no-distributed: the baseline alone)")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the reference-structured baseline")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_throughput_lisa.json"))
@@ -437,22 +460,7 @@ def main() -> None:
         "command": "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),
         "model_write_seconds": write_seconds,
     }
-    redis = start_redis(args.redis_server) if args.redis_server else None
-    mps = MpsDaemon(work / "mps" / "pipe", work / "mps" / "log") if args.mps else None
-    record["mps"] = bool(mps)
-    try:
-        if mps:
-            mps.start()
-        ours = run_distributed(work, models, datasets, settings, args.batch, args.segment_batch, args.ground_batch,
-                               "redis://127.0.0.1:6390/0" if redis else "filesystem://", args.gpus, args.replicas,
-                               {k: int(v) for k, v in (c.split("=") for c in args.concurrency)}, mps,
-                               Path(args.keep_logs) if args.keep_logs else None)
-    finally:
-        if mps:
-            mps.stop()
-            record["mps_log_tail"] = mps.log_tail(800)
-        if redis:
-            redis.terminate()
+    ours = run_stacks(args, work, models, datasets, settings, record) if args.distributed else {}
     # the first dataset's figures under "ours", "baseline", "speedup" (what `amodal launch --costs` plans
     # from); each other's under the same keys suffixed with its name
     key = {name: "" if i == 0 else f"_{name}" for i, name in enumerate(datasets)}
@@ -465,7 +473,8 @@ def main() -> None:
     if args.baseline:
         for name, base in run_baseline(work, models, datasets, settings, args.baseline_images).items():
             record[f"baseline{key[name]}"] = base
-            record[f"speedup{key[name]}"] = ours[name]["images_per_hour"] / base["images_per_hour"]
+            if name in ours:
+                record[f"speedup{key[name]}"] = ours[name]["images_per_hour"] / base["images_per_hour"]
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     shutil.rmtree(work, ignore_errors=True)

@@ -50,6 +50,19 @@ def test_benchmark_runs_both_stacks_and_baselines_on_tiny_models(tmp_path):
                                            for n in calls}
 
 
+@pytest.mark.slow
+def test_benchmark_runs_the_baseline_alone(tmp_path):
+    out = tmp_path / "record.json"
+    command = [sys.executable, "bench/gpu_throughput.py", "--tiny", "--images", "1", "--baseline-images", "1",
+               "--steps", "2", "--passes", "1", "--datasets", "masks_given", "--no-distributed",
+               "--models", str(tmp_path / "models"), "--out", str(out)]
+    res = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["baseline"]["statuses"] == ["completed"] and record["baseline"]["images_per_hour"] > 0
+    assert not {"ours", "speedup", "mps"} & set(record)  # no workers started, no ratio without them
+
+
 def test_console_script_is_written_where_the_project_is_not_installed(tmp_path, monkeypatch):
     import workers.launch
     from bench.gpu_throughput import ensure_console_script
