@@ -235,9 +235,12 @@ class LisaGrounder:
             attention[i, length - len(row) :] = 1
         # 3. decoding; forward t's last position is the one that predicted new token t (a KV cache is in use).
         # Only the final norm's output there is kept: output_hidden_states would hold every layer's states
-        # of every prompt position until the end (2 GiB for LISA-13B at 16 prompts).
+        # of every prompt position until the end (2 GiB for LISA-13B at 16 prompts). A copy, not a view, so that
+        # the prefill's whole output is not kept alive by its last position.
         last: list[torch.Tensor] = []
-        hook = self.llm.model.norm.register_forward_hook(lambda _module, _args, out: last.append(out[:, -1]))
+        hook = self.llm.model.norm.register_forward_hook(
+            lambda _module, _args, out: last.append(out[:, -1].clone())
+        )
         try:
             sequences = self.llm.generate(
                 inputs_embeds=embeds, attention_mask=attention, generation_config=self.generation_config
