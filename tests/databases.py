@@ -1,5 +1,6 @@
-"""The Redis databases the tests take on the machine's Redis (127.0.0.1:6379), one per owner, so that one
-test module's flush never empties another's (the benchmarks in ``bench/`` take 9 and 12)."""
+"""The Redis databases the tests take on the machine's Redis (127.0.0.1:6379, or the server at
+``AMODAL_TEST_REDIS``), one per owner, so that one test module's flush never empties another's (the
+benchmarks in ``bench/`` take 9 and 12)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from typing import Iterator
 
 import redis
 
+SERVER = os.environ.get("AMODAL_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
 SHARED = int(os.environ.get("AMODAL_TEST_REDIS_DB", "11"))  # the ``redis_url`` fixture of conftest.py
 DISPATCH = 13  # tests/test_dispatch.py
 FLOWER = 14  # tests/test_flower.py
@@ -17,7 +19,7 @@ METRICS = 8  # tests/test_metrics.py
 @contextmanager
 def emptied(db: int) -> Iterator[str]:
     """The URL of database ``db``, emptied before and after."""
-    url = f"redis://127.0.0.1:6379/{db}"
+    url = f"{SERVER}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:
