@@ -73,7 +73,9 @@ class Window:
 def place_window(
     visible: np.ndarray, truncated: list[str], *, scale: int, margin: int, extra: int
 ) -> Window:
-    """The working window around the visible mask, grown toward truncated sides, clamped."""
+    """The working window around the visible mask: ``margin`` beyond its first and last rows and columns
+    (``extra`` more on truncated sides), squared by growing toward a truncated side (the left or top one
+    when both opposite sides are), else evenly; kept on the canvas."""
     h, w = visible.shape
     cw, ch = w * scale, h * scale
     ix, iy = (cw - w) // 2, (ch - h) // 2
@@ -82,9 +84,9 @@ def place_window(
         raise ValueError("cannot place a window around an empty mask")
     bx0, by0, bx1, by1 = box
     x0 = ix + bx0 - margin - (extra if "left" in truncated else 0)
-    x1 = ix + bx1 + margin + (extra if "right" in truncated else 0)
+    x1 = ix + bx1 - 1 + margin + (extra if "right" in truncated else 0)
     y0 = iy + by0 - margin - (extra if "top" in truncated else 0)
-    y1 = iy + by1 + margin + (extra if "bottom" in truncated else 0)
+    y1 = iy + by1 - 1 + margin + (extra if "bottom" in truncated else 0)
     side = min(max(x1 - x0, y1 - y0), cw, ch)
     x0 = _grow(x0, x1, side, "left" in truncated, "right" in truncated)
     y0 = _grow(y0, y1, side, "top" in truncated, "bottom" in truncated)
@@ -94,13 +96,25 @@ def place_window(
 
 
 def _grow(lo: int, hi: int, side: int, toward_lo: bool, toward_hi: bool) -> int:
-    """New start of a span [lo, hi) grown to ``side``: toward the truncated end, else evenly."""
+    """New start of a span [lo, hi) grown to ``side``: toward its truncated start (also when both ends are
+    truncated, as the paper's code does), else toward its truncated end, else evenly (the odd pixel at the end)."""
     slack = side - (hi - lo)
-    if toward_lo and not toward_hi:
+    if toward_lo:
         return lo - slack
-    if toward_hi and not toward_lo:
+    if toward_hi:
         return lo
     return lo - slack // 2
+
+
+def paste_background(background: np.ndarray, window: np.ndarray, visible: np.ndarray) -> np.ndarray | None:
+    """The window with every pixel outside the visible target taken 1:1 from the clean background's same
+    position (the paper's mixed context); ``None`` if such a pixel lies beyond the background's size."""
+    ys, xs = np.nonzero(~visible)
+    if len(ys) and (ys.max() >= background.shape[0] or xs.max() >= background.shape[1]):
+        return None
+    mixed = window.copy()
+    mixed[ys, xs] = background[ys, xs]
+    return mixed
 
 
 def fit_background(background: np.ndarray, size: int) -> np.ndarray:

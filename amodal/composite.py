@@ -1,4 +1,7 @@
-"""The final RGBA: the completed window cut out by the amodal mask, blended with the visible pixels."""
+"""The final RGBA: the completed window with the visible pixels over it (docs/design.md step 6).
+
+Two ways: the paper's (:func:`compose_paper`, the default) and a feathered blend (:func:`compose_rgba`,
+``composite="feather"``)."""
 from __future__ import annotations
 
 import cv2
@@ -47,3 +50,18 @@ def compose_rgba(
     rgba = np.dstack([rgb, np.where(amodal, 255, 0).astype(np.uint8)])
     x0, y0, x1, y1 = box
     return rgba[y0:y1, x0:x1], box
+
+
+def compose_paper(completed: np.ndarray, original: np.ndarray, visible: np.ndarray, amodal: np.ndarray, *,
+                  erode: int, shrink: int) -> np.ndarray:
+    """The window-sized RGBA as the paper's code writes it: the original pixels where the visible mask survives
+    an ``erode`` square erosion and then ``shrink`` pixels more (a square of side 2 * shrink + 1), the
+    completed window elsewhere; alpha is the amodal mask or that shrunk visible part.
+
+    (The paper's code also means to feather the seam over 5 px, but its blend writes into a temporary
+    copy and has no effect: the visible pixels are pasted as they are, and so they are here.)"""
+    inner = cv2.erode(visible.astype(np.uint8), np.ones((erode, erode), np.uint8))
+    outside = cv2.dilate((inner == 0).astype(np.uint8), np.ones((2 * shrink + 1, 2 * shrink + 1), np.uint8))
+    pasted = outside == 0
+    rgb = np.where(pasted[..., None], original, completed)
+    return np.dstack([rgb, np.where(pasted | amodal, 255, 0).astype(np.uint8)])

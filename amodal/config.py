@@ -22,7 +22,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from amodal.errors import UsageError
-from amodal.settings import Settings
+from amodal.settings import PRESETS, Settings
 from amodal.stages import BY_NAME
 
 SETTINGS_VARIABLE = "AMODAL_SETTINGS"
@@ -107,6 +107,10 @@ def resolve_settings(overrides: Iterable[str] = (), env: Environment | None = No
         if not sep:
             raise UsageError(f"--set {item!r}: expected NAME=VALUE")
         values[name.strip()] = value
+    preset = values.pop("preset", "paper")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
+    values = {**PRESETS[preset], **values}
     unknown = sorted(set(values) - set(Settings.__dataclass_fields__))
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r} (see amodal/settings.py for the names)")

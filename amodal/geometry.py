@@ -5,6 +5,7 @@ from typing import Iterable
 
 import cv2
 import numpy as np
+from PIL import Image
 from skimage.morphology import disk
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 with exclusive ends
@@ -42,13 +43,14 @@ def union(masks: Iterable[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
 
 
 def near_sides(mask: np.ndarray, margin: int) -> list[str]:
-    """Sides of the array that the mask comes within ``margin`` pixels of (truncation)."""
+    """Sides of the array that the mask comes within ``margin`` pixels of (truncation): its first row or
+    column at most ``margin`` from the start, its last at least ``size - margin``."""
     box = bbox(mask)
     if box is None:
         return []
     x0, y0, x1, y1 = box
     h, w = mask.shape
-    hits = {"left": x0 < margin, "top": y0 < margin, "right": x1 > w - margin, "bottom": y1 > h - margin}
+    hits = {"left": x0 <= margin, "top": y0 <= margin, "right": x1 - 1 >= w - margin, "bottom": y1 - 1 >= h - margin}
     return [s for s in SIDES if hits[s]]
 
 
@@ -68,19 +70,26 @@ def edge_strips(shape: tuple[int, int], sides: Iterable[str], width: int) -> np.
 
 
 def background_segments(covered: np.ndarray, erode_radius: int, min_area: int) -> list[np.ndarray]:
-    """Connected pieces of the area no instance covers, eroded by a disk, larger than ``min_area``."""
-    free = erode_disk(~covered, erode_radius)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(free.astype(np.uint8), connectivity=8)
-    return [labels == i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] > min_area]
+    """The area no instance covers, eroded by a disk, as the regions its outer contours enclose (filled,
+    so a segment around an object contains it) whose contour area is over ``min_area``."""
+    free = erode_disk(~covered, erode_radius).astype(np.uint8)
+    contours, _ = cv2.findContours(free, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = []
+    for contour in contours:
+        if cv2.contourArea(contour) > min_area:
+            filled = np.zeros_like(free)
+            cv2.drawContours(filled, [contour], -1, 1, -1)
+            out.append(filled.astype(bool))
+    return out
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize to ``size`` = (width, height)."""
-    return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    """Nearest-neighbour resize to ``size`` = (width, height), as Pillow samples (pixel centres)."""
+    return np.asarray(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).resize(size, Image.NEAREST)) > 0
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an RGB image to ``size`` = (width, height), area-averaging when shrinking."""
-    h, w = image.shape[:2]
-    shrink = size[0] * size[1] < w * h
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+def resize_image(image: np.ndarray, size: tuple[int, int], resample: str = "lanczos") -> np.ndarray:
+    """Resize an RGB image to ``size`` = (width, height) with Pillow's ``lanczos`` or ``bicubic`` filter (the
+    paper's code sends windows to the inpainter through Lanczos and brings its output back through bicubic)."""
+    filters = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC}
+    return np.asarray(Image.fromarray(image).resize(size, filters[resample]))

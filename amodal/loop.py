@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from amodal.canvas import Window, fit_background, place_window
+from amodal.canvas import Window, fit_background, paste_background, place_window
 from amodal.geometry import dilate, edge_strips, near_sides, resize_image
 from amodal.scene import Instances, best_match
 from amodal.settings import Settings
@@ -29,6 +29,13 @@ STOPS = {
     "nothing_left": "complete after {n} pass(es): nothing left to repaint",
     "limit": "stopped at the limit of {n} pass(es)",
     "fixed": "stopped after the fixed {n} pass(es)",
+}
+# Why a row ends with no result, as the paper's code skips it (outcome ``skipped``).
+SKIPS = {
+    "empty_mask": "no result: nothing to repaint in the window (its occluders lie outside it)",
+    "background": "no result: the window ({size} px) is larger than the clean background ({bg}), which the paper "
+                  "pastes 1:1 (background_fit=fit resizes it)",
+    "no_instances": "no result: nothing was detected on the inpainted window",
 }
 
 
@@ -51,9 +58,11 @@ class FirstPass:
     window: Window
     original: np.ndarray  # the input image's pixels in the window (white outside the image)
     visible: np.ndarray  # the target's visible mask in the window
-    first_mask: np.ndarray  # pass 1's inpaint mask; later masks stay inside it
+    first_mask: np.ndarray  # occluders + unfilled canvas before dilation; later masks stay inside it
+    inpaint_mask: np.ndarray  # pass 1's inpaint mask: ``first_mask`` dilated
     unfilled: np.ndarray  # canvas outside the input image, still to be painted
-    mixed: np.ndarray  # the window with everything but the visible target on the clean background
+    mixed: np.ndarray | None  # the window with everything but the visible target on the clean background
+    # (``None``: the background is smaller than the window, and ``background_fit`` pastes it 1:1)
 
 
 def plan_first_pass(image: np.ndarray, visible: np.ndarray, occluders: np.ndarray, truncated: list[str],
@@ -65,25 +74,34 @@ def plan_first_pass(image: np.ndarray, visible: np.ndarray, occluders: np.ndarra
     original = window.crop(image, 255)
     visible_w = window.crop(visible, False)
     unfilled = window.outside_image()
-    mask = dilate(window.crop(occluders, False) | unfilled, s.first_mask_kernel, s.first_mask_iterations)
-    mixed = np.where(visible_w[..., None], original, fit_background(background, window.size))
-    return FirstPass(window, original, visible_w, mask, unfilled, mixed)
+    first = window.crop(occluders, False) | unfilled
+    mask = dilate(first, s.first_mask_kernel, s.first_mask_iterations)
+    if s.background_fit == "paste":
+        mixed = paste_background(background, original, visible_w)
+    else:
+        mixed = np.where(visible_w[..., None], original, fit_background(background, window.size))
+    return FirstPass(window, original, visible_w, first, mask, unfilled, mixed)
 
 
-def paste_inpainted(image: np.ndarray, mask: np.ndarray, out: np.ndarray,
-                    unfilled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """3. The window with the inpainter's output (resized back) in the masked pixels, and what stays unfilled."""
+def paste_inpainted(image: np.ndarray, mask: np.ndarray, out: np.ndarray, unfilled: np.ndarray,
+                    s: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """3. The window after a pass: the inpainter's output resized back (bicubic), whole (the paper) or, with
+    ``keep_outside_mask``, in the masked pixels only; and what stays unfilled."""
     side = image.shape[0]
-    return np.where(mask[..., None], resize_image(out, (side, side)), image), unfilled & ~mask
+    painted = resize_image(out, (side, side), "bicubic")
+    if not s.keep_outside_mask:
+        return painted, np.zeros_like(unfilled)
+    return np.where(mask[..., None], painted, image), unfilled & ~mask
 
 
-def resegment(scene: Instances, current: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, bool]:
-    """4. The new amodal mask (the detection with the highest IoU with the current mask, joined with the
-    visible mask) and whether the target was re-detected; if not, the current mask is kept."""
+def resegment(scene: Instances, current: np.ndarray, visible: np.ndarray, s: Settings) -> tuple[np.ndarray, int | None]:
+    """4. The new amodal mask (the detection with the highest IoU with the current mask; with
+    ``join_visible``, joined with the visible mask) and that detection's index; if none overlaps, the
+    current mask is kept and the index is ``None``."""
     match = best_match(scene, current)
     if match is None:
-        return current, False
-    return match | visible, True
+        return current, None
+    return (scene.masks[match] | visible) if s.join_visible else scene.masks[match], match
 
 
 def window_occluders(occluders: np.ndarray, amodal: np.ndarray, s: Settings) -> np.ndarray:
@@ -95,8 +113,9 @@ def window_occluders(occluders: np.ndarray, amodal: np.ndarray, s: Settings) -> 
 def next_pass(passes: int, occluders: np.ndarray, unfilled: np.ndarray, first_mask: np.ndarray,
               s: Settings) -> tuple[str | None, np.ndarray | None]:
     """6. After ``passes`` passes: the reason to stop (a ``STOPS`` key), or the next inpaint mask,
-    (occluders + unfilled) & the first mask, dilated ``next_mask_kernel`` square ``next_mask_iterations``
-    times. ``fixed_passes`` overrides the other rules (an empty mask repaints the first mask)."""
+    (occluders + unfilled) & pass 1's mask before dilation, dilated ``next_mask_kernel`` square
+    ``next_mask_iterations`` times. ``fixed_passes`` overrides the other rules (an empty mask repaints
+    pass 1's)."""
     if s.fixed_passes and passes >= s.fixed_passes:
         return "fixed", None
     if not s.fixed_passes:
@@ -104,7 +123,8 @@ def next_pass(passes: int, occluders: np.ndarray, unfilled: np.ndarray, first_ma
             return "complete", None
         if passes >= s.max_passes:
             return "limit", None
-    mask = dilate((occluders | unfilled) & first_mask, s.next_mask_kernel, s.next_mask_iterations)
-    if not mask.any():
-        return (None, first_mask) if s.fixed_passes else ("nothing_left", None)
-    return None, mask
+    kept = (occluders | unfilled) & first_mask
+    if not kept.any():
+        return (None, dilate(first_mask, s.first_mask_kernel, s.first_mask_iterations)) if s.fixed_passes \
+            else ("nothing_left", None)
+    return None, dilate(kept, s.next_mask_kernel, s.next_mask_iterations)

@@ -14,7 +14,7 @@ from amodal.stages import NAMES
 # ``occlusion`` to ``inpaint`` and from ``inpaint`` to ``segment``.
 WORK_STAGES = NAMES  # one queue and one worker kind each
 STAGES = (*WORK_STAGES, "done")
-OUTCOMES = ("completed", "unoccluded", "no_target", "invalid", "failed")
+OUTCOMES = ("completed", "unoccluded", "skipped", "no_target", "invalid", "failed")
 
 
 def job_id(dataset: str, image_key: str, query: str, mask_key: str | None, settings: Settings) -> str:
@@ -46,6 +46,8 @@ class JobState:
     tags: list[str] = field(default_factory=list)
     prompt: str = ""
     target_class: str = ""  # the class chosen for the target (the prompt is "a {target_class}")
+    detections: int = 0  # instances detected on the input image (the paper's code numbers the target after them)
+    target_index: int | None = None  # the target's instance in the last window's scene (None: not re-detected)
     truncated: list[str] = field(default_factory=list)
     window: dict | None = None
     passes_log: list[dict] = field(default_factory=list)  # one record per inpainting pass (amodal.quality)

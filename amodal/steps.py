@@ -18,14 +18,16 @@ import numpy as np
 from amodal import artifacts as art
 from amodal.artifacts import in_pass
 from amodal.canvas import Window
-from amodal.composite import compose_rgba
-from amodal.geometry import resize_image, resize_mask
+from amodal.composite import compose_paper, compose_rgba
+from amodal.geometry import bbox, resize_image, resize_mask
 from amodal.images import InvalidInput, encode_png, load_image, load_mask
-from amodal.loop import STOPS, next_pass, paste_inpainted, plan_first_pass, resegment, truncated_sides, window_occluders
+from amodal.loop import SKIPS, STOPS, next_pass, paste_inpainted, plan_first_pass, resegment, truncated_sides, window_occluders
 from amodal.models.base import InpaintRequest
 from amodal.stages import BY_NAME
+from amodal.settings import Settings
 from amodal.quality import clip_similarities, pass_entry, record_resegment, result_flags, result_quality
-from amodal.scene import Instances, SceneRequest, candidate_classes, occluder_masks, segment_scenes
+from amodal.scene import (Instances, OcclusionQuery, SceneRequest, detection_classes, occluder_masks,
+                          prompt_candidates, segment_scenes)
 from amodal.state import JobState
 from amodal.storage import ObjectNotFound, Storage
 
@@ -124,18 +126,23 @@ def segment(states: Sequence[JobState], ctx: Context) -> None:
         later = [i for i, state in enumerate(states) if state.passes > 0]
         # 1. tags of each input image
         for i, tags in zip(first, models.tagger.tag([inputs[i].image for i in first])):
-            states[i].tags = list(tags)[: states[i].job_settings().max_tags]
+            cap = states[i].job_settings().max_tags
+            states[i].tags = list(tags)[:cap] if cap else list(tags)
             states[i].backends["tag"] = models.tagger.name
-        classes = [candidate_classes(state.tags, state.query) for state in states]
         # 2. the target's class (the inpainting prompt), on each input image
-        choices = models.prompt_chooser.choose([inputs[i].image for i in first], [inputs[i].visible for i in first],
-                                               [classes[i] for i in first])
+        choices = models.prompt_chooser.choose(
+            [inputs[i].image for i in first], [inputs[i].visible for i in first],
+            [prompt_candidates(states[i].tags, states[i].query, states[i].job_settings()) for i in first])
         for i, choice in zip(first, choices):
             states[i].target_class, states[i].prompt = choice, f"a {choice}"
-        # 3. scenes: the tags' instances; background segments on input images, the target's class on its own on windows
-        requests = [SceneRequest(x.image, c, state.job_settings(), target=x.visible if state.passes == 0 else None,
-                                 target_class=state.target_class) for state, x, c in zip(states, inputs, classes)]
+        # 3. scenes: the tags' instances; background segments on input images only
+        requests = [SceneRequest(x.image, detection_classes(state.tags, state.query, state.target_class, state.passes > 0,
+                                                            state.job_settings()),
+                                 state.job_settings(), target=x.visible if state.passes == 0 else None,
+                                 target_class=state.target_class) for state, x in zip(states, inputs)]
         scenes = segment_scenes(requests, models.detector, models.segmenter)
+        for i in first:
+            states[i].detections = sum(not label.startswith("background_") for label in scenes[i].labels)
         # 4. on windows: the target's new amodal mask, and how it came out
         amodal = {i: _resegment(states[i], scenes[i], inputs[i]) for i in later}
         # 5. on windows: the completion's CLIP similarity to its prompt
@@ -157,8 +164,8 @@ def _segment_input(state: JobState, ctx: Context) -> _Segmentable:
 
 
 def _resegment(state: JobState, scene: Instances, x: _Segmentable) -> np.ndarray:
-    amodal, redetected = resegment(scene, x.current, x.visible)
-    record_resegment(state.passes_log[-1], redetected, x.current, amodal)
+    amodal, state.target_index = resegment(scene, x.current, x.visible, state.job_settings())
+    record_resegment(state.passes_log[-1], state.target_index is not None, x.current, amodal)
     return amodal
 
 
@@ -174,19 +181,31 @@ def occlusion(states: Sequence[JobState], ctx: Context) -> None:
     """Step 4 for a batch of jobs (one occlusion-model call), then each job's loop decision: finish, or
     plan its next inpainting pass."""
     with ThreadPoolExecutor(IO_THREADS) as pool:
-        inputs = list(pool.map(lambda state: _occlusion_input(state, ctx), states))
-        occluders = occluder_masks([i[0] for i in inputs], [i[1] for i in inputs], [i[2] for i in inputs],
-                                   ctx.models.occlusion, [state.job_settings() for state in states])
-        list(pool.map(lambda state, i, o: _decide(state, ctx, i[0], i[1], o), states, inputs, occluders))
+        queries = list(pool.map(lambda state: _occlusion_input(state, ctx), states))
+        asked = [i for i, q in enumerate(queries) if q is not None]
+        occluders = occluder_masks([queries[i] for i in asked], ctx.models.occlusion,
+                                   [states[i].job_settings() for i in asked])
+        list(pool.map(lambda i, o: _decide(states[i], ctx, queries[i].image, queries[i].exclude, o), asked, occluders))
 
 
-def _occlusion_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarray, Instances]:
-    """The image, the target's mask in it (visible on the first visit, amodal after) and its scene."""
+def _occlusion_input(state: JobState, ctx: Context) -> OcclusionQuery | None:
+    """Whose occluders to find: on the input image, the visible target's; on a window, the re-detected
+    target's. A window where the target was lost asks, as ``lost_redetection`` says, about its first
+    detection (the paper; with no detection at all the row is skipped) or about the kept mask."""
     scene = Instances(*art.get_instances(ctx.store, state.key(in_pass(state.passes, art.SCENE))))
     if state.passes == 0:
-        return _get_rgb(state, ctx, art.IMAGE), _get_mask(state, ctx, art.VISIBLE), scene
-    return (_get_rgb(state, ctx, in_pass(state.passes, art.WINDOW)),
-            _get_mask(state, ctx, in_pass(state.passes, art.AMODAL)), scene)
+        visible = _get_mask(state, ctx, art.VISIBLE)
+        return OcclusionQuery(_get_rgb(state, ctx, art.IMAGE), visible, scene, visible)
+    image = _get_rgb(state, ctx, in_pass(state.passes, art.WINDOW))
+    amodal = _get_mask(state, ctx, in_pass(state.passes, art.AMODAL))
+    if state.target_index is not None:
+        return OcclusionQuery(image, amodal, scene, amodal, own=state.target_index)
+    if state.job_settings().lost_redetection == "keep":
+        return OcclusionQuery(image, amodal, scene, amodal)
+    if not scene.masks:
+        _skip(state, "no_instances")
+        return None
+    return OcclusionQuery(image, scene.masks[0], scene, amodal, own=0)
 
 
 def _decide(state: JobState, ctx: Context, image: np.ndarray, target: np.ndarray, occluders: np.ndarray) -> None:
@@ -198,7 +217,7 @@ def _decide(state: JobState, ctx: Context, image: np.ndarray, target: np.ndarray
         if not occluders.any() and not state.truncated and not s.fixed_passes:
             _stop(state, "unoccluded")
             return
-        _plan_first_pass(state, ctx, image, target, occluders)
+        _plan_first_pass(state, ctx, image, target, occluders, s)
         return
     unfilled = _get_mask(state, ctx, in_pass(state.passes, art.UNFILLED))
     stop, mask = next_pass(state.passes, window_occluders(occluders, target, s), unfilled,
@@ -215,16 +234,28 @@ def _stop(state: JobState, reason: str) -> None:
     state.finish("unoccluded" if reason == "unoccluded" else "completed", STOPS[reason].format(n=state.passes))
 
 
+def _skip(state: JobState, reason: str, **details) -> None:
+    """End the row with no result, where the paper's code skips it."""
+    state.stop = reason
+    state.finish("skipped", SKIPS[reason].format(**details))
+
+
 def _plan_first_pass(state: JobState, ctx: Context, image: np.ndarray, visible: np.ndarray,
-                     occluders: np.ndarray) -> None:
-    """Write pass 1's inputs: window, first inpaint mask and the mixed-context image."""
-    plan = plan_first_pass(image, visible, occluders, state.truncated, ctx.background, state.job_settings())
+                     occluders: np.ndarray, s: Settings) -> None:
+    """Write pass 1's inputs: window, first inpaint mask and the mixed-context image (or skip the row)."""
+    plan = plan_first_pass(image, visible, occluders, state.truncated, ctx.background, s)
     state.window = plan.window.to_dict()
+    if not plan.first_mask.any() and not s.fixed_passes:
+        _skip(state, "empty_mask")
+        return
+    if plan.mixed is None:
+        _skip(state, "background", size=plan.window.size, bg="x".join(map(str, ctx.background.shape[1::-1])))
+        return
     art.put_rgb(ctx.store, state.key(art.WINDOW_ORIGINAL), plan.original)
     art.put_mask(ctx.store, state.key(art.WINDOW_VISIBLE), plan.visible)
     art.put_mask(ctx.store, state.key(art.FIRST_MASK), plan.first_mask)
     art.put_mask(ctx.store, state.key(in_pass(0, art.UNFILLED)), plan.unfilled)
-    art.put_mask(ctx.store, state.key(in_pass(0, art.INPAINT_MASK)), plan.first_mask)
+    art.put_mask(ctx.store, state.key(in_pass(0, art.INPAINT_MASK)), plan.inpaint_mask)
     art.put_rgb(ctx.store, state.key(in_pass(0, art.WINDOW)), plan.mixed)
     state.stage = "inpaint"
 
@@ -235,12 +266,14 @@ def _inpaint_input(state: JobState, ctx: Context) -> tuple[np.ndarray, np.ndarra
     mask = _get_mask(state, ctx, in_pass(state.passes, art.INPAINT_MASK))
     size = (s.inpaint_size, s.inpaint_size)
     request = InpaintRequest(resize_image(image, size), resize_mask(mask, size), state.prompt,
-                             seed=s.seed + state.passes, window=Window.from_dict(state.window).image_box)
+                             seed=s.seed + state.passes if s.seed >= 0 else None,
+                             window=Window.from_dict(state.window).image_box)
     return image, mask, request
 
 
 def _inpaint_output(state: JobState, ctx: Context, image: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
-    painted, unfilled = paste_inpainted(image, mask, out, _get_mask(state, ctx, in_pass(state.passes, art.UNFILLED)))
+    painted, unfilled = paste_inpainted(image, mask, out, _get_mask(state, ctx, in_pass(state.passes, art.UNFILLED)),
+                                        state.job_settings())
     state.passes += 1
     state.passes_log.append(pass_entry(state.passes, mask))
     art.put_rgb(ctx.store, state.key(in_pass(state.passes, art.WINDOW)), painted)
@@ -263,22 +296,15 @@ def finalize(states: Sequence[JobState], ctx: Context) -> None:
 
 
 def _finalize(state: JobState, ctx: Context) -> None:
-    """Step 6: write the result folder (images only for jobs that found their target) and ``job.json``
-    with the result's ``quality`` and ``flags`` (amodal.quality)."""
+    """Step 6: write the result folder (images only for completed rows, and, with ``cutout_when_unoccluded``,
+    the visible cut-out of unoccluded ones) and ``job.json`` with the result's ``quality`` and ``flags``
+    (amodal.quality)."""
     s = state.job_settings()
     prefix = state.result_prefix
     summary: dict = {"quality": None, "flags": []}
     if state.status == "completed":
-        window = Window.from_dict(state.window)
-        visible = _get_mask(state, ctx, art.WINDOW_VISIBLE)
-        amodal = _get_mask(state, ctx, in_pass(state.passes, art.AMODAL))
-        rgba, box = compose_rgba(_get_rgb(state, ctx, in_pass(state.passes, art.WINDOW)),
-                                 _get_rgb(state, ctx, art.WINDOW_ORIGINAL),
-                                 visible, amodal, feather=s.feather, shrink=s.visible_shrink)
-        ox, oy = window.offset
-        summary = _write_images(ctx.store, prefix, state.prompt, rgba, amodal, visible, box, ox, oy)
-        summary["quality"] = result_quality(visible, amodal, state.passes_log, True, s)
-    elif state.status == "unoccluded":
+        summary = _write_completion(state, ctx, s)
+    elif state.status == "unoccluded" and s.cutout_when_unoccluded:
         image = _get_rgb(state, ctx, art.IMAGE)
         visible = _get_mask(state, ctx, art.VISIBLE)
         rgba, box = compose_rgba(image, image, visible, visible, feather=s.feather, shrink=0)
@@ -290,6 +316,50 @@ def _finalize(state: JobState, ctx: Context) -> None:
     ctx.store.put(f"{prefix}/job.json", json.dumps(job_record(state, summary), indent=2).encode())
     _clean_artifacts(state, ctx.store)
     state.stage = "done"
+
+
+def _write_completion(state: JobState, ctx: Context, s: Settings) -> dict:
+    """A completed row's result images, composed as ``composite`` says, and its quality record."""
+    window = Window.from_dict(state.window)
+    visible = _get_mask(state, ctx, art.WINDOW_VISIBLE)
+    amodal = _get_mask(state, ctx, in_pass(state.passes, art.AMODAL))
+    completed = _get_rgb(state, ctx, in_pass(state.passes, art.WINDOW))
+    original = _get_rgb(state, ctx, art.WINDOW_ORIGINAL)
+    if s.composite == "paper":
+        full = compose_paper(completed, original, visible, amodal, erode=s.visible_erode, shrink=s.visible_shrink)
+        box = bbox(full[..., 3] > 0)
+        x0, y0, x1, y1 = box
+        rgba = full[y0:y1, x0:x1]
+    else:
+        rgba, box = compose_rgba(completed, original, visible, amodal, feather=s.feather, shrink=s.visible_shrink)
+        full = None
+    ox, oy = window.offset
+    summary = _write_images(ctx.store, state.result_prefix, state.prompt, rgba, amodal, visible, box, ox, oy)
+    if s.paper_files:
+        _write_paper_files(ctx.store, state, full if full is not None else _uncrop(rgba, box, window.size),
+                           amodal, (oy, ox))
+    summary["quality"] = result_quality(visible, amodal, state.passes_log, True, s)
+    return summary
+
+
+def _uncrop(rgba: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    full = np.zeros((size, size, 4), np.uint8)
+    x0, y0, x1, y1 = box
+    full[y0:y1, x0:x1] = rgba
+    return full
+
+
+def _write_paper_files(store: Storage, state: JobState, rgba: np.ndarray, amodal: np.ndarray,
+                       origin: tuple[int, int]) -> None:
+    """The result as the paper's code writes it, under ``paper/``: the window-sized RGBA, the amodal mask (RGB,
+    0 or 255), the window's origin in the input image as ``{"<class>_<n>": [row, col]}`` (``n``: the
+    detections on the input image) and the chosen class."""
+    prefix = f"{state.result_prefix}/paper"
+    store.put(f"{prefix}/amodal_completion.png", encode_png(rgba))
+    store.put(f"{prefix}/amodal_segmentation.png", encode_png(np.repeat(np.where(amodal, 255, 0).astype(np.uint8)[..., None], 3, 2)))
+    store.put(f"{prefix}/offsets.json", json.dumps({f"{state.target_class}_{state.detections}": list(origin)},
+                                                   sort_keys=True, indent=4).encode())
+    store.put(f"{prefix}/prompt.txt", state.target_class.encode())
 
 
 def _write_images(store: Storage, prefix: str, prompt: str, rgba: np.ndarray, amodal: np.ndarray,
@@ -312,9 +382,18 @@ def job_record(state: JobState, extra: dict) -> dict:
         "visible_mask": state.mask_key, "status": state.status, "message": state.message,
         "prompt": state.prompt, "tags": state.tags, "backends": state.backends,
         "grounder_text": state.grounder_text, "passes": state.passes, "stop": state.stop,
-        "truncated": state.truncated,
+        "truncated": state.truncated, "window": _window_record(state.window),
         "image_size": state.image_size, "timings": state.timings, "settings": state.settings, **extra,
     }
+
+
+def _window_record(window: dict | None) -> dict | None:
+    """The working window in input-image coordinates (it may reach outside the image)."""
+    if window is None:
+        return None
+    w = Window.from_dict(window)
+    x, y = w.offset
+    return {"x": x, "y": y, "size": w.size}
 
 
 def _clean_artifacts(state: JobState, store: Storage) -> None:

@@ -56,7 +56,7 @@ class InpaintRequest:
     image: np.ndarray
     mask: np.ndarray
     prompt: str
-    seed: int
+    seed: int | None  # None: fresh noise
     window: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 

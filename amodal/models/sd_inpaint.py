@@ -118,7 +118,7 @@ class StableDiffusionInpainter:
             width=width,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+            generator=[_generator(r.seed) for r in requests],
             output_type="pt",
             callback_on_step_end=clock,
         ).images
@@ -183,3 +183,13 @@ def write_tiny(folder: Path) -> None:
     )
     pipeline.save_pretrained(folder)
     (folder / "tokenizer" / "tokenizer.json").unlink()  # SD2's tokenizer folder has vocab.json + merges.txt only
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from fresh entropy when it is ``None``."""
+    generator = torch.Generator("cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
