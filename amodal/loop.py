@@ -35,7 +35,7 @@ SKIPS = {
     "empty_mask": "no result: nothing to repaint in the window (its occluders lie outside it)",
     "background": "no result: the window ({size} px) is larger than the clean background ({bg}), which the paper "
                   "pastes 1:1 (background_fit=fit resizes it)",
-    "no_instances": "no result: nothing was detected on the inpainted window",
+    "no_instances": "no result: nothing was detected on {where}",
 }
 
 

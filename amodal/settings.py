@@ -51,6 +51,8 @@ class Settings:
     keep_outside_mask: bool = False  # keep the window's pixels outside the inpaint mask; the paper takes the
     # inpainter's whole output, so the VAE's round trip reaches the visible object too
     join_visible: bool = False  # the new amodal mask also covers the visible mask (the paper: the detection alone)
+    skip_undetected: bool = True  # an input image or window on which nothing is detected ends the row "skipped"
+    # (the paper's code: its SAM call fails on no boxes and the row is skipped)
     lost_redetection: Literal["paper", "keep"] = "paper"  # a window where the target is not re-detected: "paper" (its mask kept, the
     # occluders of the window's first detection) | "keep" (its mask kept with its own occluders)
     inpaint_size: int = 512
@@ -129,7 +131,7 @@ PRESETS: dict[str, dict] = {
     "robust": {
         "max_tags": 40, "max_instances": 32, "background_class": False, "class_pass": "windows",
         "same_instance_iou": 0.8, "max_passes": 3, "truncation_through_occluders": True, "background_fit": "fit",
-        "keep_outside_mask": True, "join_visible": True, "lost_redetection": "keep", "seed": 0,
+        "keep_outside_mask": True, "join_visible": True, "skip_undetected": False, "lost_redetection": "keep", "seed": 0,
         "composite": "feather", "cutout_when_unoccluded": True, "paper_files": False, "precision": "bf16",
     },
 }

@@ -191,8 +191,14 @@ def occlusion(states: Sequence[JobState], ctx: Context) -> None:
 def _occlusion_input(state: JobState, ctx: Context) -> OcclusionQuery | None:
     """Whose occluders to find: on the input image, the visible target's; on a window, the re-detected
     target's. A window where the target was lost asks, as ``lost_redetection`` says, about its first
-    detection (the paper; with no detection at all the row is skipped) or about the kept mask."""
+    detection (the paper) or about the kept mask. With ``skip_undetected``, an image or window with no
+    detection at all ends the row."""
+    s = state.job_settings()
     scene = Instances(*art.get_instances(ctx.store, state.key(in_pass(state.passes, art.SCENE))))
+    detected = state.detections if state.passes == 0 else len(scene.masks)
+    if s.skip_undetected and not detected:
+        _skip(state, "no_instances", where="the window" if state.passes else "the image")
+        return None
     if state.passes == 0:
         visible = _get_mask(state, ctx, art.VISIBLE)
         return OcclusionQuery(_get_rgb(state, ctx, art.IMAGE), visible, scene, visible)
@@ -200,11 +206,8 @@ def _occlusion_input(state: JobState, ctx: Context) -> OcclusionQuery | None:
     amodal = _get_mask(state, ctx, in_pass(state.passes, art.AMODAL))
     if state.target_index is not None:
         return OcclusionQuery(image, amodal, scene, amodal, own=state.target_index)
-    if state.job_settings().lost_redetection == "keep":
+    if s.lost_redetection == "keep" or not scene.masks:
         return OcclusionQuery(image, amodal, scene, amodal)
-    if not scene.masks:
-        _skip(state, "no_instances")
-        return None
     return OcclusionQuery(image, scene.masks[0], scene, amodal, own=0)
 
 
