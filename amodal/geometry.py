@@ -69,17 +69,21 @@ def edge_strips(shape: tuple[int, int], sides: Iterable[str], width: int) -> np.
     return out
 
 
-def background_segments(covered: np.ndarray, erode_radius: int, min_area: int) -> list[np.ndarray]:
-    """The area no instance covers, eroded by a disk, as the regions its outer contours enclose (filled,
-    so a segment around an object contains it) whose contour area is over ``min_area``."""
+def background_segments(covered: np.ndarray, erode_radius: int, min_area: int, filled: bool) -> list[np.ndarray]:
+    """The area no instance covers, eroded by a disk, in pieces over ``min_area`` pixels: with ``filled``
+    (the paper), the regions its outer contours enclose, so a segment around an object contains it;
+    else its 8-connected components, holes left out."""
     free = erode_disk(~covered, erode_radius).astype(np.uint8)
+    if not filled:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(free, connectivity=8)
+        return [labels == i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] > min_area]
     contours, _ = cv2.findContours(free, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     out = []
     for contour in contours:
         if cv2.contourArea(contour) > min_area:
-            filled = np.zeros_like(free)
-            cv2.drawContours(filled, [contour], -1, 1, -1)
-            out.append(filled.astype(bool))
+            region = np.zeros_like(free)
+            cv2.drawContours(region, [contour], -1, 1, -1)
+            out.append(region.astype(bool))
     return out
 
 

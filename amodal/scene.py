@@ -95,7 +95,8 @@ def _instances(request: SceneRequest, detections: Sequence[Detection], masks: Se
         return Instances(labels, masks)
     s = request.settings
     covered = union([*masks, request.target], request.image.shape[:2])
-    background = background_segments(covered, s.background_erode_radius, s.background_min_area)
+    background = background_segments(covered, s.background_erode_radius, s.background_min_area,
+                                     s.background_filled)
     return Instances(labels + [f"background_{k}" for k in range(len(background))], masks + background)
 
 

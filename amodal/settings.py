@@ -22,6 +22,8 @@ class Settings:
     text_threshold: float = 0.35
     background_erode_radius: int = 2
     background_min_area: int = 100
+    background_filled: bool = True  # background segments are the regions their outer contours enclose (the paper:
+    # one around the target contains it, and may be put over it) | their connected pixels, holes left out
     background_class: bool = True  # "background" is a class to detect and a prompt CLIP may choose (the paper)
     class_pass: Literal["when_missing", "windows"] = "when_missing"  # the target's class alone through G-DINO: "when_missing" (the paper: on
     # the input and on windows, its boxes added only when no phrase of the joint pass names it) | "windows"
@@ -129,7 +131,7 @@ def settings_from_env() -> Settings:
 PRESETS: dict[str, dict] = {
     "paper": {},
     "robust": {
-        "max_tags": 40, "max_instances": 32, "background_class": False, "class_pass": "windows",
+        "max_tags": 40, "max_instances": 32, "background_filled": False, "background_class": False, "class_pass": "windows",
         "same_instance_iou": 0.8, "max_passes": 3, "truncation_through_occluders": True, "background_fit": "fit",
         "keep_outside_mask": True, "join_visible": True, "skip_undetected": False, "lost_redetection": "keep", "seed": 0,
         "composite": "feather", "cutout_when_unoccluded": True, "paper_files": False, "precision": "bf16",

@@ -31,8 +31,10 @@ def test_bbox_and_iou():
     ((50, 50, 60, 60), []),
     ((90, 20, 100, 30), ["right"]),
     ((50, 91, 60, 100), ["bottom"]),
-    ((10, 40, 20, 50), []),  # exactly 10 px from the left border: not within 10
-    ((9, 40, 20, 50), ["left"]),
+    ((11, 40, 20, 50), []),  # first column 11: more than 10 px from the left border
+    ((10, 40, 20, 50), ["left"]),  # first column 10: within, as the paper's code counts (<= 10)
+    ((50, 40, 89, 50), []),  # last column 88: under 100 - 10
+    ((50, 40, 91, 50), ["right"]),  # last column 90: at 100 - 10
 ])
 def test_near_sides(box, expected):
     assert near_sides(rect(100, 100, *box), 10) == expected
@@ -55,11 +57,17 @@ def test_background_segments_split_and_filter():
     covered = np.zeros((60, 100), bool)
     covered[:, 48:52] = True  # a wall splitting the free area in two
     covered[0:8, 0:8] = True
-    segs = background_segments(covered, erode_radius=2, min_area=100)
-    assert len(segs) == 2
-    assert all(not (s & covered).any() for s in segs)
-    # a sliver under the area limit is dropped
-    assert background_segments(~rect(60, 100, 10, 10, 20, 20), 2, 100) == []
+    for filled in (True, False):
+        segs = background_segments(covered, erode_radius=2, min_area=100, filled=filled)
+        assert len(segs) == 2
+        assert all(not (s & covered).any() for s in segs)
+        # a sliver under the area limit is dropped
+        assert background_segments(~rect(60, 100, 10, 10, 20, 20), 2, 100, filled) == []
+    # an object inside the free area: its outer contour's region holds it (the paper), the component does not
+    covered = rect(60, 100, 40, 20, 60, 40)
+    [outer] = background_segments(covered, 2, 100, filled=True)
+    [component] = background_segments(covered, 2, 100, filled=False)
+    assert outer[covered].all() and not component[covered].any()
 
 
 def test_edge_strips():
@@ -71,21 +79,21 @@ def test_edge_strips():
 def test_window_square_centred_with_margin():
     visible = rect(100, 200, 80, 40, 120, 60)  # 40 x 20 box away from borders
     win = place_window(visible, [], scale=6, margin=60, extra=150)
-    assert win.size == 160  # max(40 + 120, 20 + 120)
+    assert win.size == 159  # max(39 + 120, 19 + 120): from the first to the last column, and 60 beyond each
     assert (win.image_x, win.image_y) == ((1200 - 200) // 2, (600 - 100) // 2)
     ox, oy = win.offset
     assert ox == 80 - 60
-    # vertical span grown evenly: 140 -> 160 adds 10 each side
+    # vertical span grown evenly: 139 -> 159 adds 10 each side
     assert oy == 40 - 60 - 10
-    assert win.image_box == (ox, oy, ox + 160, oy + 160)
+    assert win.image_box == (ox, oy, ox + 159, oy + 159)
 
 
 def test_window_grows_toward_truncated_side():
     visible = rect(100, 200, 0, 40, 30, 60)  # touches the left border
     win = place_window(visible, ["left"], scale=6, margin=60, extra=150)
     ox, oy = win.offset
-    # width: 30 + 60 + 60 + 150 = 300; height: 20 + 120 = 140 grown evenly to 300
-    assert win.size == 300
+    # width: 29 + 60 + 60 + 150 = 299; height: 19 + 120 = 139 grown evenly to 299
+    assert win.size == 299
     assert ox == 0 - 60 - 150
     assert oy == 40 - 60 - 80
 
@@ -94,9 +102,18 @@ def test_window_vertical_growth_toward_truncated_side():
     visible = rect(100, 200, 80, 90, 160, 100)  # touches the bottom
     win = place_window(visible, ["bottom"], scale=6, margin=60, extra=150)
     ox, oy = win.offset
-    assert win.size == 10 + 60 + 60 + 150  # height dominates: 280
+    assert win.size == 9 + 60 + 60 + 150  # height dominates: 279
     assert oy == 90 - 60  # bottom truncated: grown downward only
-    assert ox == 80 - 60 - (280 - 200) // 2
+    assert ox == 80 - 60 - (279 - 199) // 2
+
+
+def test_window_cut_on_both_sides_grows_toward_the_left_as_the_paper_does():
+    visible = rect(200, 100, 0, 20, 100, 180)  # cut by the left and the right border, tall
+    win = place_window(visible, ["left", "right"], scale=6, margin=5, extra=5)
+    ox, oy = win.offset
+    assert win.size == 159 + 10  # the height's span; the width's (99 + 20) grows by 50, all of it to the left
+    assert ox == 0 - 5 - 5 - 50
+    assert oy == 20 - 5
 
 
 def test_window_clamped_to_canvas():

@@ -16,10 +16,12 @@ from amodal.steps import Context
 from amodal.storage import LocalStorage
 from tests.synthetic import Oracle, Scene, Shape, occluded_scene, truncated_scene, unoccluded_scene
 
+ROBUST = Settings.preset("robust")  # these tests check the preset's departures as well as the loop
+
 
 def run_scene(tmp_path, scene: Scene, query: str, settings: Settings | None = None, given_mask: bool = False,
               oracle_type: type[Oracle] = Oracle):
-    settings = settings or Settings()
+    settings = settings or ROBUST
     inputs = LocalStorage(tmp_path / "in")
     inputs.put("scene.png", encode_png(scene.render()))
     if given_mask:
@@ -113,7 +115,7 @@ def test_tiny_target_is_not_completed(tmp_path):
 def test_pass_limit_is_respected(tmp_path):
     """An occluder that never goes (the inpainter paints it back each time) stops at max_passes."""
     scene = occluded_scene()
-    settings = Settings(max_passes=2)
+    settings = ROBUST.replace(max_passes=2)
 
     class Stubborn(Oracle):
         def inpaint(self, requests):
@@ -145,7 +147,7 @@ def test_artifacts_cleaned_but_state_kept(tmp_path):
 
 def test_fixed_passes_overrides_the_stop_rules(tmp_path):
     """Benchmarks fix the work: exactly N passes even when the object is complete after one."""
-    state, store, oracle = run_scene(tmp_path, occluded_scene(), "ball", Settings(fixed_passes=3))
+    state, store, oracle = run_scene(tmp_path, occluded_scene(), "ball", ROBUST.replace(fixed_passes=3))
     assert state.status == "completed" and state.passes == 3 and oracle.calls["inpaint"] == 3
     record = json.loads(store.get(f"{state.result_prefix}/job.json"))
     assert set(record["timings"]) >= {"ground", "segment", "occlusion", "inpaint"}
@@ -153,7 +155,7 @@ def test_fixed_passes_overrides_the_stop_rules(tmp_path):
 
 
 def test_unoccluded_target_is_still_inpainted_with_fixed_passes(tmp_path):
-    state, _, oracle = run_scene(tmp_path, unoccluded_scene(), "ball", Settings(fixed_passes=1))
+    state, _, oracle = run_scene(tmp_path, unoccluded_scene(), "ball", ROBUST.replace(fixed_passes=1))
     assert state.status == "completed" and oracle.calls["inpaint"] == 1
 
 
@@ -176,7 +178,7 @@ def test_max_instances_keeps_the_best_detections():
             return out
 
     image = np.zeros((40, 40, 3), np.uint8)
-    requests = [SceneRequest(image, ["x"], Settings(max_instances=n)) for n in (3, 1)]
+    requests = [SceneRequest(image, ["x"], ROBUST.replace(max_instances=n)) for n in (3, 1)]
     scenes = segment_scenes(requests, Many(), Many())
     assert [m.sum() for m in scenes[0].masks] == [13 * 13, 12 * 12, 11 * 11]  # the three best scores
     assert [m.sum() for m in scenes[1].masks] == [13 * 13]  # each image under its own settings
@@ -188,7 +190,7 @@ def test_max_tags_keeps_the_best_tags(tmp_path):
             return [tags + [f"thing{i}" for i in range(50)] for tags in super().tag(images)]
 
     scene = occluded_scene()
-    state, store, _ = run_scene(tmp_path, scene, "ball", Settings(max_tags=3), oracle_type=Wordy)
+    state, store, _ = run_scene(tmp_path, scene, "ball", ROBUST.replace(max_tags=3), oracle_type=Wordy)
     expected = Wordy(scene).tag([scene.render()])[0][:3]
     assert state.status == "completed" and state.tags == expected
     assert json.loads(store.get(f"{state.result_prefix}/job.json"))["tags"] == expected
@@ -200,7 +202,7 @@ def test_jobs_batched_together_end_as_they_do_one_by_one(tmp_path):
 
     scene = Scene(240, 200, [*occluded_scene().shapes, *truncated_scene().shapes])
     queries = ["ball", "melon", "box", "ball"]
-    settings = [Settings(), Settings(), Settings(), Settings(fixed_passes=2)]
+    settings = [ROBUST, ROBUST, ROBUST, ROBUST.replace(fixed_passes=2)]
 
     def run(folder: str, together: bool):
         inputs = LocalStorage(tmp_path / "in")
