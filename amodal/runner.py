@@ -105,7 +105,7 @@ class LocalRunner:
 
     def _outcome(self, row: Row, jid: str, record: dict, prefix: str) -> Outcome:
         """The manifest line of a finished job, from its ``job.json``."""
-        has_images = record["status"] in ("completed", "unoccluded")
+        has_images = record.get("offsets") is not None  # completed rows, and unoccluded ones given their cut-out
         return Outcome(row.line, row.image, row.query, jid, record["status"], record["message"],
                        str(self.out / prefix) if has_images else None, record.get("quality"), record.get("flags", []))
 

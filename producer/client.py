@@ -317,7 +317,7 @@ class Client:
                 record = record or {}
                 line.update(message=record.get("message", ""), quality=record.get("quality"),
                             flags=record.get("flags", []))
-                if line["status"] in ("completed", "unoccluded"):
+                if record.get("offsets") is not None:  # a row with result images
                     line["result"] = self.store.url(result_prefix(dataset, line["job_id"]))
             yield from lines
 
