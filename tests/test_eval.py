@@ -110,11 +110,10 @@ def scorer(eval_models) -> Scorer:
 
 
 def oracle_run(samples_by_seed: dict[int, list[Sample]]):
-    every = [s for samples in samples_by_seed.values() for s in samples]
-    models = PerSampleOracle(every)
-
+    """Runs the method with each seed's own stand-ins (colours repeat across seeds)."""
     def run(images, annotations, folder, seed):
-        return run_in_process(images, annotations, folder, models, Settings(seed=seed), progress=False)
+        return run_in_process(images, annotations, folder, PerSampleOracle(samples_by_seed[seed]), Settings(seed=seed),
+                              progress=False)
     return run
 
 
@@ -160,33 +159,37 @@ def test_oracle_beats_both_references_over_three_seeds(tmp_path, scorer):
     assert not re.search(r"\d\.\d{4,}", page)  # rounded figures
 
 
-def dark_sample() -> Sample:
-    """A dark striped disc, part hidden by a light box."""
+def dark_sample(striped: bool = True) -> Sample:
+    """A dark disc (striped, or flat near-black), part hidden by a light box."""
     height, width = 96, 128
     full = shape_mask({"kind": "disc", "cx": 64, "cy": 48, "rx": 36, "ry": 30}, height, width)
     occluder = shape_mask({"kind": "rect", "cx": 90, "cy": 48, "rx": 20, "ry": 40}, height, width)
     gx, gy = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     original = np.full((height, width, 3), 200, np.uint8)
-    original[full] = stripes_at((20, 20, 20), gx, gy)[full]
+    original[full] = stripes_at((20, 20, 20), gx, gy)[full] if striped else (4, 4, 4)
     image = original.copy()
     image[occluder] = (230, 230, 120)
     return Sample("dark", "ball", image, original, full, occluder)
 
 
-@pytest.mark.parametrize("crop", ["context", "black"])
-def test_leaving_the_hidden_part_empty_never_scores_well(tmp_path, eval_models, crop):
-    """On a dark object black crops scored an empty hidden part as the truth; the context crop does not."""
-    sample = dark_sample()
-    scorer = Scorer.from_model_dir(eval_models, torch.device("cpu"), MetricOptions(crop=crop))
+def test_leaving_the_hidden_part_empty_never_scores_well(tmp_path, eval_models):
+    """On a flat dark object black crops scored an empty hidden part nearly as the truth; the context crop
+    shows an empty pixel as the inverse of the truth."""
+    sample = dark_sample(striped=False)
     write_result(tmp_path / "nothing", *nothing(sample))
     write_result(tmp_path / "true", np.where(sample.full[..., None], sample.original, 0), sample.full)
-    empty = scorer.score(sample, Prediction.from_folder(tmp_path / "nothing", sample.full.shape))
-    exact = scorer.score(sample, Prediction.from_folder(tmp_path / "true", sample.full.shape))
+    scores = {}
+    for crop in ("context", "black"):
+        scorer = Scorer.from_model_dir(eval_models, torch.device("cpu"), MetricOptions(crop=crop))
+        scores[crop] = [scorer.score(sample, Prediction.from_folder(tmp_path / name, sample.full.shape))
+                        for name in ("nothing", "true")]
+    empty, exact = scores["context"]
     assert empty["hidden_iou"] == 0.0 and empty["repainted"] == 0.0 and exact["hidden_iou"] == 1.0
-    if crop == "context":
-        assert empty["ssim"] < 0.2 and empty["lpips"] > exact["lpips"] + 0.05
-    else:  # the older policy: black under both, so an empty part of a dark object scores nearly perfectly
-        assert empty["ssim"] > 0.5
+    assert exact["lpips"] == pytest.approx(0.0, abs=1e-6) and exact["ssim"] == pytest.approx(1.0)
+    assert empty["ssim"] < 0.2 and empty["lpips"] > 0.05
+    assert empty["feature_similarity"] < exact["feature_similarity"] - 0.01
+    black_empty = scores["black"][0]
+    assert black_empty["lpips"] < empty["lpips"] / 3  # the older policy's blind spot
 
 
 def test_the_trivial_fill_is_the_visible_hull_in_the_mean_colour():

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from amodal.errors import UsageError
+from amodal.evaluation.masks import MalformedDataset, decode
 from amodal.geometry import bbox
 from amodal.images import encode_png
 
@@ -102,25 +103,39 @@ def paste_occluder(target: SourceObject, occluder: SourceObject, rng: np.random.
 
 
 def coco_objects(annotation_file: Path, images: Path, min_area: int = 1024) -> list[SourceObject]:
-    """The whole, untruncated, non-crowd objects of a COCO-style file, with their images' pixels."""
-    from pycocotools.coco import COCO
-
-    coco = COCO(str(annotation_file))
-    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    """The whole, untruncated, non-crowd objects of a COCO-style file, with their images' pixels (an
+    annotation's ``area`` is its decoded mask's)."""
+    try:
+        document = json.loads(annotation_file.read_bytes())
+        names = {c["id"]: c["name"] for c in document["categories"]}
+        infos = {info["id"]: info for info in document["images"]}
+        by_image: dict[int, list[dict]] = {}
+        for annotation in document["annotations"]:
+            if not annotation.get("iscrowd"):
+                by_image.setdefault(annotation["image_id"], []).append(annotation)
+    except (OSError, ValueError) as exc:
+        raise MalformedDataset(f"{annotation_file}: cannot read: {exc}") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise MalformedDataset(f"{annotation_file}: not a COCO file (missing or wrong field {exc})") from None
     objects = []
-    for image_id in sorted(coco.getImgIds()):
-        info = coco.loadImgs(image_id)[0]
-        annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)) if a["area"] >= min_area]
-        if not annotations:
+    for image_id in sorted(by_image):
+        masks = []
+        try:
+            info = infos[image_id]
+            for annotation in by_image[image_id]:
+                mask = decode(annotation["segmentation"], info["height"], info["width"])
+                if mask.sum() >= min_area:
+                    masks.append((mask, names[annotation["category_id"]]))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise MalformedDataset(f"{annotation_file}: image {image_id}: bad annotation ({exc})") from None
+        if not masks:
             continue
         with Image.open(images / info["file_name"]) as file:
             pixels = np.asarray(file.convert("RGB"))
-        for annotation in annotations:
-            mask = coco.annToMask(annotation).astype(bool)
+        for mask, label in masks:
             box = bbox(mask)
-            if box is None or not _inside(box, mask.shape, BORDER):
-                continue
-            objects.append(SourceObject(pixels, mask, names[annotation["category_id"]]))
+            if box is not None and _inside(box, mask.shape, BORDER):
+                objects.append(SourceObject(pixels, mask, label))
     return objects
 
 
