@@ -10,7 +10,7 @@ Three formats, told apart by their annotations' fields:
 - COCO-style files with both masks: ``segmentation`` (amodal) and ``visible_mask`` (or
   ``visible_segmentation``), polygons or RLE, and ``category_id``.
 
-Masks are decoded with pycocotools. Only objects with a hidden part and a visible part are kept; the
+Masks are decoded with pycocotools. Only objects with a hidden part (``MIN_HIDDEN``) and a visible part are kept; the
 true pixels under the occluder are unknown, so these rows are scored on masks only.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from amodal.evaluation.masks import MalformedDataset, decode
 
 FORMATS = ("cocoa", "kins", "coco_amodal")
 MIN_VISIBLE_PX = 64  # objects with fewer visible pixels cannot be grounded on: left out
+MIN_HIDDEN = 0.05  # objects with less of their amodal mask hidden are whole (the masks' outlines disagree a little)
 
 
 def detect_format(document: Any) -> str:
@@ -89,7 +90,7 @@ def amodal_samples(annotation_file: Path, images: Path, limit: int, seed: int = 
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedDataset(f"{annotation_file}: object {index} of image {image_id}: bad mask or image "
                                    f"entry ({exc})") from None
-        if seen.sum() < MIN_VISIBLE_PX or (full & ~seen).sum() == 0:
+        if seen.sum() < MIN_VISIBLE_PX or (full & ~seen).sum() < MIN_HIDDEN * full.sum():
             continue
         if image_id not in pixels:
             path = images / info["file_name"]
