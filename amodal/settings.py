@@ -50,7 +50,7 @@ class Settings:
     feather: int = 5
     visible_shrink: int = 10
     # Quality flags (job.json "flags")
-    flag_growth_ratio: float = 4.0  # runaway_growth: amodal area over this many times the visible area
+    flag_growth_ratio: float = 10.0  # runaway_growth: amodal area over this many times the visible (10: 90% hidden)
     flag_clip_similarity: float = 0.2  # low_clip_similarity: completion-to-prompt CLIP cosine under this
     # Ways in and backends
     grounder: str = "lisa"  # "lisa" (the paper) | "gdino_sam" (lighter)
