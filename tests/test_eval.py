@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -92,21 +91,6 @@ class PerSampleOracle:
             painted[r.mask & full] = stripes_at(target.colour, gx, gy)[r.mask & full]
             out.append(painted)
         return out
-
-
-@pytest.fixture(scope="session")
-def eval_models(tiny_models, tmp_path_factory) -> Path:
-    """The tiny model folder with a tiny CLIP standing in for the metric CLIP (ViT-L/14's folder name)."""
-    folder = tmp_path_factory.mktemp("eval-models")
-    for entry in tiny_models.iterdir():
-        (folder / entry.name).symlink_to(entry)
-    shutil.copytree(tiny_models / "clip-vit-base-patch32", folder / METRIC_CLIP)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def scorer(eval_models) -> Scorer:
-    return Scorer.from_model_dir(eval_models, torch.device("cpu"))
 
 
 def oracle_run(samples_by_seed: dict[int, list[Sample]]):

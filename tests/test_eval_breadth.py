@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from amodal.evaluation.command import evaluate, run_in_process
+from amodal.evaluation.command import evaluate
 from amodal.evaluation.generator import synthetic_samples
 from amodal.settings import Settings
 from tests.browser import CHROMEDRIVER, CHROMIUM, FLAGS
 from tests.cluster import cluster_env, start_workers
-from tests.test_eval import PerSampleOracle, eval_command, eval_models, oracle_run, scorer  # noqa: F401 - fixtures
+from tests.test_eval import eval_command, oracle_run
 
 PAGE_WIDTH = 1400
 
@@ -44,7 +44,7 @@ def page_layout(page: Path) -> dict:
         driver.quit()
 
 
-def test_the_page_fits_1400_pixels_and_shows_the_references(tmp_path, scorer):  # noqa: F811
+def test_the_page_fits_1400_pixels_and_shows_the_references(tmp_path, scorer):
     seeds = {seed: synthetic_samples(3, seed) for seed in (0, 1)}
     evaluate(seeds, tmp_path, oracle_run(seeds), scorer, Settings(), None, progress=False)
     layout = page_layout(tmp_path / "index.html")
@@ -54,7 +54,7 @@ def test_the_page_fits_1400_pixels_and_shows_the_references(tmp_path, scorer):  
         assert shown in layout["text"]
 
 
-def test_text_grounding_is_evaluated_against_the_visible_mask(tmp_path, scorer):  # noqa: F811
+def test_text_grounding_is_evaluated_against_the_visible_mask(tmp_path, scorer):
     seeds = {0: synthetic_samples(3, 0)}
     report = evaluate(seeds, tmp_path, oracle_run(seeds), scorer, Settings(), None, grounding="text",
                       progress=False)
@@ -65,7 +65,7 @@ def test_text_grounding_is_evaluated_against_the_visible_mask(tmp_path, scorer):
     assert report["provenance"]["grounding"] == "text"
 
 
-def test_through_queue_scores_what_the_workers_stored(tmp_path, redis_url, eval_models):  # noqa: F811
+def test_through_queue_scores_what_the_workers_stored(tmp_path, redis_url, eval_models):
     settings = {"grounder": "gdino_sam", "tagger": "clip", "num_inference_steps": 2, "fixed_passes": 1,
                 "device": "cpu"}
     env = cluster_env(redis_url, (tmp_path / "store").as_uri(), eval_models, settings)

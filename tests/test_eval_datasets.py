@@ -14,7 +14,7 @@ from amodal.evaluation.datasets import amodal_samples
 from amodal.evaluation.masks import MalformedDataset
 from amodal.evaluation.references import write_result
 from amodal.settings import Settings
-from tests.test_eval import eval_command, eval_models, scorer  # noqa: F401 - fixtures
+from tests.test_eval import eval_command
 
 FIXTURES = Path(__file__).parent / "fixtures" / "amodal"
 FORMATS = {"cocoa.json": "cocoa", "kins.json": "kins", "coco_amodal.json": "coco_amodal"}
@@ -61,7 +61,7 @@ def test_a_malformed_file_is_refused_in_one_line(tmp_path, document, message):
     assert "\n" not in str(raised.value) and str(path) in str(raised.value)
 
 
-def test_the_command_refuses_a_malformed_file_in_one_line(tmp_path, eval_models):  # noqa: F811
+def test_the_command_refuses_a_malformed_file_in_one_line(tmp_path, eval_models):
     kins = json.loads((FIXTURES / "kins.json").read_text())
     del kins["annotations"][1]["i_segm"]
     (tmp_path / "kins.json").write_text(json.dumps(kins))
@@ -72,7 +72,7 @@ def test_the_command_refuses_a_malformed_file_in_one_line(tmp_path, eval_models)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_real_occlusions_are_scored_on_masks_beside_the_references(tmp_path, scorer, name):  # noqa: F811
+def test_real_occlusions_are_scored_on_masks_beside_the_references(tmp_path, scorer, name):
     _, samples = amodal_samples(FIXTURES / name, FIXTURES, limit=10)
 
     def knows_the_truth(images, annotations, folder, seed):

@@ -17,7 +17,7 @@ from amodal.runner import run_local
 from amodal.settings import Settings
 from producer.client import Client
 from tests.synthetic import Oracle, occluded_scene
-from tests.test_eval import oracle_run, scorer, eval_models  # noqa: F401 - fixtures
+from tests.test_eval import oracle_run
 
 
 class FolderOracle(Oracle):
@@ -137,7 +137,7 @@ def test_submit_records_new_jobs_for_changed_images_masks_and_weights(tmp_path):
     assert not set(submit().values()) & set(masked.values())
 
 
-def test_eval_into_the_same_folder_never_scores_old_results_against_new_truth(tmp_path, scorer):  # noqa: F811
+def test_eval_into_the_same_folder_never_scores_old_results_against_new_truth(tmp_path, scorer):
     old = {0: synthetic_samples(3, seed=0)}
     evaluate(old, tmp_path, oracle_run(old), scorer, Settings(), None, progress=False)
     first = {line["image"]: line["job_id"] for line in map(json.loads, (tmp_path / "seed-0/run/manifest.jsonl").open())}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from amodal.errors import UsageError
 from amodal.evaluation import METRICS
-from amodal.evaluation.options import CROPS, MetricOptions
 from amodal.evaluation.generator import Sample, coco_objects, coco_samples, read_rows, synthetic_samples, write_rows
+from amodal.evaluation.options import CROPS, MetricOptions
 from amodal.evaluation.summary import FAILURE_RULE, OURS, combine, score_method
 from amodal.settings import Settings
 
@@ -18,6 +19,9 @@ from amodal.settings import Settings
 # command too, pins its GPU before anything loads torch.
 if TYPE_CHECKING:
     from amodal.evaluation.metrics import Scorer
+
+# The paper's numbers, for comparison (its own data, models and metric choices).
+PAPER = {"clip_score": 28.18, "lpips": 0.320, "feature_similarity": 0.646, "ssim": 0.731, "failure_rate": 0.041}
 
 HELP = f"""Quality benchmark. Rows come from --synthetic (striped discs and boxes, part hidden by a pasted
 object), --coco (a COCO file's whole objects, part hidden by another's pasted cut-out) or --amodal (real
@@ -176,28 +180,35 @@ def run_through_queue(images: Path, annotations: Path, folder: Path, dataset: st
                       progress: bool = True, timeout: float = 3600) -> dict[str, dict]:
     """Submit the rows as ``dataset`` to the running workers, wait for every outcome, copy the stored results
     into ``folder`` (one folder per job) and return the manifest lines by input image."""
-    import time
+    from tqdm import tqdm
 
     from amodal.cli import _client
+    from amodal.jobstore import result_prefix
     from producer.client import PENDING
 
     client = _client(settings, writes=True)
     client.submit_dataset(images, annotations, dataset, progress=progress)
     deadline = time.monotonic() + timeout
-    while client.status(dataset)[PENDING]:
-        if time.monotonic() > deadline:
-            raise UsageError(f"dataset {dataset}: rows still pending after {timeout:.0f} s (are workers running?)")
-        time.sleep(1)
+    with tqdm(desc="workers", unit="row", disable=not progress) as bar:
+        while True:
+            counts = client.status(dataset)
+            bar.total, bar.n = counts["total"], counts["total"] - counts[PENDING]
+            bar.refresh()
+            if not counts[PENDING]:
+                break
+            if time.monotonic() > deadline:
+                raise UsageError(f"dataset {dataset}: rows still pending after {timeout:.0f} s (are workers running?)")
+            time.sleep(1)
     lines = {}
     for line in client.manifest(dataset):
         lines[line["image"]] = line
-        line["result"] = None
-    for line, files in client.results(dataset):
-        target = folder / line["job_id"]
-        target.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (target / name).write_bytes(data)
-        lines[line["image"]]["result"] = str(target)
+        if line["result"]:  # copied by key below the result's prefix (a result may hold sub-folders)
+            prefix, target = result_prefix(dataset, line["job_id"]) + "/", folder / line["job_id"]
+            for key in client.store.list(prefix):
+                path = target / key.removeprefix(prefix)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(client.store.get(key))
+            line["result"] = str(target)
     (folder / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines.values()))
     return lines
 
@@ -256,7 +267,7 @@ def evaluate_results(runs: dict[int, tuple[list[Sample], dict[str, dict]]], out:
             scored[seed][method] = score_method(samples, lines_of, scorer, "given", progress=False)
     # 4. The summary over seeds, bins and flags, and the report and page.
     report = {**combine(scored, scorer.options.hidden_iou_floor),
-              "provenance": provenance(settings, model_dir, scorer.options, grounding, source or {}),
+              "paper": PAPER, "provenance": provenance(settings, model_dir, scorer.options, grounding, source or {}),
               "rows": {str(seed): methods for seed, methods in scored.items()}}
     write_report(report, {seed: samples for seed, (samples, _) in runs.items()}, out)
     return report

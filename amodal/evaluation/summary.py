@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import json
 import math
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -56,10 +58,6 @@ def score_method(samples: list[Sample], lines: dict[str, dict | None], scorer: S
 
 def _visible_iou(folder: Path, sample: Sample) -> float | None:
     """IoU of the visible mask the method grounded (``visible_mask.png`` in the result's box) with the true one."""
-    import json
-
-    import numpy as np
-
     path = folder / "visible_mask.png"
     if not path.is_file():
         return None
