@@ -2,6 +2,7 @@
 docs/design.md, "Interface users touch")."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from amodal.annotations import Row, read_annotations, resolve_input, validate_qu
 from amodal.canvas import neutral_background
 from amodal.images import InvalidInput, load_image
 from amodal.models.base import MissingCheckpointError
+from amodal.provenance import inputs_digest, weight_fingerprints, weights_digest
 from amodal.settings import Settings
 from amodal.state import JobState, job_id
 from amodal.steps import Context, run_step
@@ -49,8 +51,9 @@ def load_background(settings: Settings) -> np.ndarray:
     return load_image(path.read_bytes(), max_pixels=settings.max_pixels, min_side=1)
 
 
-def prepare_job(row: Row, images: Path, dataset: str, settings: Settings, result_root: str) -> JobState:
-    """Validate a row and make its job; bad rows raise :class:`InvalidInput`."""
+def prepare_job(row: Row, images: Path, dataset: str, settings: Settings, result_root: str, weights: str) -> JobState:
+    """Validate a row and make its job (its id covers the input files' bytes and ``weights``, the stack's
+    weights digest); bad rows raise :class:`InvalidInput`."""
     if row.error:
         raise InvalidInput(row.error)
     query = validate_query(row.query, settings.max_query_chars)
@@ -58,10 +61,18 @@ def prepare_job(row: Row, images: Path, dataset: str, settings: Settings, result
     mask_key = None
     if row.visible_mask:
         mask_key = resolve_input(images, row.visible_mask, "visible mask").relative_to(images).as_posix()
-    jid = job_id(dataset, image_key, query, mask_key, settings)
+    try:
+        inputs = inputs_digest(_sha256(images / image_key), _sha256(images / mask_key) if mask_key else None)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {exc.filename}: {exc.strerror}") from None
+    jid = job_id(dataset, image_key, query, mask_key, settings, inputs, weights)
     prefix = f"{result_root}/{jid}" if result_root else jid
     return JobState(job_id=jid, dataset=dataset, image_key=image_key, query=query, mask_key=mask_key,
                     settings=settings.to_dict(), result_prefix=prefix)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_job(state: JobState, ctx: Context) -> JobState:
@@ -81,10 +92,13 @@ class LocalRunner:
         self.store = LocalStorage(out)
         self.ctx = Context(store=self.store, inputs=LocalStorage(self.images), models=models,
                            background=load_background(settings))
+        # A model set loads from its folder; stand-in model sets have none, and no weights to tell apart.
+        folder = getattr(models, "model_dir", None)
+        self.weights = weight_fingerprints(Path(folder), settings) if folder is not None else {}
 
     def run_row(self, row: Row, seen: dict[str, int]) -> Outcome:
         try:
-            state = prepare_job(row, self.images, LOCAL_DATASET, self.settings, "")
+            state = prepare_job(row, self.images, LOCAL_DATASET, self.settings, "", weights_digest(self.weights))
         except InvalidInput as exc:
             return Outcome(row.line, row.image, row.query, None, "invalid", str(exc), None)
         if state.job_id in seen:

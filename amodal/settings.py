@@ -71,7 +71,7 @@ class Settings:
     cutout_when_unoccluded: bool = False  # an unoccluded or tiny target still gets its visible cut-out as result
     paper_files: bool = True  # also write the paper's result files (window-sized RGBA, its origin) under paper/
     # Quality flags (job.json "flags")
-    flag_growth_ratio: float = 4.0  # runaway_growth: amodal area over this many times the visible area
+    flag_growth_ratio: float = 10.0  # runaway_growth: amodal area over this many times the visible (10: 90% hidden)
     flag_clip_similarity: float = 0.2  # low_clip_similarity: completion-to-prompt CLIP cosine under this
     # Ways in and backends
     grounder: Literal["lisa", "gdino_sam"] = "lisa"  # "lisa" (the paper) | "gdino_sam" (lighter)

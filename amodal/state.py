@@ -17,9 +17,12 @@ STAGES = (*WORK_STAGES, "done")
 OUTCOMES = ("completed", "unoccluded", "skipped", "no_target", "invalid", "failed")
 
 
-def job_id(dataset: str, image_key: str, query: str, mask_key: str | None, settings: Settings) -> str:
-    """Content hash of what defines a job: the same input submitted twice is one job."""
-    blob = json.dumps([dataset, image_key, query, mask_key, settings.result_fingerprint()])
+def job_id(dataset: str, image_key: str, query: str, mask_key: str | None, settings: Settings, inputs: str,
+           weights: str) -> str:
+    """Content hash of what defines a job: the same input submitted twice is one job. ``inputs`` digests the
+    image's and visible mask's bytes, ``weights`` the checkpoints the stack loads (amodal.provenance), so a
+    changed file under the same name is new work."""
+    blob = json.dumps([dataset, image_key, query, mask_key, settings.result_fingerprint(), inputs, weights])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

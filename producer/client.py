@@ -29,6 +29,7 @@ from amodal.errors import UsageError
 from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, flagged_count, outcome_of, outcomes,
                              read_record, read_record_pages, read_row_chunks, read_rows, read_submission,
                              result_prefix, rows_prefix, write_rows_chunk, write_submission)
+from amodal.provenance import folder_digest, inputs_digest, weight_fingerprints, weights_digest
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
 from amodal.storage import Storage, open_storage
@@ -86,7 +87,7 @@ class Client:
     """Talks to the broker (``AMODAL_BROKER_URL``) and the storage (``AMODAL_STORAGE_URL``)."""
 
     def __init__(self, broker_url: str | None = None, storage_url: str | None = None,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, model_dir: Path | None = None) -> None:
         env = environment()
         self.storage_url = storage_url or env.storage_url
         if not self.storage_url:
@@ -94,25 +95,31 @@ class Client:
         self.store: Storage = open_storage(self.storage_url)
         self.settings = settings or resolve_settings()
         self.pool = ThreadPoolExecutor(env.submit_concurrency)
-        self._inputs: dict[tuple[str, str], tuple[str, str] | str] = {}  # (root, relative) -> (url, key) or error
+        self._inputs: dict[tuple[str, str], tuple[str, str, str] | str] = {}  # (root, relative) -> (url, key, sha256) or error
         self._sources: dict[str, Storage] = {}
         self.broker_url = broker_url or env.broker_url
+        # The weights the workers load (AMODAL_MODEL_DIR, shared with them); none named: ids cover no weights.
+        model_dir = model_dir or env.model_dir
+        self.weights = weight_fingerprints(Path(model_dir), self.settings) if model_dir else {}
 
     # -- submitting ------------------------------------------------------------------------
-    def _upload(self, path: Path) -> str:
-        """Upload a file under its content hash: one create-only write, refused if it is there already."""
+    def _upload(self, path: Path) -> tuple[str, str]:
+        """Upload a file under its content hash: one create-only write, refused if it is there already.
+        Returns its key and SHA-256."""
         data = path.read_bytes()
-        key = f"inputs/{hashlib.sha256(data).hexdigest()}{path.suffix.lower()}"
+        digest = hashlib.sha256(data).hexdigest()
+        key = f"inputs/{digest}{path.suffix.lower()}"
         self.store.put_if_absent(key, data)
-        return key
+        return key, digest
 
     def _source(self, url: str) -> Storage:
         if url not in self._sources:
             self._sources[url] = open_storage(url)
         return self._sources[url]
 
-    def _find_input(self, images: str, relative: str, what: str) -> tuple[str, str]:
-        """(storage URL, key) of one input file; local files are uploaded first (one hash and upload per file)."""
+    def _find_input(self, images: str, relative: str, what: str) -> tuple[str, str, str]:
+        """(storage URL, key, SHA-256 of its bytes) of one input file; local files are uploaded first (one hash
+        and upload per file), stored ones are read to hash them."""
         if images.startswith("s3://"):
             source = self._source(images)
             key = str(PurePosixPath(relative))
@@ -121,10 +128,10 @@ class Client:
                 if not source.exists(fallback):
                     raise InvalidInput(f"{what} not found: {relative}")
                 key = fallback
-            return images, key
-        return "", self._upload(resolve_input(Path(images).resolve(), relative, what))
+            return images, key, hashlib.sha256(source.get(key)).hexdigest()
+        return "", *self._upload(resolve_input(Path(images).resolve(), relative, what))
 
-    def _input_key(self, images: str, relative: str, what: str = "image") -> tuple[str, str]:
+    def _input_key(self, images: str, relative: str, what: str = "image") -> tuple[str, str, str]:
         """:meth:`_find_input`, remembered per file (an InvalidInput is remembered too)."""
         if (images, relative) not in self._inputs:
             self._resolve([(images, relative, what)])
@@ -135,7 +142,7 @@ class Client:
 
     def _resolve(self, files: Iterable[tuple[str, str, str]]) -> None:
         """Look up (and upload) the files not seen yet, concurrently."""
-        def one(item: tuple[str, str, str]) -> tuple[str, str] | str:
+        def one(item: tuple[str, str, str]) -> tuple[str, str, str] | str:
             try:
                 return self._find_input(*item)
             except InvalidInput as exc:
@@ -150,9 +157,11 @@ class Client:
         if row.error:
             raise InvalidInput(row.error)
         query = validate_query(row.query, self.settings.max_query_chars)
-        inputs, image_key = self._input_key(images, row.image)
-        mask_key = self._input_key(images, row.visible_mask, "visible mask")[1] if row.visible_mask else None
-        jid = job_id(dataset, image_key, query, mask_key, self.settings)
+        inputs, image_key, image_sha = self._input_key(images, row.image)
+        mask = self._input_key(images, row.visible_mask, "visible mask") if row.visible_mask else None
+        mask_key = mask[1] if mask else None
+        jid = job_id(dataset, image_key, query, mask_key, self.settings, inputs_digest(image_sha, mask and mask[2]),
+                     weights_digest(self.weights))
         return JobState(job_id=jid, dataset=dataset, image_key=image_key, query=query, mask_key=mask_key,
                         inputs=inputs, settings=self.settings.to_dict(), result_prefix=result_prefix(dataset, jid))
 
@@ -227,7 +236,10 @@ class Client:
     def _begin(self, images: str, annotations: Path, dataset: str, total: int) -> dict:
         """The dataset's submission record: the stored one if it is of the same file, images and settings
         (a resumption), else a new generation of rows (the previous rows are dropped)."""
-        fingerprint = hashlib.sha256(json.dumps([images, file_digest(annotations), self.settings.result_fingerprint()])
+        # a changed image under the same name (a local folder's file sizes and times) or changed weights
+        # make it new rows
+        fingerprint = hashlib.sha256(json.dumps([images, file_digest(annotations), self.settings.result_fingerprint(),
+                                                 weights_digest(self.weights), folder_digest(images)])
                                      .encode()).hexdigest()
         old = read_submission(self.store, dataset)
         if old is not None and old.get("fingerprint") == fingerprint:

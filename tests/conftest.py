@@ -121,3 +121,27 @@ def redis_url():
     """A Redis database of the tests' own, emptied before and after."""
     with databases.emptied(databases.SHARED) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def eval_models(tiny_models, tmp_path_factory) -> Path:
+    """The tiny model folder with a tiny CLIP standing in for ``amodal eval``'s metric CLIP (ViT-L/14's folder)."""
+    import shutil
+
+    from amodal.evaluation.options import MetricOptions
+
+    folder = tmp_path_factory.mktemp("eval-models")
+    for entry in tiny_models.iterdir():
+        (folder / entry.name).symlink_to(entry)
+    shutil.copytree(tiny_models / "clip-vit-base-patch32", folder / MetricOptions().clip_model)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def scorer(eval_models):
+    """``amodal eval``'s metric networks from :func:`eval_models`, on the CPU, with the default choices."""
+    import torch
+
+    from amodal.evaluation.metrics import Scorer
+
+    return Scorer.from_model_dir(eval_models, torch.device("cpu"))

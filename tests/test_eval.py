@@ -1,28 +1,36 @@
-"""``amodal eval``: rows with known truth, the method run on them, scores that move the right way."""
+"""``amodal eval``: rows with known truth, the method run on them beside the reference methods, scores that
+move the right way, and a report that says how every number was made."""
 from __future__ import annotations
 
-import argparse
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from amodal.evaluation.command import add_eval_command, evaluate
-from amodal.evaluation.generator import (SYNTHETIC_SIZE, Sample, coco_objects, coco_samples, shape_mask,
+from amodal.evaluation.command import evaluate, run_in_process
+from amodal.evaluation.generator import (SYNTHETIC_SIZE, Sample, coco_objects, coco_samples, shape_mask, stripes_at,
                                          synthetic_samples)
 from amodal.evaluation.metrics import Prediction, Scorer, amodal_iou
+from amodal.evaluation.options import MetricOptions
+from amodal.evaluation.references import mean_fill, nothing, write_result
 from amodal.images import encode_png
 from amodal.settings import Settings
-from tests.synthetic import Oracle, Scene, Shape, colour_mask
+from tests.cluster import outside_repository
+from tests.flowerproc import AMODAL
+from tests.synthetic import BACKGROUND, Oracle, Scene, Shape, colour_mask
+
+METRIC_CLIP = MetricOptions().clip_model
 
 
 class PerSampleOracle:
     """The stand-in models of ``tests.synthetic``, one scene per synthetic row, picked by the colour most of
-    the image has of the rows' targets (every object of a few rows has a colour of its own; edges blend). Each scene lists its shapes by label, so the
-    stand-in CLIP's text axes are the same in every scene."""
+    the image has of the rows' targets (every object of a few rows has a colour of its own; stripes and edges
+    stay within the colour tolerance). Each scene lists its shapes by label, so the stand-in CLIP's text axes
+    are the same in every scene. Inpainting paints the target's true stripes."""
 
     name = "oracle"
 
@@ -69,12 +77,28 @@ class PerSampleOracle:
         return self.oracles[0][1].text_features(texts)
 
     def inpaint(self, requests):
-        return [self._oracle(r.image).inpaint([r])[0] for r in requests]
+        out = []
+        for r in requests:
+            oracle = self._oracle(r.image)
+            target = oracle.scene.shape(r.prompt.removeprefix("a "))
+            x0, y0, x1, _ = r.window
+            size = r.image.shape[0]
+            scale = (x1 - x0) / size
+            gx, gy = np.meshgrid(x0 + (np.arange(size) + 0.5) * scale, y0 + (np.arange(size) + 0.5) * scale)
+            full = target.mask(x0, y0, size, size, scale=scale)
+            painted = r.image.copy()
+            painted[r.mask] = BACKGROUND
+            painted[r.mask & full] = stripes_at(target.colour, gx, gy)[r.mask & full]
+            out.append(painted)
+        return out
 
 
-@pytest.fixture(scope="module")
-def scorer(tiny_models) -> Scorer:
-    return Scorer.from_model_dir(tiny_models, torch.device("cpu"))
+def oracle_run(samples_by_seed: dict[int, list[Sample]]):
+    """Runs the method with each seed's own stand-ins (colours repeat across seeds)."""
+    def run(images, annotations, folder, seed):
+        return run_in_process(images, annotations, folder, PerSampleOracle(samples_by_seed[seed]), Settings(seed=seed),
+                              progress=False)
+    return run
 
 
 def page_links(out: Path) -> list[Path]:
@@ -82,46 +106,83 @@ def page_links(out: Path) -> list[Path]:
 
 
 def test_synthetic_rows_know_their_truth():
-    for sample in synthetic_samples(6, seed=3):
+    fractions = []
+    for sample in synthetic_samples(30, seed=3):
         height, width = sample.full.shape
         target, occluder = (shape_mask(d, height, width) for d in sample.shapes)
         np.testing.assert_array_equal(target, sample.full)
         np.testing.assert_array_equal(occluder, sample.occluder)
-        assert 0.15 <= sample.hidden.sum() / sample.full.sum() <= 0.6
+        fractions.append(sample.hidden_fraction)
         np.testing.assert_array_equal(sample.image[~sample.occluder], sample.original[~sample.occluder])
-        assert (sample.image[sample.hidden] == sample.shapes[1]["colour"]).all()
+        # striped: the hidden part is more than one colour, so a flat fill cannot match it
+        assert len(np.unique(sample.original[sample.hidden], axis=0)) == 2
+    assert 0.1 <= min(fractions) and max(fractions) <= 0.9 and max(fractions) > 0.6
 
 
-def test_oracle_models_recover_the_whole_objects(tmp_path, scorer):
-    samples = synthetic_samples(6)
-    report = evaluate(samples, tmp_path, PerSampleOracle(samples), scorer, Settings(), progress=False)
-    summary = report["summary"]
-    assert summary["statuses"] == {"completed": 6}
-    assert summary["mean_iou"] >= 0.95
-    assert summary["complete_failure_rate"] == 0.0
-    assert summary["ssim"] > 0.9 and summary["feature_similarity"] > 0.9
-    assert json.loads((tmp_path / "report.json").read_text())["summary"] == summary
+def test_oracle_beats_both_references_over_three_seeds(tmp_path, scorer):
+    seeds = {seed: synthetic_samples(5, seed) for seed in (0, 1, 2)}
+    report = evaluate(seeds, tmp_path, oracle_run(seeds), scorer, Settings(), None, progress=False)
+    ours, nothing_, fill = (report["methods"][m] for m in ("ours", "nothing", "mean_fill"))
+    assert ours["failure_rate"]["mean"] == 0.0 and nothing_["failure_rate"]["mean"] == 1.0
+    assert nothing_["hidden_iou"]["mean"] == 0.0 and ours["hidden_iou"]["mean"] > 0.9
+    assert ours["ssim"]["mean"] > fill["ssim"]["mean"] + 0.2 > nothing_["ssim"]["mean"] + 0.2
+    assert ours["lpips"]["mean"] < fill["lpips"]["mean"] and ours["lpips"]["mean"] < nothing_["lpips"]["mean"]
+    assert len(ours["ssim"]["seeds"]) == 3 and ours["ssim"]["ci95"] is not None
+    assert sum(b["rows"] for b in ours["bins"]) == 15
+    assert set(report["flags"]) >= {"runaway_growth", "low_clip_similarity"}
+    assert "hidden_iou" in report["failure_rule"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["methods"] == report["methods"]
+    assert saved["provenance"]["metrics"] == MetricOptions().to_dict()
+    assert re.fullmatch(r"[0-9a-f]{40}", saved["provenance"]["commit"])
+    assert saved["provenance"]["version"]
     links = page_links(tmp_path)
-    assert len(links) == 4 * 6 and all(link.is_file() for link in links)
+    assert len(links) == 4 * 15 and all(link.is_file() for link in links)
+    page = (tmp_path / "index.html").read_text()
+    assert "mean_fill" in page and "nothing" in page
+    assert not re.search(r"\d\.\d{4,}", page)  # rounded figures
 
 
-def test_tiny_models_run_end_to_end(tmp_path, tiny_models):
-    parser = argparse.ArgumentParser()
-    add_eval_command(parser.add_subparsers(dest="command"))
-    out = tmp_path / "out"
-    args = parser.parse_args([
-        "eval", "--synthetic", "2", "--out", str(out), "--models", str(tiny_models), "--iou-floor", "0.4", "-q",
-        *[f"--set={s}" for s in ("grounder=gdino_sam", "tagger=clip", "num_inference_steps=2", "max_passes=2",
-                                 "device=cpu")],
-    ])
-    assert args.func(args) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["summary"]["rows"] == 2 and report["summary"]["iou_floor"] == 0.4
-    assert [row["name"] for row in report["rows"]] == ["row00000", "row00001"]
-    for row in report["rows"]:
-        assert row["failure"] == (row.get("iou", 0.0) < 0.4)
-    links = page_links(out)
-    assert len(links) >= 2 * 2 and all(link.is_file() for link in links)
+def dark_sample(striped: bool = True) -> Sample:
+    """A dark disc (striped, or flat near-black), part hidden by a light box."""
+    height, width = 96, 128
+    full = shape_mask({"kind": "disc", "cx": 64, "cy": 48, "rx": 36, "ry": 30}, height, width)
+    occluder = shape_mask({"kind": "rect", "cx": 90, "cy": 48, "rx": 20, "ry": 40}, height, width)
+    gx, gy = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    original = np.full((height, width, 3), 200, np.uint8)
+    original[full] = stripes_at((20, 20, 20), gx, gy)[full] if striped else (4, 4, 4)
+    image = original.copy()
+    image[occluder] = (230, 230, 120)
+    return Sample("dark", "ball", image, original, full, occluder)
+
+
+def test_leaving_the_hidden_part_empty_never_scores_well(tmp_path, eval_models):
+    """On a flat dark object black crops scored an empty hidden part nearly as the truth; the context crop
+    shows an empty pixel as the inverse of the truth."""
+    sample = dark_sample(striped=False)
+    write_result(tmp_path / "nothing", *nothing(sample))
+    write_result(tmp_path / "true", np.where(sample.full[..., None], sample.original, 0), sample.full)
+    scores = {}
+    for crop in ("context", "black"):
+        scorer = Scorer.from_model_dir(eval_models, torch.device("cpu"), MetricOptions(crop=crop))
+        scores[crop] = [scorer.score(sample, Prediction.from_folder(tmp_path / name, sample.full.shape))
+                        for name in ("nothing", "true")]
+    empty, exact = scores["context"]
+    assert empty["hidden_iou"] == 0.0 and empty["repainted"] == 0.0 and exact["hidden_iou"] == 1.0
+    assert exact["lpips"] == pytest.approx(0.0, abs=1e-6) and exact["ssim"] == pytest.approx(1.0)
+    assert empty["ssim"] < 0.2 and empty["lpips"] > 0.05
+    assert empty["feature_similarity"] < exact["feature_similarity"] - 0.01
+    black_empty = scores["black"][0]
+    assert black_empty["lpips"] < empty["lpips"] / 3  # the older policy's blind spot
+
+
+def test_the_trivial_fill_is_the_visible_hull_in_the_mean_colour():
+    sample = dark_sample()
+    pixels, mask = mean_fill(sample)
+    assert (mask >= sample.visible).all() and mask.sum() > sample.visible.sum()
+    added = mask & ~sample.visible
+    assert len(np.unique(pixels[added], axis=0)) == 1
+    np.testing.assert_array_equal(pixels[sample.visible], sample.image[sample.visible])
 
 
 def textured_sample() -> Sample:
@@ -137,7 +198,7 @@ def textured_sample() -> Sample:
     return Sample("row", "ball", image, original, full, occluder)
 
 
-def write_result(folder: Path, rgba: np.ndarray, x: int, y: int) -> Path:
+def write_rgba(folder: Path, rgba: np.ndarray, x: int, y: int) -> Path:
     folder.mkdir()
     (folder / "amodal_completion.png").write_bytes(encode_png(rgba))
     (folder / "amodal_mask.png").write_bytes(encode_png(np.where(rgba[..., 3] > 0, 255, 0).astype(np.uint8)))
@@ -148,8 +209,8 @@ def write_result(folder: Path, rgba: np.ndarray, x: int, y: int) -> Path:
 def test_true_hidden_pixels_score_perfectly_and_scrambled_ones_worse(tmp_path, scorer):
     sample = textured_sample()
     rgba = np.dstack([sample.original, np.where(sample.full, 255, 0).astype(np.uint8)])
-    exact = scorer.score(sample, Prediction.from_folder(write_result(tmp_path / "a", rgba, 0, 0), sample.full.shape))
-    assert exact["iou"] == 1.0
+    exact = scorer.score(sample, Prediction.from_folder(write_rgba(tmp_path / "a", rgba, 0, 0), sample.full.shape))
+    assert exact["iou"] == 1.0 and exact["hidden_iou"] == 1.0 and exact["repainted"] == 1.0
     assert exact["ssim"] == pytest.approx(1.0)
     assert exact["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert exact["feature_similarity"] == pytest.approx(1.0, abs=1e-5)
@@ -159,7 +220,7 @@ def test_true_hidden_pixels_score_perfectly_and_scrambled_ones_worse(tmp_path, s
     hidden = np.argwhere(sample.hidden)
     shuffled = hidden[np.random.default_rng(1).permutation(len(hidden))]
     scrambled[hidden[:, 0], hidden[:, 1], :3] = rgba[shuffled[:, 0], shuffled[:, 1], :3]
-    worse = scorer.score(sample, Prediction.from_folder(write_result(tmp_path / "b", scrambled, 0, 0), sample.full.shape))
+    worse = scorer.score(sample, Prediction.from_folder(write_rgba(tmp_path / "b", scrambled, 0, 0), sample.full.shape))
     assert worse["iou"] == 1.0
     assert worse["ssim"] < exact["ssim"] - 0.3
     assert worse["lpips"] > exact["lpips"] + 1e-3
@@ -171,10 +232,11 @@ def test_a_result_is_placed_by_its_offsets_and_pixels_past_the_frame_count_again
     full[0:10, 0:10] = True
     rgba = np.zeros((10, 20, 4), np.uint8)
     rgba[..., 3] = 255  # a 10 x 20 result whose left half lies past the frame's left border
-    prediction = Prediction.from_folder(write_result(tmp_path / "r", rgba, -10, 0), full.shape)
+    prediction = Prediction.from_folder(write_rgba(tmp_path / "r", rgba, -10, 0), full.shape)
     np.testing.assert_array_equal(prediction.mask, full)
     assert prediction.area == 200
     assert amodal_iou(prediction, full) == pytest.approx(100 / 200)
+    assert Prediction.from_folder(tmp_path / "none", full.shape) is None  # a row that wrote no images
 
 
 def test_coco_objects_decode_polygons_and_rle_and_take_occluders_from_each_other(tmp_path):
@@ -188,8 +250,8 @@ def test_coco_objects_decode_polygons_and_rle_and_take_occluders_from_each_other
     second[50:100, 90:140] = True
     encoded = rle.encode(np.asfortranarray(second.astype(np.uint8)))
     annotations = [
-        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 3000, "bbox": [20, 20, 60, 50],
-         "segmentation": [[20, 20, 80, 20, 80, 70, 20, 70]]},
+        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [20, 20, 60, 50],
+         "segmentation": [[20, 20, 80, 20, 80, 70, 20, 70]]},  # no "area": computed from the mask
         {"id": 2, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 2500, "bbox": [90, 50, 50, 50],
          "segmentation": {"size": [height, width], "counts": encoded["counts"].decode()}},
     ]
@@ -204,6 +266,62 @@ def test_coco_objects_decode_polygons_and_rle_and_take_occluders_from_each_other
     samples = coco_samples(objects, 2)
     assert sorted(s.label for s in samples) == ["book", "cup"]
     for sample in samples:
-        assert 0.15 <= sample.hidden.sum() / sample.full.sum() <= 0.6
+        assert 0.1 <= sample.hidden_fraction <= 0.9
         np.testing.assert_array_equal(sample.original, pixels)
         np.testing.assert_array_equal(sample.image[~sample.occluder], pixels[~sample.occluder])
+
+
+def eval_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The installed ``amodal eval``, run from outside the repository."""
+    return subprocess.run([AMODAL, "eval", *args], cwd=outside_repository(), capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_help_names_every_metric_and_how_to_force_inpainting():
+    shown = eval_command("--help")
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    for metric in ("iou", "hidden_iou", "repainted", "ssim", "lpips", "feature_similarity", "clip_score"):
+        assert re.search(rf"\b{metric}\b", text), metric
+    assert "--set fixed_passes=N" in text and "unoccluded" in text
+    assert "clip-vit-large-patch14" in text and "1.5" in text
+
+
+def test_tiny_models_forced_through_inpainting_and_results_scored_again(tmp_path, eval_models):
+    out = tmp_path / "out"
+    settings = ("grounder=gdino_sam", "tagger=clip", "num_inference_steps=2", "fixed_passes=1", "device=cpu")
+    done = eval_command("--synthetic", "2", "--out", str(out), "--models", str(eval_models), "-q",
+                        *[f"--set={s}" for s in settings])
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]["0"]["ours"]
+    assert [row["name"] for row in rows] == ["row00000", "row00001"]
+    assert {row["status"] for row in rows} == {"completed"}  # inpainting ran: not `unoccluded`
+    for row in rows:
+        assert row["failure"] == (not row["has_result"] or row["hidden_iou"] < 0.5)
+    assert report["provenance"]["weights"] and "missing" not in report["provenance"]["weights"].values()
+    assert set(report["provenance"]["metric_weights"]) == {METRIC_CLIP, "lpips"}
+    links = page_links(out)
+    assert len(links) >= 2 * 2 and all(link.is_file() for link in links)
+
+    # another method's results, laid out as ours (here: the visible cut-outs), scored on the same rows
+    scored = tmp_path / "scored"
+    again = eval_command("score", "--data", str(out / "seed-0" / "data"), "--results",
+                         str(out / "seed-0" / "references" / "nothing"), "--out", str(scored),
+                         "--models", str(eval_models), "-q", "--set=device=cpu")
+    assert again.returncode == 0, again.stderr
+    rescored = json.loads((scored / "report.json").read_text())
+    assert rescored["methods"]["ours"]["failure_rate"]["mean"] == 1.0
+    assert rescored["methods"]["ours"]["hidden_iou"] == rescored["methods"]["nothing"]["hidden_iou"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "1", "--clip-model", "no-such-clip"], "no metric CLIP model at"),
+    (["--synthetic", "1", "--clip-prompt", "a photo"], "--clip-prompt must hold {}"),
+    (["score", "--data", "/nonexistent"], "eval score needs --data"),
+    (["--coco", "x.json"], "--coco needs --images"),
+])
+def test_bad_eval_arguments_end_in_one_line(tmp_path, eval_models, args, message):
+    done = eval_command(*args, "--out", str(tmp_path / "o"), "--models", str(eval_models))
+    assert done.returncode == 2
+    assert done.stderr.startswith("amodal: ") and message in done.stderr and len(done.stderr.splitlines()) == 1

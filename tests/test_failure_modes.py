@@ -123,12 +123,12 @@ def test_manifest_lines_carry_quality_and_flags(tmp_path):
 
 
 @pytest.mark.parametrize("quality,stop,expected", [
-    ({"growth_ratio": 4.5, "window_edge": False, "clip_similarity": 0.3, "passes": []}, "complete", ["runaway_growth"]),
+    ({"growth_ratio": 10.5, "window_edge": False, "clip_similarity": 0.3, "passes": []}, "complete", ["runaway_growth"]),
     ({"growth_ratio": 2.0, "window_edge": False, "clip_similarity": 0.1, "passes": []}, "complete",
      ["low_clip_similarity"]),
     ({"growth_ratio": 2.0, "window_edge": True, "clip_similarity": None, "passes": [{"redetected": False}]}, "limit",
      ["target_lost", "window_edge", "stopped_at_limit"]),
-    ({"growth_ratio": 4.0, "window_edge": False, "clip_similarity": 0.2, "passes": [{"redetected": True}]}, "complete",
+    ({"growth_ratio": 10.0, "window_edge": False, "clip_similarity": 0.2, "passes": [{"redetected": True}]}, "complete",
      []),
 ])
 def test_flag_thresholds(quality, stop, expected):

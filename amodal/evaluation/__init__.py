@@ -1,3 +1,3 @@
-"""``amodal eval``: the quality benchmark on synthetic occlusions over whole-object masks."""
+"""``amodal eval``: the quality benchmark on synthetic pastes and real amodal datasets."""
 
-METRICS = ("iou", "ssim", "lpips", "feature_similarity", "clip_score")  # the per-row scores a report averages
+METRICS = ("iou", "hidden_iou", "repainted", "ssim", "lpips", "feature_similarity", "clip_score")  # per-row scores
