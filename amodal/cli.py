@@ -223,7 +223,8 @@ class Parser(argparse.ArgumentParser):
     """A usage mistake in one line, like every other mistake, naming where the help is."""
 
     def error(self, message: str):
-        self.exit(2, f"amodal: {self.prog}: {message} (see {self.prog} --help)\n")
+        verb = self.prog.removeprefix("amodal").strip()
+        self.exit(2, f"amodal: {verb + ': ' if verb else ''}{message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -135,26 +137,47 @@ def _explain_counts(client: Client, dataset: str, progress: Progress) -> None:
                 print(f"  line {line['line']}: {line['image']} {line['query']!r}: {line['message']}", file=sys.stderr)
 
 
-def write_dataset_report(client: Client, dataset: str, folder: Path, flagged: bool = False) -> Path:
-    """Download each row's result files and input into ``folder`` and write ``folder/index.html``."""
+def report_lines(client: Client, dataset: str, limit: int, flagged: bool = False,
+                 statuses: list[str] | None = None) -> Iterator[dict]:
+    """The first ``limit`` manifest lines that match (flagged ones only, or those with ``statuses``), read
+    lazily: the rows past them are never read."""
+    matching = (line for line in client.manifest(dataset)
+                if (not flagged or line.get("flags")) and (not statuses or line["status"] in statuses))
+    return itertools.islice(matching, limit)
+
+
+def write_dataset_report(client: Client, dataset: str, folder: Path, limit: int, flagged: bool = False,
+                         statuses: list[str] | None = None) -> list[Path]:
+    """Download the result files, record and input of the first ``limit`` matching rows into ``folder``
+    and write its pages (``folder/index.html`` first)."""
     from amodal.jobstore import latest_state, result_prefix
-    from amodal.report import ReportRow, write_report
+    from amodal.report import OFFSETS_FILE, ReportRow, write_report
     from amodal.storage import open_storage
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, inputs = [], collections.defaultdict(lambda: client.store)
-    for line in tqdm(list(client.manifest(dataset)), desc="report", unit="row", file=sys.stderr):
-        if flagged and not line.get("flags"):
-            continue
-        files: dict[str, bytes] = {}
-        if line["job_id"] and line["status"] != "invalid":
-            prefix = result_prefix(dataset, line["job_id"])
-            files = {key.rpartition("/")[2]: client.store.get(key) for key in client.store.list(prefix + "/")
-                     if key.endswith(".png")}
-            state = latest_state(client.store, line["job_id"])
-            if state is not None:
-                if state.inputs and state.inputs not in inputs:
-                    inputs[state.inputs] = open_storage(state.inputs)
-                files["input"] = inputs[state.inputs].get(state.image_key)
-        rows.append(ReportRow.from_files(line, files))
-    return write_report(folder, f"amodal: {dataset}", rows)
+    (folder / "jobs").mkdir(parents=True, exist_ok=True)
+    inputs = collections.defaultdict(lambda: client.store)
+
+    def rows() -> Iterator[ReportRow]:
+        for line in tqdm(report_lines(client, dataset, limit, flagged, statuses), desc="report", unit="row",
+                         file=sys.stderr):
+            files: dict[str, bytes] = {}
+            link = None
+            if line["job_id"] and line["status"] != "invalid":
+                prefix = result_prefix(dataset, line["job_id"])
+                for key in client.store.list(prefix + "/"):
+                    name = key.rpartition("/")[2]
+                    if name.endswith(".png") or name in (OFFSETS_FILE, "job.json"):
+                        files[name] = client.store.get(key)
+                if "job.json" in files:
+                    link = f"jobs/{line['job_id']}.json"
+                    (folder / link).write_bytes(files.pop("job.json"))
+                state = latest_state(client.store, line["job_id"])
+                if state is not None:
+                    if state.inputs and state.inputs not in inputs:
+                        inputs[state.inputs] = open_storage(state.inputs)
+                    files["input"] = inputs[state.inputs].get(state.image_key)
+            yield ReportRow.from_files(line, files, link)
+
+    which = " and ".join(filter(None, ["flagged" if flagged else "", "/".join(statuses or [])])) or "all"
+    note = f"This report: the first {limit} rows ({which}) in row order (--limit, --flagged, --status choose)."
+    return write_report(folder, f"amodal: {dataset}", rows(), client.status(dataset), note)
