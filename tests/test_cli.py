@@ -139,6 +139,21 @@ def test_services_without_their_settings_say_so_in_one_line(tmp_path):
         one_line_error(amodal(env, *args, timeout=120), code, words)
 
 
+def test_log_format_json_gives_one_object_per_line(tmp_path, redis_url):
+    """``amodal --log-format json dispatch``: every line on stderr is a JSON object a collector can read."""
+    env = user_env(AMODAL_STORAGE_URL=f"file://{tmp_path / 'store'}", AMODAL_BROKER_URL=redis_url,
+                   AMODAL_DISPATCH_LOCK_SECONDS="5")
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/amodal"), "--log-format", "json", "dispatch"], env=env,
+                            cwd=outside_repository(), stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stderr.readline())
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[1]
+    assert first["level"] == "INFO" and first["logger"] == "producer.dispatch" and "dispatching:" in first["message"]
+    assert all(isinstance(json.loads(line), dict) for line in rest.splitlines() if line.strip())
+
+
 def test_misuse_gives_one_line_and_its_exit_code(tmp_path, dataset_files, redis_url, seaweed_server, seaweed_bucket):
     """Against a real S3 server (SeaweedFS checks credentials) and a broker that is not there."""
     images, annotations = dataset_files

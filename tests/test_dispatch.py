@@ -465,6 +465,10 @@ def test_killing_the_worker_that_dispatches_loses_no_row(env, tmp_path):
     finally:
         group.stop()
     assert took_over <= lease + 15, took_over
+    logs = "".join(group.log(name) for name in group.procs)
+    assert "Loading weights" not in logs and "celery.redirected" not in logs  # no model-loading chatter
+    assert "INFO workers.warmup: ground worker: models loaded and warmed" in logs  # an honest level
+    assert f"exchange={WORK_STAGES[0]}(direct) key={WORK_STAGES[0]}" in logs  # the banner says the same
     assert_exactly_once(client, "holder", manifest, 8)
     print(f"lock taken over {took_over:.1f} s after its holder was killed (lease {lease} s)")
 
