@@ -20,7 +20,7 @@ from amodal.errors import ServiceError, UsageError
 from amodal.stages import NAMES
 from amodal.state import OUTCOMES
 
-SET_HELP = "override a setting of amodal/settings.py (repeatable; after AMODAL_SETTINGS)"
+SET_HELP = "override a setting (repeatable; after AMODAL_SETTINGS; `amodal settings` lists them)"
 
 
 def _settings(args: argparse.Namespace):
