@@ -14,7 +14,7 @@ from typing import NamedTuple
 import psutil
 import pytest
 
-from tests.browser import image_states
+from tests.browser import page_facts
 from tests.cluster import AMODAL, amodal, outside_repository
 from tests.synthetic import synthetic_dataset
 from tests.test_mps import control_calls, fake_mps_control
@@ -128,8 +128,16 @@ def test_launch_submit_status_and_report(launched, tmp_path):
     report = tmp_path / "report"
     res = amodal(env, "status", "--dataset", "cmds", "--report", str(report))
     assert res.returncode == 0, res.stderr
-    shown = image_states(report / "index.html")
-    assert len(shown) == 4 * 4 and all(i["ok"] for i in shown), shown
+    facts = page_facts(report / "index.html", width=1400)
+    completions = sum(store.exists(f"results/cmds/{line['job_id']}/amodal_completion.png") for line in manifest)
+    assert len(facts["images"]) == 4 + completions and all(i["ok"] for i in facts["images"]), facts["images"]
+    assert facts["scroll_width"] <= facts["client_width"], facts  # fits 1,400 px
+    records = [link for link in facts["links"] if link["text"] == "job.json"]
+    assert len(records) == 4 and all(link["exists"] for link in records), facts["links"]
+    limited = tmp_path / "limited"
+    res = amodal(env, "status", "--dataset", "cmds", "--report", str(limited), "--limit", "2")
+    assert res.returncode == 0 and json.loads(res.stdout)["pages"] == 1, res.stderr
+    assert len([link for link in page_facts(limited / "index.html")["links"] if link["text"] == "job.json"]) == 2
 
 
 def test_status_wait_names_what_is_missing_and_gives_up(tmp_path, redis_url, seaweed_server, seaweed_bucket,
