@@ -91,10 +91,14 @@ def masks_over_input(row: ReportRow) -> bytes:
     image = np.asarray(Image.open(io.BytesIO(row.images["input"])).convert("RGB")).astype(np.float32)
     if row.offsets is not None:
         x, y = int(row.offsets["x"]), int(row.offsets["y"])
+        masks = {column: np.asarray(Image.open(io.BytesIO(row.images[column])).convert("L")) > 127
+                 for column in ("visible", "amodal") if column in row.images}
+        if "visible" in masks and "amodal" in masks and masks["visible"].shape == masks["amodal"].shape:
+            masks["amodal"] = masks["amodal"] & ~masks["visible"]  # its hidden part only
         for column, tint in (("amodal", HIDDEN_TINT), ("visible", VISIBLE_TINT)):
-            if column not in row.images:
+            if column not in masks:
                 continue
-            mask = np.asarray(Image.open(io.BytesIO(row.images[column])).convert("L")) > 127
+            mask = masks[column]
             # the part of the mask's frame that lies inside the input
             top, left = max(y, 0), max(x, 0)
             bottom, right = min(y + mask.shape[0], image.shape[0]), min(x + mask.shape[1], image.shape[1])
