@@ -3,7 +3,7 @@
 Each value is chosen so that a job is never lost and never done twice in effect: messages are
 acknowledged only after their step is written, and every step is idempotent (see ``tasks.stage``).
 """
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from amodal.config import environment
 from amodal.state import WORK_STAGES as STAGES
@@ -23,10 +23,12 @@ accept_content = ["json"]
 task_ignore_result = True
 result_backend = None
 
-# One queue per stage, so each worker pool takes only the work its models can do.
-task_queues = [Queue(name) for name in STAGES]
+# One queue per stage, so each worker pool takes only the work its models can do; each bound to its own
+# direct exchange by its own name as the key (a Queue given no exchange is bound to the default queue's,
+# under the default queue's key, which is what every worker then declares).
+task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in STAGES]
 task_default_queue = "finalize"
-task_routes = {f"amodal.{name}": {"queue": name} for name in STAGES}
+task_routes = {f"amodal.{name}": {"queue": name, "exchange": name, "routing_key": name} for name in STAGES}
 
 # At-least-once delivery: ack after the step is written, and hand the message back if the worker
 # process dies mid-task (OOM, preemption, SIGKILL). Steps are idempotent, so a redelivery is safe.

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from amodal.errors import ServiceError, UsageError
 from amodal.stages import NAMES
+from amodal.state import OUTCOMES
 
-SET_HELP = "override a setting of amodal/settings.py (repeatable; after AMODAL_SETTINGS)"
+SET_HELP = "override a setting (repeatable; after AMODAL_SETTINGS; `amodal settings` lists them)"
 
 
 def _settings(args: argparse.Namespace):
@@ -105,7 +106,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _existing(args.images, "--images", folder=True)
     _existing(args.annotations, "--annotations", folder=False)
     report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset, progress=not args.quiet)
-    print(json.dumps({"rows": report.rows, "enqueued": report.enqueued, "finished": report.finished,
+    print(f"recorded {report.enqueued} rows of dataset {args.dataset} for the dispatcher to start"
+          f" ({report.finished} already have an outcome, {len(report.invalid)} refused)", file=sys.stderr)
+    print(json.dumps({"rows": report.rows, "recorded": report.enqueued, "finished": report.finished,
                       "invalid": len(report.invalid)}))
     return 0
 
@@ -122,17 +125,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
     if not args.dataset:
         raise UsageError("status needs --dataset NAME (or --workers alone)")
+    if args.timeout is not None and not args.wait:
+        raise UsageError("--timeout applies to --wait: add --wait")
     client = _client()
     if args.manifest:
         for line in client.manifest(args.dataset):
-            if not args.flagged or line.get("flags"):
+            if (not args.flagged or line.get("flags")) and (not args.status or line["status"] in args.status):
                 print(json.dumps(line))
         return 0
     if args.report:
-        page = write_dataset_report(client, args.dataset, Path(args.report), flagged=args.flagged)
-        print(json.dumps({"report": str(page)}))
+        pages = write_dataset_report(client, args.dataset, Path(args.report), limit=args.limit,
+                                     flagged=args.flagged, statuses=args.status)
+        print(json.dumps({"report": str(pages[0]), "pages": len(pages)}))
         return 0
-    print(json.dumps(show_status(client, args.dataset, wait=args.wait, interval=args.interval, stall=args.stall)))
+    print(json.dumps(show_status(client, args.dataset, wait=args.wait, interval=args.interval, stall=args.stall,
+                                 timeout=args.timeout)))
     return 0
 
 
@@ -186,6 +193,25 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from amodal.settings_doc import describe_settings
+
+    docs = describe_settings()
+    if args.json:
+        for doc in docs:
+            print(json.dumps({"name": doc.name, "type": doc.type, "default": doc.default, "meaning": doc.meaning,
+                              "section": doc.section}))
+        return 0
+    width = max(len(doc.name) for doc in docs)
+    section = None
+    for doc in docs:
+        if doc.section != section:
+            section = doc.section
+            print(f"\n{section}" if section else "")
+        print(f"  {doc.name:<{width}}  {doc.type:<5}  {json.dumps(doc.default):<10}  {doc.meaning}")
+    return 0
+
+
 def cmd_flower(args: argparse.Namespace) -> int:
     from producer.flower import run_flower
 
@@ -193,18 +219,52 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage mistake in one line, like every other mistake, naming where the help is."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("amodal").strip()
+        self.exit(2, f"amodal: {verb + ': ' if verb else ''}{message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Marks required options, and shows a default once: where an option has one and its help does not
+    already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)"
+        if action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS) \
+                and "default" not in text:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("amodal")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="amodal", description="Open-world amodal appearance completion: find an object named by a text "
         "query, repaint what hides it, write the whole object as an RGBA image.",
         epilog="Exit codes: 0 done, 2 bad usage or input, 1 a service that cannot be reached or fails. "
-        "AMODAL_DEBUG=1 shows tracebacks.")
+        "AMODAL_DEBUG=1 shows tracebacks.", formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--version", action="version", version=f"amodal {_version()}")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log lines as text or one JSON object each, for log collectors (this process and "
+                             "the workers and dispatcher it starts; default: $AMODAL_LOG_FORMAT, else text)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def verb(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=text,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def verb(name: str, text: str, more: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=f"{text}. {more}".strip(), formatter_class=HelpFormatter)
 
     run = verb("run", "run the whole method in this process over an annotation file; results, manifest.jsonl "
                       "and index.html in a local folder")
@@ -224,15 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="model folder to write into (created if missing)")
     dl = msub.add_parser("download", help="fetch the published checkpoints",
                          description="fetch the published checkpoints (needs network access)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     dl.add_argument("dir", help="model folder to fetch into (created if missing)")
     dl.add_argument("--only", nargs="+", metavar="MODEL", help="fetch only these models (sam, grounding_dino, clip, "
                     "sd_inpaint, instaorder, ram_plus, lisa, lpips); default: all, LISA-13B included (about 26 GB)")
     dl.add_argument("--sam-variant", default="vit_h", choices=["vit_h", "vit_l", "vit_b"], help="SAM backbone")
     models.set_defaults(func=cmd_models)
 
-    submit = verb("submit", "enqueue one job per (image, query) row of a dataset (AMODAL_BROKER_URL, "
-                            "AMODAL_STORAGE_URL); submitting again resumes")
+    submit = verb("submit", "record one job per (image, query) row of a dataset in the storage; the dispatcher "
+                            "(every worker runs one) starts them as the queues drain",
+                  "Reads AMODAL_BROKER_URL and AMODAL_STORAGE_URL. Submitting the same file again resumes a "
+                  "submission that stopped.")
     submit.add_argument("--images", required=True, help="local folder or s3://bucket/prefix")
     submit.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
     submit.add_argument("--dataset", required=True, help="dataset name (results/<dataset>/...)")
@@ -240,27 +302,38 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(func=cmd_submit)
 
-    status = verb("status", "progress of a submitted dataset: counts per state, its manifest, a results page, "
-                            "or the live workers")
-    status.add_argument("--dataset", help="dataset name given to submit")
+    status = verb("status", "progress of a submitted dataset (rows per outcome; per stage queued, in work and "
+                            "done), its manifest, a results page, or the live workers")
+    status.add_argument("--dataset", help="dataset name given to submit (needed unless --workers)")
     status.add_argument("--wait", action="store_true", help="refresh until no row is in flight")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --wait")
     status.add_argument("--stall", type=float, default=60.0,
-                        help="with --wait, say so after this many seconds without progress, with the live workers")
+                        help="with --wait, after this many seconds without any movement say what is missing "
+                             "(the dispatcher, a stage's workers) or which workers are live")
+    status.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="with --wait, exit 1 after this many seconds without any movement (default: wait on)")
     status.add_argument("--manifest", action="store_true", help="print one JSON line per input row")
     status.add_argument("--flagged", action="store_true", help="with --manifest or --report: only flagged rows")
-    status.add_argument("--report", metavar="DIR", help="write a results page (DIR/index.html and its images)")
+    status.add_argument("--status", nargs="+", metavar="OUTCOME", choices=[*OUTCOMES, "pending"],
+                        help=f"with --manifest or --report: only rows with these outcomes ({', '.join(OUTCOMES)}, "
+                             "pending)")
+    status.add_argument("--report", metavar="DIR", help="write a results page (DIR/index.html, its further pages "
+                                                        "and its images)")
+    status.add_argument("--limit", type=int, default=500, metavar="ROWS",
+                        help="with --report: the first ROWS rows that match, in row order")
     status.add_argument("--workers", action="store_true", help="list the live workers and their stages")
     status.set_defaults(func=cmd_status)
 
-    worker = verb("worker", "run one stage's worker (AMODAL_BROKER_URL, AMODAL_STORAGE_URL, AMODAL_MODEL_DIR)")
+    worker = verb("worker", "run one stage's worker, and the dispatcher's loop beside it",
+                  "Reads AMODAL_BROKER_URL, AMODAL_STORAGE_URL and AMODAL_MODEL_DIR. Every worker's dispatcher "
+                  "waits on one lock in Redis; one works at a time.")
     worker.add_argument("--stage", required=True, choices=NAMES, help="the stage whose queue it serves")
     worker.add_argument("--gpu", type=int, help="GPU index (sets CUDA_VISIBLE_DEVICES before torch loads); "
                         "default 0 for GPU stages")
     worker.add_argument("--concurrency", type=int,
                         help="pool processes, each holding its models (default: 2 for segment and inpaint, else 1)")
     worker.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
-    worker.add_argument("--loglevel", default="info", help="Celery log level")
+    worker.add_argument("--loglevel", default="info", help="log level")
     worker.set_defaults(func=cmd_worker)
 
     launch = verb("launch", "start and supervise this host's stage workers by the placement plan")
@@ -279,13 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--port", type=int, default=5555, help="TCP port to serve on")
     flower.set_defaults(func=cmd_flower)
 
+    settings = verb("settings", "list every setting of the method (--set NAME=VALUE, AMODAL_SETTINGS) with its "
+                                "type, default and meaning")
+    settings.add_argument("--json", action="store_true", help="one JSON object per setting")
+    settings.set_defaults(func=cmd_settings)
+
     from amodal.evaluation.command import add_eval_command
     from producer.dispatch import add_dispatch_command
     from producer.metrics import add_metrics_command
 
-    add_dispatch_command(sub)
+    add_dispatch_command(sub, HelpFormatter)
     add_eval_command(sub)
     add_metrics_command(sub)
+    for name, choice in sub.choices.items():  # every verb: its one-line help is its description at least
+        choice.formatter_class = HelpFormatter
+        text = next(a.help for a in sub._choices_actions if a.dest == name)
+        choice.description = choice.description or f"{text}."
     return parser
 
 
@@ -308,14 +390,27 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
     return explain_service_error(exc)
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``amodal status --manifest | head -3``): stop quietly, as other
+    commands in a pipe do, with 128 + SIGPIPE; what is still buffered goes nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    from amodal.config import debug_enabled
+    from amodal.config import debug_enabled, environment
+    from amodal.logs import configure_logging
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.log_format:
+            os.environ["AMODAL_LOG_FORMAT"] = args.log_format  # the workers and dispatchers it starts log alike
+        configure_logging(logging.DEBUG if args.verbose else logging.WARNING,
+                          environment().log_format == "json")
         return args.func(args)
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("amodal: interrupted", file=sys.stderr)
         return 130

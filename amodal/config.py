@@ -16,7 +16,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -64,6 +64,10 @@ class Environment(BaseSettings):
     # A job in flight whose state has not advanced for task_time_limit + visibility_timeout + this margin,
     # with no message of its in the broker, is stalled: its current step is sent again.
     stall_margin: int = Field(60, ge=0)
+    # The dispatch lock's lease: a dispatcher (every worker runs one) that dies holding it is replaced
+    # by another within this many seconds plus one round.
+    dispatch_lock_seconds: int = Field(60, ge=5)
+    log_format: Literal["text", "json"] = "text"  # `amodal --log-format`: one JSON object per log line for collectors
     # Storage calls a submission (or the dispatcher) makes at once: boto3's connection pool holds 10.
     submit_concurrency: int = Field(10, ge=1)
 
@@ -113,7 +117,7 @@ def resolve_settings(overrides: Iterable[str] = (), env: Environment | None = No
     values = {**PRESETS[preset], **values}
     unknown = sorted(set(values) - set(Settings.__dataclass_fields__))
     if unknown:
-        raise UsageError(f"unknown setting {unknown[0]!r} (see amodal/settings.py for the names)")
+        raise UsageError(f"unknown setting {unknown[0]!r} (`amodal settings` lists them)")
     try:
         return _SETTINGS_ADAPTER.validate_python(values)
     except ValidationError as exc:

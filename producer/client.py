@@ -299,6 +299,14 @@ class Client:
         counts[FLAGGED] = flagged_count(self.store, dataset)
         return counts
 
+    def progress(self, dataset: str):
+        """:meth:`status` and where the dataset's jobs are: rows not started yet, and per stage the jobs
+        queued, in work and done (a :class:`producer.progress.Progress`; ``to_dict()`` is what
+        ``amodal status`` prints)."""
+        from producer.progress import dataset_progress
+
+        return dataset_progress(self.store, self.broker_url, dataset, self.status(dataset))
+
     def resume_command(self, dataset: str) -> str:
         """The command that records the rows a stopped submission left."""
         submission = read_submission(self.store, dataset) or {}

@@ -18,8 +18,11 @@ delivery, or a sender that died between commit and send) is stalled: its current
 at most once per :func:`stall_after`. The protocol of ``tasks.stage`` makes a duplicate harmless, and
 every delivery counts as an attempt, so a job that keeps stalling ends ``failed``.
 
-Its progress lives in storage (``dispatch/state.json``: a feed cursor per dataset and the jobs in
-flight), so it survives its own restart. A Redis lock lets one dispatcher work at a time; others wait.
+Its progress lives in storage (``dispatch/state.json``: a feed cursor per dataset, the jobs in
+flight and who holds the lock), so it survives its own restart. Every stage worker runs this loop
+(``workers.dispatcher``) and ``amodal dispatch`` runs it alone; a Redis lock lets one of them work at a
+time while the others wait on it. The holder renews the lock every round; one that dies holding it
+loses it after ``AMODAL_DISPATCH_LOCK_SECONDS`` (60 s), and a waiting one takes over at once.
 
 Accounting for status and metrics, plain functions over the stored progress:
 
@@ -27,6 +30,7 @@ Accounting for status and metrics, plain functions over the stored progress:
 - :func:`stalled` ``(store, now) -> {dataset: jobs in flight that have not advanced for stall_after()}``
 - :func:`waiting` ``(store, dataset) -> jobs recorded and not started yet``
 - :func:`heartbeat` ``(store) -> time of the dispatcher's last round, or None``
+- :func:`holder` ``(store) -> the name of the process that last held the lock, or None``
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ import argparse
 import base64
 import json
 import logging
+import os
 import signal
+import socket
 import threading
 import tempfile
 import time
@@ -43,6 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amodal.config import Environment, environment
+from amodal.errors import UsageError
 from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_record, read_rows_chunk,
                              read_submission, record_outcome, result_prefix, write_record_page)
 from amodal.state import WORK_STAGES, JobState
@@ -55,7 +62,6 @@ OPEN_PREFIX = "dispatch/open/"  # one marker per dataset with recorded rows not 
 ADOPT_PREFIX = "dispatch/adopt/"  # dispatch/adopt/<dataset>/<job>: a job sent by Client.submit, to watch
 LOCK_NAME = "amodal:dispatch"
 SAVE_EVERY = 15.0  # seconds between two stores of an unchanged progress (its heartbeat)
-LOCK_SECONDS = 60  # a dispatcher that stops renewing its lock loses it after this
 READY_MESSAGE = "dispatching:"  # logged once the lock is held and the stored progress loaded
 ALIVE_FILE = Path(tempfile.gettempdir()) / "amodal-dispatch.alive"  # touched every round: the container's healthcheck
 
@@ -88,9 +94,11 @@ class Progress:
     flights: dict[str, Flight]
     heartbeat: float = 0.0
     stall_after: float = 0.0
+    holder: str = ""  # the process that holds the lock: a worker's node name, or dispatch@host
 
     def to_json(self) -> bytes:
         return json.dumps({"cursors": self.cursors, "heartbeat": self.heartbeat, "stall_after": self.stall_after,
+                           "holder": self.holder,
                            "flights": {job: asdict(f) for job, f in self.flights.items()}}).encode()
 
 
@@ -100,7 +108,7 @@ def read_progress(store: Storage) -> Progress:
     except ObjectNotFound:
         return Progress({}, {})
     return Progress(raw["cursors"], {job: Flight(**f) for job, f in raw["flights"].items()}, raw["heartbeat"],
-                    raw["stall_after"])
+                    raw["stall_after"], raw.get("holder", ""))
 
 
 # -- accounting --------------------------------------------------------------------------------
@@ -136,6 +144,11 @@ def waiting(store: Storage, dataset: str) -> int:
 def heartbeat(store: Storage) -> float | None:
     """When the dispatcher last finished a round (``time.time()``), or None if none ever ran."""
     return read_progress(store).heartbeat or None
+
+
+def holder(store: Storage) -> str | None:
+    """The name of the process whose dispatcher last stored its progress, or None."""
+    return read_progress(store).holder or None
 
 
 # -- what submissions write ------------------------------------------------------------------------
@@ -199,7 +212,7 @@ def queued_messages(client) -> set[tuple[str, int]]:
 class Dispatcher:
     """Feeds the first stage up to the high-water mark and recovers stalled jobs (module docstring)."""
 
-    def __init__(self, store: Storage, env: Environment | None = None, redis_client=None) -> None:
+    def __init__(self, store: Storage, env: Environment | None = None, redis_client=None, name: str = "") -> None:
         env = env or environment()
         self.store, self.broker_url, self.redis = store, env.broker_url, redis_client
         self.mark, self.scan_interval, self.stall_after = env.dispatch_high_water, env.dispatch_scan_interval, \
@@ -207,6 +220,7 @@ class Dispatcher:
         self.pool = ThreadPoolExecutor(env.submit_concurrency)
         self.progress = read_progress(store)
         self.progress.stall_after = self.stall_after
+        self.progress.holder = name or f"dispatch@{socket.gethostname()}"
         self._chunk: dict[str, tuple[tuple[int, int], list[dict]]] = {}  # dataset -> (generation, index), rows
         self._next_scan = time.monotonic() + self.scan_interval
         self._saved = ""  # the cursors and flights last stored, as JSON
@@ -346,26 +360,28 @@ class Dispatcher:
         return load_state(self.store, job, max(versions))
 
 
-def run_dispatcher(stop: threading.Event | None = None) -> None:
+def run_dispatcher(stop: threading.Event | None = None, name: str = "") -> None:
     """Until ``stop`` is set (or SIGTERM/SIGINT): a round every ``AMODAL_DISPATCH_INTERVAL`` seconds, while
-    holding the dispatch lock; a lock lost (a broker restarted without persistence) is waited for again."""
+    holding the dispatch lock; a lock lost (a broker restarted without persistence, or a round longer than
+    the lease) is waited for again. ``name`` is recorded as the lock's holder."""
     import redis
 
     from tasks.app import app
 
     env = environment()
     if not env.storage_url:
-        raise RuntimeError("AMODAL_STORAGE_URL is not set (file:///path or s3://bucket/prefix)")
+        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
     stop = stop or _stop_on_signals()
     app.conf.task_send_sent_event = False  # half of the publishing time, and Flower has no use for it here
     client = redis.Redis.from_url(env.broker_url) if env.broker_url.startswith(("redis://", "rediss://")) else None
-    held = client.lock(LOCK_NAME, timeout=LOCK_SECONDS) if client is not None else None
+    held = client.lock(LOCK_NAME, timeout=env.dispatch_lock_seconds) if client is not None else None
     if held is not None and not _take(held, stop):
         return
+    name = name or f"dispatch@{socket.gethostname()}"
     try:
-        dispatcher = Dispatcher(open_storage(env.storage_url), env, client)
-        log.warning("%s high-water mark %d jobs in flight, stalled after %.0f s", READY_MESSAGE, dispatcher.mark,
-                    dispatcher.stall_after)
+        dispatcher = Dispatcher(open_storage(env.storage_url), env, client, name)
+        log.info("%s %s (pid %d) holds the lock; high-water mark %d jobs in flight, stalled after %.0f s",
+                 READY_MESSAGE, name, os.getpid(), dispatcher.mark, dispatcher.stall_after)
         while not stop.is_set():
             try:
                 dispatcher.round()
@@ -375,7 +391,7 @@ def run_dispatcher(stop: threading.Event | None = None) -> None:
                 log.warning("the dispatch lock was lost; taking it again")
                 if not _take(held, stop):
                     return
-                dispatcher = Dispatcher(open_storage(env.storage_url), env, client)  # another may have worked meanwhile
+                dispatcher = Dispatcher(open_storage(env.storage_url), env, client, name)  # another may have worked
             ALIVE_FILE.touch()
             stop.wait(env.dispatch_interval)
     finally:
@@ -430,16 +446,26 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def add_dispatch_command(subparsers) -> argparse.ArgumentParser:
+def add_dispatch_command(subparsers, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     """Add ``dispatch`` to the ``amodal`` command's subparsers."""
+    text = ("start submitted jobs as the queues drain and send again the step of stalled jobs, apart from the "
+            "workers (every `amodal worker` runs this loop too; one at a time works, by a lock in Redis)")
     parser = subparsers.add_parser(
-        "dispatch", help="start submitted jobs as the queues drain (AMODAL_DISPATCH_HIGH_WATER in flight at "
-                         "most) and send again the step of stalled jobs; one per deployment")
+        "dispatch", help=text, formatter_class=formatter_class,
+        description=f"{text}. Reads AMODAL_BROKER_URL and AMODAL_STORAGE_URL; at most AMODAL_DISPATCH_HIGH_WATER "
+                    "jobs in flight.")
     parser.set_defaults(func=cmd_dispatch)
     return parser
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from amodal.storage import check_storage
+
+    env = environment()
+    if not env.storage_url:
+        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
+    check_storage(open_storage(env.storage_url))  # it commits jobs' first states: create-only writes must hold
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)  # a service's log: its start, the lock, stalled jobs
     run_dispatcher()
     return 0

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from workers.launch import AMODAL, WorkerGroup
@@ -28,18 +29,31 @@ def cluster_env(redis_url: str, storage_url: str, models: Path, settings: dict) 
 
 
 def start_workers(env: dict, logs: Path, slots=ONE_GPU, concurrency: dict[str, int] | None = None) -> WorkerGroup:
-    """Start the workers of ``slots`` (pool processes per stage from ``concurrency``, else the default) and
-    the dispatcher (``amodal dispatch``), as a deployment runs them."""
+    """Start the workers of ``slots`` (pool processes per stage from ``concurrency``, else the default), as a
+    deployment runs them (each runs the dispatcher's loop), and wait until one of them dispatches."""
     group = WorkerGroup(env, logs, cwd=outside_repository())
     for slot in slots:
         group.start(slot, concurrency=(concurrency or {}).get(slot.stage))
-    group.start_dispatcher()
     try:
         group.wait_ready()
+        wait_for_dispatcher(group)
     except Exception:
         group.stop()
         raise
     return group
+
+
+def wait_for_dispatcher(group: WorkerGroup, timeout: float = 120) -> str:
+    """Until one worker's log says its dispatcher holds the lock; that worker's name in the group."""
+    from producer.dispatch import READY_MESSAGE
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in group.procs:
+            if READY_MESSAGE in group.log(name):
+                return name
+        time.sleep(0.5)
+    raise TimeoutError("no worker's dispatcher took the lock:\n" + "\n".join(group.log(n)[-1500:] for n in group.procs))
 
 
 def outside_repository() -> Path:

@@ -67,6 +67,93 @@ def test_help_describes_every_verb_and_option():
         assert res.returncode == 0 and "dir " in res.stdout and "folder" in res.stdout
 
 
+def test_help_shows_defaults_once_marks_required_options_and_describes_every_verb():
+    top = amodal(user_env(), "--help").stdout
+    verbs = ("run", "models", "submit", "status", "worker", "launch", "flower", "settings", "dispatch", "eval",
+             "metrics")
+    for verb in verbs:
+        assert f"\n    {verb} " in top, verb
+        text = amodal(user_env(), verb, "--help").stdout
+        description = text.split("\n\n")[1]
+        assert not description.startswith(("options:", "positional")) and len(description) > 20, (verb, text)
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "(default: False)" not in flat, (verb, text)
+        for chunk in flat.split(" --")[1:]:
+            assert chunk.count("default") <= 1, (verb, chunk)
+    status = " ".join(amodal(user_env(), "status", "--help").stdout.split())
+    assert "(default: 2.0)" in status and "(default: 500)" in status
+    submit = " ".join(amodal(user_env(), "submit", "--help").stdout.split())
+    assert submit.count("(required)") == 3 and "record" in submit  # --images, --annotations, --dataset
+    version = amodal(user_env(), "--version")
+    assert version.returncode == 0 and version.stdout.split()[0] == "amodal" and version.stdout.split()[1][0].isdigit()
+
+
+def test_settings_lists_every_setting_with_type_default_and_meaning():
+    from dataclasses import fields
+
+    from amodal.settings import Settings
+
+    res = amodal(user_env(), "settings", "--json")
+    assert res.returncode == 0, res.stderr
+    listed = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [s["name"] for s in listed] == [f.name for f in fields(Settings)]
+    for item, f in zip(listed, fields(Settings)):
+        assert item["default"] == f.default and item["type"] and item["meaning"], item
+    table = amodal(user_env(), "settings").stdout
+    assert all(f.name in table for f in fields(Settings)) and "denoising steps" in table
+    unknown = amodal(user_env(), "run", "--images", "x", "--annotations", "y", "--out", "z", "--set", "bogus=1")
+    one_line_error(unknown, 2, "unknown setting 'bogus'", "amodal settings")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, paper_examples, redis_url):
+    """``amodal status --dataset D --manifest | head -3`` as a shell runs it: three lines, no traceback."""
+    env = user_env(AMODAL_STORAGE_URL=f"file://{tmp_path / 'store'}", AMODAL_BROKER_URL=redis_url)
+    submit = amodal(env, "submit", "--images", str(paper_examples / "images"), "--annotations",
+                    str(paper_examples / "example_annotation.json"), "--dataset", "piped", "-q")
+    assert submit.returncode == 0, submit.stderr
+    assert "recorded 7 rows" in submit.stderr and json.loads(submit.stdout)["recorded"] == 7
+    for command in ("amodal status --dataset piped --manifest | head -3", "amodal settings | head -1",
+                    "amodal --help | head -1"):
+        res = subprocess.run(["bash", "-o", "pipefail", "-c", command], env={**env, "PATH": f"{ROOT / '.venv/bin'}:"
+                             f"{env['PATH']}"}, cwd=outside_repository(), capture_output=True, text=True, timeout=120)
+        assert res.stderr == "" and res.returncode in (0, 141), (command, res.returncode, res.stderr)
+        assert 1 <= len(res.stdout.splitlines()) <= 3
+
+
+def test_services_without_their_settings_say_so_in_one_line(tmp_path):
+    """``dispatch``, ``metrics``, ``flower``, ``launch`` and ``worker`` as typed with a variable missing or wrong."""
+    storage = f"file://{tmp_path / 'store'}"
+    cases = [
+        (user_env(), ("dispatch",), 2, "AMODAL_STORAGE_URL"),
+        (user_env(), ("metrics",), 2, "AMODAL_STORAGE_URL"),
+        (user_env(AMODAL_STORAGE_URL=storage, AMODAL_BROKER_URL="filesystem://"), ("metrics",), 2, "Redis"),
+        (user_env(), ("flower",), 2, "FLOWER_BASIC_AUTH"),
+        (user_env(), ("launch", "--gpus", "1"), 2, "AMODAL_"),
+        (user_env(), ("worker", "--stage", "finalize"), 2, "AMODAL_STORAGE_URL"),
+        (user_env(AMODAL_LOG_FORMAT="xml"), ("status", "--dataset", "d"), 2, "AMODAL_LOG_FORMAT"),
+        (user_env(), ("status", "--dataset", "d", "--timeout", "5"), 2, "--wait"),
+        (user_env(), ("status", "--dataset"), 2, "--dataset"),
+        (user_env(), ("statu",), 2, "invalid choice"),
+    ]
+    for env, args, code, words in cases:
+        one_line_error(amodal(env, *args, timeout=120), code, words)
+
+
+def test_log_format_json_gives_one_object_per_line(tmp_path, redis_url):
+    """``amodal --log-format json dispatch``: every line on stderr is a JSON object a collector can read."""
+    env = user_env(AMODAL_STORAGE_URL=f"file://{tmp_path / 'store'}", AMODAL_BROKER_URL=redis_url,
+                   AMODAL_DISPATCH_LOCK_SECONDS="5")
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/amodal"), "--log-format", "json", "dispatch"], env=env,
+                            cwd=outside_repository(), stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stderr.readline())
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[1]
+    assert first["level"] == "INFO" and first["logger"] == "producer.dispatch" and "dispatching:" in first["message"]
+    assert all(isinstance(json.loads(line), dict) for line in rest.splitlines() if line.strip())
+
+
 def test_misuse_gives_one_line_and_its_exit_code(tmp_path, dataset_files, redis_url, seaweed_server, seaweed_bucket):
     """Against a real S3 server (SeaweedFS checks credentials) and a broker that is not there."""
     images, annotations = dataset_files
@@ -182,7 +269,7 @@ def test_non_editable_install_runs_a_worker_and_a_submit(tmp_path, redis_url, pa
                                  str(paper_examples / "example_annotation.json"), "--dataset", "installed", "-q"],
                                 env=env, cwd=outside_repository(), capture_output=True, text=True, timeout=300)
         assert submit.returncode == 0, submit.stderr
-        assert json.loads(submit.stdout)["enqueued"] == 7
+        assert json.loads(submit.stdout)["recorded"] == 7
         deadline = time.monotonic() + 120
         while True:  # the worker answers pings once its consumer is up
             workers = subprocess.run([str(script), "status", "--workers"], env=env, cwd=outside_repository(),

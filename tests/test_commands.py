@@ -14,7 +14,7 @@ from typing import NamedTuple
 import psutil
 import pytest
 
-from tests.browser import image_states
+from tests.browser import page_facts
 from tests.cluster import AMODAL, amodal, outside_repository
 from tests.synthetic import synthetic_dataset
 from tests.test_mps import control_calls, fake_mps_control
@@ -97,7 +97,7 @@ def test_launch_submit_status_and_report(launched, tmp_path):
     res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset", "cmds",
                  "--set", "seed=3", "-q")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["enqueued"] == 4
+    assert json.loads(res.stdout)["recorded"] == 4 and "recorded 4 rows" in res.stderr
 
     waited = amodal(env, "status", "--dataset", "cmds", "--wait", "--interval", "1", timeout=900)
     assert waited.returncode == 0, waited.stderr
@@ -128,27 +128,50 @@ def test_launch_submit_status_and_report(launched, tmp_path):
     report = tmp_path / "report"
     res = amodal(env, "status", "--dataset", "cmds", "--report", str(report))
     assert res.returncode == 0, res.stderr
-    shown = image_states(report / "index.html")
-    assert len(shown) == 4 * 4 and all(i["ok"] for i in shown), shown
+    facts = page_facts(report / "index.html", width=1400)
+    completions = sum(store.exists(f"results/cmds/{line['job_id']}/amodal_completion.png") for line in manifest)
+    assert len(facts["images"]) == 4 + completions and all(i["ok"] for i in facts["images"]), facts["images"]
+    assert facts["scroll_width"] <= facts["client_width"], facts  # fits 1,400 px
+    records = [link for link in facts["links"] if link["text"] == "job.json"]
+    assert len(records) == 4 and all(link["exists"] for link in records), facts["links"]
+    limited = tmp_path / "limited"
+    res = amodal(env, "status", "--dataset", "cmds", "--report", str(limited), "--limit", "2")
+    assert res.returncode == 0 and json.loads(res.stdout)["pages"] == 1, res.stderr
+    assert len([link for link in page_facts(limited / "index.html")["links"] if link["text"] == "job.json"]) == 2
 
 
-def test_status_wait_says_when_nothing_moves(tmp_path, redis_url, seaweed_server, seaweed_bucket, paper_examples):
-    """No worker runs: ``status --wait`` shows progress at once, then says nothing moves and which stages
-    have no live worker."""
+def test_status_wait_names_what_is_missing_and_gives_up(tmp_path, redis_url, seaweed_server, seaweed_bucket,
+                                                      paper_examples):
+    """No worker runs. ``status --wait`` shows progress at once and names the missing dispatcher; with
+    ``--timeout`` it exits 1 in one line. With ``amodal dispatch`` alone, the jobs wait in ground's queue
+    and it names the stage that has no worker."""
     env = launch_env(redis_url, f"s3://{seaweed_bucket}/data", tmp_path, seaweed_server)
     res = amodal(env, "submit", "--images", str(paper_examples / "images"), "--annotations",
                  str(paper_examples / "example_annotation.json"), "--dataset", "idle", "-q")
     assert res.returncode == 0, res.stderr
-    proc = subprocess.Popen([*AMODAL, "status", "--dataset", "idle", "--wait", "--interval", "0.5", "--stall", "3"],
-                            env=env, cwd=outside_repository(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    waited = amodal(env, "status", "--dataset", "idle", "--wait", "--interval", "0.5", "--stall", "2",
+                    "--timeout", "4", timeout=120)
+    assert waited.returncode == 1, waited.stderr
+    assert "idle" in waited.stderr and "0/7" in waited.stderr and "waiting 7" in waited.stderr, waited.stderr
+    assert "no dispatcher at work (has never run)" in waited.stderr, waited.stderr
+    last = waited.stderr.strip().splitlines()[-1]
+    assert last.startswith("amodal: idle: no progress for") and "--timeout 4" in last, last
+
+    dispatcher = subprocess.Popen([*AMODAL, "dispatch"], env=env, cwd=outside_repository(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(12)
+        deadline = time.monotonic() + 60
+        while json.loads(amodal(env, "status", "--dataset", "idle").stdout)["stages"]["ground"]["queued"] < 7:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        waited = amodal(env, "status", "--dataset", "idle", "--wait", "--interval", "0.5", "--stall", "2",
+                        "--timeout", "6", timeout=120)
     finally:
-        proc.terminate()
-        err = proc.communicate(timeout=30)[1]
-    assert "idle" in err and "0/7" in err, err
-    assert "no progress for" in err and "ground 0 (none: start one)" in err, err
+        dispatcher.terminate()
+        dispatcher.wait(timeout=30)
+    assert waited.returncode == 1 and "ground 7 queued, 0 in work, 0 done" in waited.stderr, waited.stderr
+    assert "7 jobs queued for ground and no live ground worker: start `amodal worker --stage ground`" in \
+        waited.stderr, waited.stderr
 
 
 def test_launch_stopped_while_the_daemon_starts(tmp_path, redis_url, seaweed_server, seaweed_bucket, tiny_models):

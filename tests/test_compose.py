@@ -258,7 +258,7 @@ def check_lifecycle(compose: dict) -> None:
     import celeryconfig
 
     for name, service in compose["services"].items():
-        if name == "s3-init":
+        if name in ("s3-init", "cli"):  # one-shot
             continue
         assert service["restart"] == "unless-stopped" and "test" in service["healthcheck"], name
     for stage in STAGES:
@@ -456,3 +456,81 @@ def test_checks_catch_an_appended_gpu_reservation(compose, override):
     service["deploy"]["resources"]["reservations"]["devices"] = list(devices)  # the tag forgotten
     with pytest.raises(ValueError):  # the container would see GPUs 0 and 2
         check_four_gpu_override(compose, broken)
+
+
+def bash_blocks(text: str) -> list[list[str]]:
+    """The lines of each ```bash block, continuations joined."""
+    return [block.split("```", 1)[0].replace("\\\n", " ").splitlines() for block in text.split("```bash\n")[1:]]
+
+
+def test_deploy_steps_need_only_docker(compose):
+    """Every step of the one-host deployment runs through Docker and the compose file's own images: the
+    checkpoints are fetched into the mounted model folder by the cli service, which writes where the
+    workers read, and submitting, following and the report go through it too."""
+    text = (ROOT / "docs/deploy.md").read_text()
+    section = text.split("## One GPU host", 1)[1].split("\n## ", 1)[0]
+    (steps,) = bash_blocks(section)[:1]
+    commands = [line.split("#")[0].strip() for line in steps if line.strip() and not line.startswith((" ", ")"))]
+    tools = {"docker", "mkdir", "cp", "(umask", "AMODAL_REDIS_PASSWORD", "AMODAL_S3_ACCESS_KEY", "AMODAL_S3_SECRET_KEY",
+             "FLOWER_BASIC_AUTH", "ENV"}
+    assert all(c.split()[0].split("=")[0] in tools for c in commands), commands
+    runs = [c for c in commands if c.startswith("docker compose run")]
+    verbs = [c.split(" cli ", 1)[1].split()[0] for c in runs]
+    assert verbs[:1] == ["models"] and {"submit", "status"} <= set(verbs), runs
+    cli = interpolate(compose, SECRETS)["services"]["cli"]
+    assert cli["profiles"] == ["tools"] and cli["image"] == interpolate(compose, SECRETS)["services"]["ground"]["image"]
+    assert "build" in cli and cli["restart"] == "no" and "deploy" not in cli
+    assert "./models:/models" in cli["volumes"] and "./data:/data" in cli["volumes"]  # writable, where workers read
+    assert "./models:/models:ro" in interpolate(compose, SECRETS)["services"]["ground"]["volumes"]
+    assert cli["environment"]["HF_HUB_OFFLINE"] == "0" and cli["environment"]["AMODAL_BROKER_URL"] == \
+        interpolate(compose, SECRETS)["services"]["ground"]["environment"]["AMODAL_BROKER_URL"]
+    for c in runs:
+        paths = [word for word in c.split() if word.startswith("/")]
+        assert all(p.startswith(("/models", "/data")) for p in paths), c  # only what the cli service mounts
+
+
+def test_deploy_table_names_every_service_and_published_port(compose):
+    text = (ROOT / "docs/deploy.md").read_text()
+    table = text.split("| service |", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"^\| ([^|]+) \|", table, re.M)[1:])
+    listed = {name for cell in named for name in re.findall(r"`([\w-]+)`", cell)}
+    assert listed == set(compose["services"]), listed ^ set(compose["services"])
+    published = {port.split(":")[-1] for s in compose["services"].values() for port in s.get("ports", [])}
+    ports_line = [line for line in text.split("\n\n") if "are published on 127.0.0.1 only" in line][0]
+    template = (ROOT / "infra/compose.env.example").read_text()
+    bind_comment = template.split("#AMODAL_BIND")[0].rsplit("\n\n", 1)[-1]
+    for port in published:
+        assert f"({port})" in ports_line and port in bind_comment and f"| {port} |" in table, port
+
+
+def test_readme_environment_reaches_the_compose_services_from_their_host(compose, tmp_path):
+    """The README's export lines, run by bash beside an .env of the deployment, give URLs that reach the
+    ports compose publishes on the host, with the .env's secrets."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in bash_blocks(readme) if any("AMODAL_BROKER_URL=" in line for line in b))
+    setup = [line.split("  #")[0] for line in block if line.startswith(("set -a", "export "))]
+    (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items()))
+    env = subprocess.run(["bash", "-c", "\n".join([*setup, "env"])], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"}, check=True).stdout
+    got = dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
+    published = {port.split(":")[-1]: name for name, s in interpolate(compose, SECRETS)["services"].items()
+                 for port in s.get("ports", [])}
+    broker, s3 = urlsplit(got["AMODAL_BROKER_URL"]), urlsplit(got["AWS_ENDPOINT_URL"])
+    assert (broker.hostname, published[str(broker.port)], broker.password) == \
+        ("127.0.0.1", "redis", SECRETS["AMODAL_REDIS_PASSWORD"])
+    assert (s3.hostname, published[str(s3.port)]) == ("127.0.0.1", "s3")
+    assert (got["AWS_ACCESS_KEY_ID"], got["AWS_SECRET_ACCESS_KEY"]) == \
+        (SECRETS["AMODAL_S3_ACCESS_KEY"], SECRETS["AMODAL_S3_SECRET_KEY"])
+    bucket = re.search(r"s3 mb s3://([\w.-]+)", " ".join(compose["services"]["s3-init"]["command"])).group(1)
+    assert urlsplit(got["AMODAL_STORAGE_URL"])[:2] == ("s3", bucket)
+
+
+@pytest.mark.parametrize("path", [".env", "models/sam.pth", "data/photos/a.jpg", "out/index.html", "report/x.png",
+                                  "logs/ground.log"])
+def test_secrets_models_and_outputs_are_git_and_docker_ignored(path):
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0
+    assert ignored, f"git tracks {path}"
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    first = path.split("/")[0]
+    assert any(p.rstrip("/") in (path, first) or (p.startswith("*") and path.endswith(p[1:])) for p in patterns), path

@@ -421,3 +421,83 @@ def test_dispatcher_outlives_a_broker_that_forgets_its_lock(tmp_path, broker, mo
         stop.set()
         thread.join(timeout=30)
     assert not broker.exists(producer.dispatch.LOCK_NAME)  # released on the way out
+
+
+@pytest.mark.slow
+def test_killing_the_worker_that_dispatches_loses_no_row(env, tmp_path):
+    """No dispatcher process: the workers run its loop. The queues are bound each to its own exchange and
+    key. SIGKILL to the lock holder's whole process group mid-run (its supervisor starts it again, as
+    compose or `amodal launch` do): another worker's loop takes over within the lock's lease plus a round,
+    and every row ends with exactly one outcome."""
+    from kombu.transport.redis import Channel
+
+    from producer.dispatch import holder
+    from tests.cluster import wait_for_dispatcher
+    from tests.test_faults import assert_exactly_once, wait_all
+    lease = 8
+    env.update(AMODAL_DISPATCH_LOCK_SECONDS=str(lease), AMODAL_DISPATCH_HIGH_WATER="2")
+    broker = redis.Redis.from_url(env["AMODAL_BROKER_URL"])
+    group = start_workers(env, tmp_path / "logs")
+    try:
+        for stage in WORK_STAGES:  # kombu's record of a binding: key, pattern, queue joined by its separator
+            assert broker.smembers(f"{Channel.keyprefix_queue % stage}") == \
+                {Channel.sep.join([stage, "", stage]).encode()}, stage
+        client = submit(env, tmp_path, 8, "holder")
+        first = wait_for_dispatcher(group)
+        deadline = time.monotonic() + 120
+        while not client.status("holder")["completed"] + client.status("holder")["unoccluded"]:
+            assert time.monotonic() < deadline, "no row ended"
+            time.sleep(0.5)
+        killed_at = time.monotonic()
+        slot = group.slots[first]
+        group.signal(first, signal.SIGKILL)
+        group.procs[first].wait(timeout=30)
+        others = [name for name in group.procs if name != first]
+        before = {name: group.log(name).count(producer.dispatch.READY_MESSAGE) for name in others}
+        while not any(group.log(n).count(producer.dispatch.READY_MESSAGE) > before[n] for n in others):
+            assert time.monotonic() - killed_at < lease + 15, "no worker took the lock over"
+            time.sleep(0.2)
+        took_over = time.monotonic() - killed_at
+        del group.procs[first]
+        group.start(slot)  # its stage needs a worker again
+        manifest = wait_all(client, "holder", timeout=600)
+        assert "@" in holder(client.store)  # a worker's node name
+    finally:
+        group.stop()
+    assert took_over <= lease + 15, took_over
+    logs = "".join(group.log(name) for name in group.procs)
+    assert "Loading weights" not in logs and "celery.redirected" not in logs  # no model-loading chatter
+    assert "INFO workers.warmup: ground worker: models loaded and warmed" in logs  # an honest level
+    assert f"exchange={WORK_STAGES[0]}(direct) key={WORK_STAGES[0]}" in logs  # the banner says the same
+    assert_exactly_once(client, "holder", manifest, 8)
+    print(f"lock taken over {took_over:.1f} s after its holder was killed (lease {lease} s)")
+
+
+def test_progress_counts_jobs_per_stage_from_the_queues(tmp_path, broker, monkeypatch):
+    """A job whose message waits in a stage's queue is queued there, one held by a worker is in work, and
+    both count as done at every earlier stage; moving a message is movement."""
+    from tasks.app import publisher, send_stage
+
+    monkeypatch.setenv("AMODAL_STORAGE_URL", f"file://{tmp_path / 'store'}")
+    images, annotations = dataset(tmp_path, 3)
+    client = Client()
+    client.submit_dataset(images, annotations, "p", progress=False)
+    assert client.progress("p").waiting == 3 and client.progress("p").last_round is None
+    dispatcher = Dispatcher(client.store, redis_client=broker, name="tester")
+    dispatcher.round()  # three jobs sent to ground
+    first = client.progress("p")
+    assert first.waiting == 0 and first.dispatcher == "tester"
+    assert (first.stages["ground"].queued, first.stages["segment"].done) == (3, 0)
+    from kombu.transport.redis import Channel
+
+    raw = broker.rpop("ground")  # one job's ground step is done: its message left the queue ...
+    moved_job = producer.dispatch.message_job(raw)[0]
+    with publisher() as sender:  # ... and its occlusion step was sent
+        send_stage("occlusion", moved_job, 2, producer=sender)
+    held = broker.rpop("ground")  # a ground worker holds another job's message, as kombu records it
+    broker.hset(Channel.unacked_key, "tag1", json.dumps([json.loads(held), "ground", "ground"]))
+    moved = client.progress("p")
+    assert (moved.stages["ground"].queued, moved.stages["ground"].in_work, moved.stages["occlusion"].queued) == (1, 1, 1)
+    assert moved.stages["ground"].done == 1 and moved.stages["segment"].done == 1 and moved.stages["occlusion"].done == 0
+    assert moved.snapshot() != first.snapshot()
+    assert moved.to_dict()["stages"]["occlusion"] == {"queued": 1, "in_work": 0, "done": 0}

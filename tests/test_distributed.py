@@ -57,7 +57,7 @@ def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
                      *[f"--set={k}={v}" for k, v in SETTINGS.items()])
         assert res.returncode == 0, res.stderr
         submitted[dataset] = json.loads(res.stdout.strip().splitlines()[-1])
-    assert submitted["synthetic"]["enqueued"] == 12 and submitted["paper"]["enqueued"] == 7
+    assert submitted["synthetic"]["recorded"] == 12 and submitted["paper"]["recorded"] == 7
 
     for dataset in submitted:
         res = amodal(env, "status", "--dataset", dataset, "--wait", "--interval", "1", timeout=900)
@@ -82,7 +82,7 @@ def test_datasets_through_five_workers(cluster, tmp_path, paper_examples):
     res = amodal(env, "submit", "--images", str(images), "--annotations", str(annotations), "--dataset",
                  "synthetic", "-q", *[f"--set={k}={v}" for k, v in SETTINGS.items()])
     again = json.loads(res.stdout.strip().splitlines()[-1])
-    assert again["enqueued"] == 0 and again["finished"] == 12
+    assert again["recorded"] == 0 and again["finished"] == 12
     assert sorted(store.list("results/")) == results_before
 
     # JSON only on the wire: a pickled message is refused, not run

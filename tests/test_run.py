@@ -17,7 +17,8 @@ from amodal.models.registry import ModelSet
 from amodal.runner import run_local
 from amodal.settings import Settings
 from amodal.state import OUTCOMES
-from tests.browser import image_states
+from amodal.report import FLAG_MEANINGS
+from tests.browser import page_facts
 from tests.cluster import AMODAL, outside_repository
 from tests.badinputs import LIMITS, write_bad_corpus
 from tests.lisascript import scripted
@@ -124,9 +125,15 @@ def test_readme_first_run_carries_every_row_through_and_its_page_loads(tmp_path,
         assert m["quality"]["amodal_px"] >= m["quality"]["visible_px"] > 0
     page = out / "index.html"
     assert summary["report"] == str(page)
-    images = image_states(page)
-    assert len(images) == 7 * 4  # input, visible mask, amodal mask, completion per row
+    facts = page_facts(page, width=1400)
+    images = facts["images"]
+    with_completion = sum((Path(m["result"]) / "amodal_completion.png").exists() for m in manifest if m["result"])
+    assert len(images) == 7 + with_completion  # the input with its masks over it, and the completion if any
     assert all(i["ok"] for i in images), [i for i in images if not i["ok"]]
+    assert facts["scroll_width"] <= facts["client_width"] and facts["right"] <= 1400, facts  # fits 1,400 px
+    records = [link for link in facts["links"] if link["text"] == "job.json"]
+    assert len(records) == 7 and all(link["exists"] for link in records), facts["links"]
+    assert "7 rows" in facts["text"] and all(flag in facts["text"] for flag in FLAG_MEANINGS), facts["text"]
 
 
 def test_run_grounds_with_lisa_and_tags_with_ram_plus_by_default(tmp_path, tiny_models, paper_examples):

@@ -1,7 +1,9 @@
-"""Start and supervise a host's stage workers and the dispatcher (``amodal launch``), one process group each.
+"""Start and supervise a host's stage workers (``amodal launch``), one process group each.
 
-The dispatcher (``amodal dispatch``, producer.dispatch) starts submitted jobs and recovers stalled ones;
-it holds a lock in Redis, so a deployment of several hosts, each launching one, has one at work.
+Every worker runs the dispatcher's loop (``workers.dispatcher``), which starts submitted jobs and
+recovers stalled ones; one at a time holds its lock in Redis, so a deployment has one at work as long
+as any worker lives. :meth:`WorkerGroup.start_dispatcher` starts ``amodal dispatch`` apart, for a
+group that runs no worker.
 """
 from __future__ import annotations
 
@@ -106,11 +108,8 @@ class WorkerGroup:
         signal.signal(signal.SIGINT, _stop)
 
     def supervise(self, poll: float = 5.0) -> None:
-        """Start the dispatcher if the group has none, then restart any process that exits, until SIGTERM
-        or SIGINT stops the whole group."""
+        """Restart any process that exits, until SIGTERM or SIGINT stops the whole group."""
         self.catch_stop_signals()
-        if DISPATCH not in self.procs and not self.stopping:
-            self.start_dispatcher()
         while not self.stopping:
             for name, proc in list(self.procs.items()):
                 if proc.poll() is not None:

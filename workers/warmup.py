@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 from celery.signals import worker_process_init
 
+from amodal.logs import silence_loaded_libraries
 from amodal.models.base import InpaintRequest
 from amodal.stages import BY_NAME
 
@@ -58,7 +59,8 @@ def _warm_this_process(**_) -> None:
     from tasks.batching import batch_size
     from tasks.stage import models_for
 
+    silence_loaded_libraries()
     settings = resolve_settings()
     start = time.perf_counter()
     warm(stage, models_for(settings), settings.inpaint_size, batch_size(stage))
-    log.warning("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)
+    log.info("%s worker: %s in %.1f s", stage, WARM_MESSAGE, time.perf_counter() - start)
