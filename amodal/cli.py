@@ -99,12 +99,29 @@ def _client(settings=None, writes: bool = False):
     return client
 
 
+def _shard_options(args: argparse.Namespace):
+    """The shard reading options of ``submit``/``run`` and the input's format (None: a folder of images)."""
+    from producer.shards import ShardOptions, detect_format
+
+    is_pattern = args.images.startswith("s3://") or "{" in args.images
+    if not is_pattern:
+        _existing(args.images, "--images", folder=Path(args.images).is_dir() or not Path(args.images).exists())
+    options = ShardOptions(format=args.input_format, query=args.query, query_field=args.query_field,
+                           image_field=args.image_field, mask_field=args.mask_field, key_field=args.key_field)
+    fmt = args.input_format or detect_format(args.images)
+    if fmt is None and (not args.annotations or args.query):
+        raise UsageError("--images is a folder of images: give --annotations FILE (--query goes with shards: "
+                         "WebDataset .tar, Parquet, a saved Hugging Face dataset)")
+    if args.annotations:
+        _existing(args.annotations, "--annotations", folder=False)
+    return options, fmt
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if not args.images.startswith("s3://"):
-        _existing(args.images, "--images", folder=True)
-    _existing(args.annotations, "--annotations", folder=False)
-    report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset, progress=not args.quiet)
+    options, _ = _shard_options(args)
+    report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset,
+                                                           progress=not args.quiet, shards=options)
     print(json.dumps({"rows": report.rows, "enqueued": report.enqueued, "finished": report.finished,
                       "invalid": len(report.invalid)}))
     return 0
@@ -193,6 +210,22 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shard_options(parser: argparse.ArgumentParser) -> None:
+    from producer.shards import FORMATS, IMAGE_EXTENSIONS
+
+    group = parser.add_argument_group("shards", "reading WebDataset, Parquet or Hugging Face input")
+    group.add_argument("--input-format", choices=FORMATS, help="the input's format (default: told from --images)")
+    group.add_argument("--query", help="one query for every sample")
+    group.add_argument("--query-field", default="query",
+                       help="the sample's query (a string or a list): a key of its .json, or a column")
+    group.add_argument("--image-field", help="the image: a WebDataset file extension (default: the first of "
+                       f"{', '.join(IMAGE_EXTENSIONS)}) or a column (default: image; bytes or relative paths)")
+    group.add_argument("--mask-field", help="a visible mask, used where present: a WebDataset extension (default: "
+                       "mask.png) or a column")
+    group.add_argument("--key-field", default="key", help="Parquet/HF: the column an annotation file names rows by "
+                       "(default: the row's index)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amodal", description="Open-world amodal appearance completion: find an object named by a text "
@@ -233,9 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = verb("submit", "enqueue one job per (image, query) row of a dataset (AMODAL_BROKER_URL, "
                             "AMODAL_STORAGE_URL); submitting again resumes")
-    submit.add_argument("--images", required=True, help="local folder or s3://bucket/prefix")
-    submit.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
+    submit.add_argument("--images", required=True, help="local folder or s3://bucket/prefix of images, or shards: "
+                        "WebDataset tar files ('shards/{00000..00099}.tar', a folder or s3:// prefix of .tar), a "
+                        "Parquet file or folder, a Hugging Face dataset saved to disk")
+    submit.add_argument("--annotations", help="paper-format JSON or JSONL rows (with shards: JSONL whose 'image' "
+                        "names a sample's key)")
     submit.add_argument("--dataset", required=True, help="dataset name (results/<dataset>/...)")
+    _add_shard_options(submit)
     submit.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(func=cmd_submit)

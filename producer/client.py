@@ -9,17 +9,20 @@ a submission that stopped, from its last recorded chunk.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import io
 import itertools
 import json
 import os
 import shlex
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from PIL import Image
 from tqdm import tqdm
 
 from amodal.annotations import Row, iter_annotations, resolve_input, validate_query
@@ -33,10 +36,12 @@ from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
 from amodal.storage import Storage, open_storage
 from producer.dispatch import adopt, open_dataset, stalled
+from producer.shards import ShardOptions, ShardRow, detect_format, samples, shard_rows
 
 PENDING = "pending"  # recorded, no outcome yet (waiting for the dispatcher, or in flight)
 FLAGGED = "flagged"  # results whose quality record raised doubts (their flags); counted among the outcomes too
 NOT_SENT = "not_sent"  # in the annotation file, not recorded: the submission stopped before them
+IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}  # stored inputs' names by format
 STALLED = "stalled"  # pending jobs that have not advanced for producer.dispatch.stall_after() (being sent again)
 
 
@@ -94,6 +99,7 @@ class Client:
         self.store: Storage = open_storage(self.storage_url)
         self.settings = settings or resolve_settings()
         self.pool = ThreadPoolExecutor(env.submit_concurrency)
+        self.window = 4 * env.submit_concurrency  # samples read ahead of the rows recorded, their bytes in memory
         self._inputs: dict[tuple[str, str], tuple[str, str] | str] = {}  # (root, relative) -> (url, key) or error
         self._sources: dict[str, Storage] = {}
         self.broker_url = broker_url or env.broker_url
@@ -178,15 +184,32 @@ class Client:
         adopt(self.store, dataset, state.job_id)
         return state.job_id
 
-    def submit_dataset(self, images: str | Path, annotations: str | Path, dataset: str,
-                       progress: bool = True) -> SubmitReport:
-        """Record every row of an annotation file for the dispatcher, chunk by chunk; resume a stopped
-        submission of the same file."""
-        # 1. the rows, and where a submission of the same file stopped
+    def submit_dataset(self, images: str | Path, annotations: str | Path | None, dataset: str,
+                       progress: bool = True, shards: ShardOptions | None = None) -> SubmitReport:
+        """Record every row of a dataset for the dispatcher, chunk by chunk; resume a stopped submission of
+        the same input. ``images`` is a folder (or ``s3://`` prefix) of files named by the annotation file,
+        or a sharded dataset (``producer.shards``: WebDataset tar shards, Parquet, a Hugging Face dataset
+        saved to disk) read with ``shards``' options, its queries from the samples, ``shards.query`` or the
+        annotation file."""
+        # 1. the rows, and where a submission of the same input stopped
+        fmt = (shards.format if shards else None) or detect_format(str(images))
+        if fmt is not None:
+            return self._submit_shards(str(images), annotations, dataset, progress, shards or ShardOptions(), fmt)
+        if annotations is None:
+            raise UsageError("--annotations is needed with a folder of images (or give shards: a .tar pattern, "
+                             "a Parquet file or folder, a saved Hugging Face dataset)")
         images = str(images) if str(images).startswith("s3://") else str(Path(images).resolve())
         total, rows = iter_annotations(Path(annotations))
         submission = self._begin(images, Path(annotations), dataset, total)
-        report = SubmitReport(rows=total)
+        return self._record_rows(dataset, submission, rows, total, lambda rest: rest,
+                                 lambda chunk, seen: self._records(chunk, images, dataset, seen), progress)
+
+    def _record_rows(self, dataset: str, submission: dict, rows: Iterable, total: int | None,
+                     prepare: Callable[[Iterator], Iterator], records: Callable[[list, JobIndex], list[dict]],
+                     progress: bool) -> SubmitReport:
+        """Steps 2-4 of a submission: ``rows`` past those recorded before, through ``prepare``, recorded
+        ``ROWS_PER_CHUNK`` at a time as ``records`` makes them (``total`` None: not known in advance)."""
+        report = SubmitReport(rows=total or 0)
         # 2. the jobs recorded before (duplicates are told against them) and those with an outcome
         seen = JobIndex()
         for record in read_rows(self.store, dataset):
@@ -197,29 +220,32 @@ class Client:
         seen.add_finished(job for _, job in outcomes(self.store, dataset))
         report.finished = seen.finished()
         # 3. record the rest, a chunk at a time
-        rest = itertools.islice(rows, submission["sent"], None)
+        rest = prepare(itertools.islice(rows, submission["sent"], None))
         bar = tqdm(total=total, initial=submission["sent"], desc="recording rows", unit="row", disable=not progress)
         with bar:
             for index in itertools.count(submission["sent"] // ROWS_PER_CHUNK):
                 chunk = list(itertools.islice(rest, ROWS_PER_CHUNK))
                 if not chunk:
                     break
-                records = self._records(chunk, images, dataset, seen)
-                write_rows_chunk(self.store, dataset, submission["generation"], index, records)
-                for record in records:
+                recorded = records(chunk, seen)
+                write_rows_chunk(self.store, dataset, submission["generation"], index, recorded)
+                for record in recorded:
                     if record.get("status") == "invalid":
                         report.invalid.append(record)
                     elif seen.is_finished(record["job_id"]):
                         report.finished += 1
                     else:
                         report.enqueued += 1
-                submission.update(sent=submission["sent"] + len(records), jobs=len(seen),
+                submission.update(sent=submission["sent"] + len(recorded), jobs=len(seen),
                                   invalid=len(report.invalid))
+                if total is None:  # a stream of unknown length: the rows known so far
+                    submission["rows"] = submission["sent"]
                 write_submission(self.store, dataset, submission)
                 open_dataset(self.store, dataset)
-                bar.update(len(records))
+                bar.update(len(recorded))
         # 4. complete
         submission["complete"] = True
+        report.rows = submission["rows"]
         write_submission(self.store, dataset, submission)
         open_dataset(self.store, dataset)
         return report
@@ -229,6 +255,13 @@ class Client:
         (a resumption), else a new generation of rows (the previous rows are dropped)."""
         fingerprint = hashlib.sha256(json.dumps([images, file_digest(annotations), self.settings.result_fingerprint()])
                                      .encode()).hexdigest()
+        return self._submission(dataset, fingerprint, {
+            "images": images, "annotations": str(annotations.resolve()), "rows": total,
+            "inputs": images if images.startswith("s3://") else ""})
+
+    def _submission(self, dataset: str, fingerprint: str, fields: dict) -> dict:
+        """The stored submission record if its ``fingerprint`` matches (a resumption), else a new one with
+        ``fields``, in a new generation of rows (the previous rows are dropped)."""
         old = read_submission(self.store, dataset)
         if old is not None and old.get("fingerprint") == fingerprint:
             return old
@@ -236,13 +269,96 @@ class Client:
             self.store.delete_prefix(rows_prefix(dataset))
         changed = {k: v for k, v in self.settings.to_dict().items()
                    if v != getattr(Settings(), k) and k not in Settings.RUNTIME_FIELDS}
-        submission = {"dataset": dataset, "images": images, "annotations": str(annotations.resolve()),
-                      "settings": changed, "job_settings": self.settings.to_dict(),
-                      "inputs": images if images.startswith("s3://") else "", "fingerprint": fingerprint,
-                      "generation": old.get("generation", -1) + 1 if old else 0, "rows": total, "sent": 0, "jobs": 0,
-                      "invalid": 0, "complete": False}
+        submission = {"dataset": dataset, "settings": changed, "job_settings": self.settings.to_dict(),
+                      "fingerprint": fingerprint, "generation": old.get("generation", -1) + 1 if old else 0, "sent": 0,
+                      "jobs": 0, "invalid": 0, "complete": False, **fields}
         write_submission(self.store, dataset, submission)
         return submission
+
+    # -- submitting shards -----------------------------------------------------------------
+    def _submit_shards(self, images: str, annotations: str | Path | None, dataset: str, progress: bool,
+                       options: ShardOptions, fmt: str) -> SubmitReport:
+        """:meth:`submit_dataset` of a sharded dataset: each sample's image (and mask) stored once under its
+        content hash, a bounded window of samples ahead of the rows recorded."""
+        if fmt != "webdataset" and images.startswith("s3://"):
+            raise UsageError(f"--images: {fmt} input is read from a local path (WebDataset shards may be on S3)")
+        if not images.startswith("s3://") and "{" not in images:
+            images = str(Path(images).resolve())
+        annotation_file = Path(annotations).resolve() if annotations is not None else None
+        fingerprint = hashlib.sha256(json.dumps([
+            images, fmt, options.describe(), file_digest(annotation_file) if annotation_file else "",
+            self.settings.result_fingerprint()]).encode()).hexdigest()
+        submission = self._submission(dataset, fingerprint, {
+            "images": images, "annotations": str(annotation_file or ""), "rows": 0, "inputs": "", "format": fmt,
+            "shards": options.describe()})
+        rows = shard_rows(samples(images, options, fmt), options, annotation_file)
+        return self._record_rows(dataset, submission, rows, None, self._stored,
+                                 lambda chunk, seen: self._shard_records(chunk, dataset, seen), progress)
+
+    def _store_bytes(self, data: bytes, what: str) -> str:
+        """Store an input given as bytes under its content hash (one create-only write, refused if it is
+        there already); InvalidInput if Pillow cannot read it."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                kind = image.format or ""
+                image.verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise InvalidInput(f"{what} bytes cannot be decoded ({exc})") from None
+        key = f"inputs/{hashlib.sha256(data).hexdigest()}{IMAGE_SUFFIXES.get(kind, '.' + kind.lower())}"
+        self.store.put_if_absent(key, data)
+        return key
+
+    def _store_sample(self, image: bytes, mask: bytes | None) -> tuple[str, str | None]:
+        return self._store_bytes(image, "image"), self._store_bytes(mask, "visible mask") if mask else None
+
+    def _stored(self, rows: Iterator[ShardRow]) -> Iterator[tuple[ShardRow, str | None, str | None, str | None]]:
+        """(row, image key, mask key, error) in row order, each sample stored once (the rows of one sample
+        share it), concurrently, at most a window of samples ahead."""
+        window: collections.deque = collections.deque()
+        last: tuple[bytes | None, Future | None] = (None, None)
+        for row in rows:
+            if row.error or row.image_bytes is None:
+                job = None
+            elif row.image_bytes is last[0]:
+                job = last[1]
+            else:
+                job = self.pool.submit(self._store_sample, row.image_bytes, row.mask_bytes)
+                last = (row.image_bytes, job)
+            window.append((row, job))
+            while len(window) > self.window:
+                yield self._stored_row(*window.popleft())
+        while window:
+            yield self._stored_row(*window.popleft())
+
+    @staticmethod
+    def _stored_row(row: ShardRow, job: Future | None) -> tuple[ShardRow, str | None, str | None, str | None]:
+        if job is None:
+            return row, None, None, row.error
+        try:
+            return row, *job.result(), None
+        except InvalidInput as exc:
+            return row, None, None, str(exc)
+
+    def _shard_records(self, chunk: list[tuple[ShardRow, str | None, str | None, str | None]], dataset: str,
+                       seen: JobIndex) -> list[dict]:
+        """The chunk's shard rows as recorded (as :meth:`_records`); ``image`` is the sample's identity."""
+        records = []
+        for row, image_key, mask_key, error in chunk:
+            record = {"line": row.line, "image": row.image, "query": row.query, "job_id": None}
+            try:
+                if error:
+                    raise InvalidInput(error)
+                query = validate_query(row.query, self.settings.max_query_chars)
+            except InvalidInput as exc:
+                record.update(status="invalid", message=str(exc))
+            else:
+                jid = job_id(dataset, image_key, query, mask_key, self.settings)
+                record.update(query=query, job_id=jid, image_key=image_key, **({"mask_key": mask_key} if mask_key else {}))
+                earlier = seen.first_line(jid, row.line)
+                if earlier != row.line:
+                    record.update(status="invalid", message=f"duplicate of line {earlier} (same image, query and mask)")
+            records.append(record)
+        return records
 
     def _records(self, chunk: list[Row], images: str, dataset: str, seen: JobIndex) -> list[dict]:
         """The chunk's rows as recorded: a job's id and input keys, or ``invalid`` with the reason (a row
@@ -290,8 +406,15 @@ class Client:
     def resume_command(self, dataset: str) -> str:
         """The command that records the rows a stopped submission left."""
         submission = read_submission(self.store, dataset) or {}
-        words = ["amodal", "submit", "--images", submission.get("images", "IMAGES"), "--annotations",
-                 submission.get("annotations", "ANNOTATIONS"), "--dataset", dataset]
+        words = ["amodal", "submit", "--images", submission.get("images", "IMAGES")]
+        if submission.get("annotations", "ANNOTATIONS"):
+            words += ["--annotations", submission.get("annotations", "ANNOTATIONS")]
+        words += ["--dataset", dataset]
+        if "format" in submission:
+            words += ["--input-format", submission["format"]]
+            for name, value in sorted(submission["shards"].items()):
+                if value is not None and name != "format" and value != getattr(ShardOptions(), name):
+                    words += [f"--{name.replace('_', '-')}", str(value)]
         for name, value in sorted(submission.get("settings", {}).items()):
             words += ["--set", f"{name}={value}"]
         return shlex.join(words)
