@@ -153,6 +153,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from producer.export import ExportFilter, export_dataset
+
+    keep = ExportFilter(statuses=tuple(args.status.split(",")), flags=args.flags, drop_flags=tuple(args.drop_flag or ()))
+    report = export_dataset(_client(), args.dataset, args.format, args.out, shard_rows=args.shard_rows, keep=keep,
+                            progress=not args.quiet)
+    sizes = report.shard_bytes
+    print(json.dumps({"shards_written": report.shards_written, "shards_present": report.shards_present,
+                      "shards_waiting": report.shards_waiting, "rows_written": report.rows_written,
+                      "bytes_written": report.bytes_written,
+                      "shard_bytes": {"min": min(sizes), "max": max(sizes)} if sizes else None, "out": args.out}))
+    if report.shards_waiting:
+        print(f"{report.shards_waiting} shards wait for rows without an outcome yet: run the same command again "
+              "later to write them", file=sys.stderr)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from amodal.config import child_environment
     from workers.main import check_worker, run_worker
@@ -289,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--report", metavar="DIR", help="write a results page (DIR/index.html and its images)")
     status.add_argument("--workers", action="store_true", help="list the live workers and their stages")
     status.set_defaults(func=cmd_status)
+
+    export = verb("export", "write a dataset's finished rows as WebDataset or Parquet shards (RGBA completion, "
+                            "masks, offsets, prompt, quality, flags, source row); a rerun writes only missing shards")
+    export.add_argument("--dataset", required=True, help="dataset name given to submit")
+    export.add_argument("--format", required=True, choices=["webdataset", "parquet"], help="shard format")
+    export.add_argument("--out", required=True, help="local folder or s3://bucket/prefix")
+    export.add_argument("--shard-rows", type=int, default=1000,
+                        help="input rows a shard covers (it holds those that are finished and pass the filters)")
+    export.add_argument("--status", default="completed,unoccluded", help="outcomes to export, comma-separated")
+    export.add_argument("--flags", default="any", choices=["any", "none", "flagged"],
+                        help="rows by flags: all, only those without flags, or only flagged ones")
+    export.add_argument("--drop-flag", action="append", metavar="FLAG", help="leave out rows with this flag (repeatable)")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=cmd_export)
 
     worker = verb("worker", "run one stage's worker (AMODAL_BROKER_URL, AMODAL_STORAGE_URL, AMODAL_MODEL_DIR)")
     worker.add_argument("--stage", required=True, choices=NAMES, help="the stage whose queue it serves")

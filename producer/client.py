@@ -29,13 +29,14 @@ from amodal.annotations import Row, iter_annotations, resolve_input, validate_qu
 from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
-from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, flagged_count, outcome_of, outcomes,
+from amodal.jobstore import (RECORD_FIELDS, ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcomes,
                              read_record, read_record_pages, read_row_chunks, read_rows, read_submission,
                              result_prefix, rows_prefix, write_rows_chunk, write_submission)
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
 from amodal.storage import Storage, open_storage
-from producer.dispatch import adopt, open_dataset, stalled
+from producer.dispatch import adopt, open_dataset, read_progress, stalled
+from producer.tally import ended_counts
 from producer.shards import ShardOptions, ShardRow, detect_format, samples, shard_rows
 
 PENDING = "pending"  # recorded, no outcome yet (waiting for the dispatcher, or in flight)
@@ -388,19 +389,19 @@ class Client:
         """Rows per state: the outcomes of docs/design.md, ``pending`` (recorded, no outcome yet) and
         ``not_sent``; ``total`` is the row count; ``stalled`` counts the pending jobs that have not advanced
         for ``producer.dispatch.stall_after()`` (the dispatcher sends their step again). From the
-        submission record, the outcome marker listing and the dispatcher's progress: no read per row."""
+        submission record, the counts the dispatcher keeps and its progress: a few reads at any size."""
         submission = read_submission(self.store, dataset)
         if submission is None:
             raise DatasetNotFound(dataset)
         counts = {s: 0 for s in (*OUTCOMES, PENDING, NOT_SENT)}
-        for status, _ in outcomes(self.store, dataset):
-            counts[status] += 1
+        ended = ended_counts(self.store, dataset, submission["generation"])
+        counts.update({s: ended.get(s, 0) for s in OUTCOMES})
         counts[PENDING] = max(submission["jobs"] - sum(counts.values()), 0)
         counts["invalid"] += submission["invalid"]  # refused at submission: no job, no marker
         counts[NOT_SENT] = submission["rows"] - submission["sent"]
         counts["total"] = submission["rows"]
         counts[STALLED] = stalled(self.store).get(dataset, 0)
-        counts[FLAGGED] = flagged_count(self.store, dataset)
+        counts[FLAGGED] = ended.get(FLAGGED, 0)
         return counts
 
     def resume_command(self, dataset: str) -> str:
@@ -421,28 +422,47 @@ class Client:
 
     def manifest(self, dataset: str) -> Iterator[dict]:
         """One line per recorded row, in row order: line, image, query, job_id, status, message, result,
-        quality, flags. Streams the rows a chunk at a time; a chunk's finished rows take their records
-        from the chunk's record pages, or else read their ``job.json`` concurrently."""
-        done = outcome_of(self.store, dataset)
+        quality, flags."""
+        for line, _ in self.manifest_records(dataset):
+            yield line
+
+    def manifest_records(self, dataset: str) -> Iterator[tuple[dict, dict]]:
+        """(manifest line, the job's record: :data:`amodal.jobstore.RECORD_FIELDS`) per recorded row, in row
+        order. Streams the rows a chunk at a time, with no map of every job: a finished row takes its record
+        from the chunk's record pages; a row the dispatcher started and did not page (in flight, or ended
+        since its last scan) reads its ``job.json``; a row it has not reached is pending."""
+        submission = read_submission(self.store, dataset)
+        if submission is None:
+            raise DatasetNotFound(dataset)
+        generation, started = read_progress(self.store).cursors.get(dataset, [submission["generation"], 0])
+        started = started if generation == submission["generation"] else 0
         for generation, index, chunk in read_row_chunks(self.store, dataset):
-            lines, finished = [], []
-            for row in chunk:
-                status = row.get("status") or done.get(row["job_id"], PENDING)
-                lines.append({"line": row["line"], "image": row["image"], "query": row["query"],
-                              "job_id": row["job_id"], "status": status, "message": row.get("message", ""),
-                              "result": None})
-                if not row.get("status") and status in OUTCOMES:  # a job's outcome, not a row refused at submission
-                    finished.append(lines[-1])
-            paged = read_record_pages(self.store, dataset, generation, index) if finished else {}
-            jobs = [line["job_id"] for line in finished]
-            records = self.pool.map(lambda job: paged.get(job) or read_record(self.store, dataset, job), jobs)
-            for line, record in zip(finished, records):
-                record = record or {}
-                line.update(message=record.get("message", ""), quality=record.get("quality"),
-                            flags=record.get("flags", []))
+            paged = read_record_pages(self.store, dataset, generation, index)
+            lines, unpaged = [], []
+            for position, row in enumerate(chunk, index * ROWS_PER_CHUNK):
+                record = paged.get(row["job_id"], {}) if not row.get("status") else {}
+                line = {"line": row["line"], "image": row["image"], "query": row["query"], "job_id": row["job_id"],
+                        "status": row.get("status") or record.get("status") or PENDING,
+                        "message": row.get("message", ""), "result": None}
+                lines.append((line, record))
+                if line["status"] == PENDING and position < started:
+                    unpaged.append(lines[-1])
+            for (line, record), found in zip(unpaged, self.pool.map(
+                    lambda item: read_record(self.store, dataset, item[0]["job_id"]), unpaged)):
+                if found:
+                    line["status"] = found.get("status", PENDING)
+                    record.update({name: found.get(name) for name in RECORD_FIELDS})
+            for line, record in lines:
+                if record:  # an outcome's record (rows refused at submission have none)
+                    line.update(message=record.get("message") or "", quality=record.get("quality"),
+                                flags=record.get("flags") or [])
                 if line["status"] in ("completed", "unoccluded"):
                     line["result"] = self.store.url(result_prefix(dataset, line["job_id"]))
-            yield from lines
+                yield line, record
+
+    def job_record(self, dataset: str, job: str) -> dict | None:
+        """The job's ``job.json``, or None while it has none."""
+        return read_record(self.store, dataset, job)
 
     def results(self, dataset: str) -> Iterator[tuple[dict, dict[str, bytes]]]:
         """(manifest line, {file name: bytes}) for every row that has a result folder."""
