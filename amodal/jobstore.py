@@ -137,7 +137,7 @@ def read_rows_chunk(store: Storage, dataset: str, generation: int, index: int) -
         data = store.get(rows_chunk_key(dataset, generation, index))
     except ObjectNotFound:
         return []
-    return [json.loads(line) for line in data.decode().splitlines()]
+    return json.loads("[" + ",".join(data.decode().splitlines()) + "]")  # one parse: each line is one JSON value
 
 
 def read_row_chunks(store: Storage, dataset: str) -> Iterator[tuple[int, int, list[dict]]]:

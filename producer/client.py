@@ -17,7 +17,7 @@ import json
 import os
 import shlex
 import sqlite3
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
@@ -29,8 +29,8 @@ from amodal.annotations import Row, iter_annotations, resolve_input, validate_qu
 from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
-from amodal.jobstore import (RECORD_FIELDS, ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcomes,
-                             read_record, read_record_pages, read_row_chunks, read_rows, read_submission,
+from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcomes,
+                             read_record, read_record_pages, read_rows, read_rows_chunk, read_submission,
                              result_prefix, rows_prefix, write_rows_chunk, write_submission)
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
@@ -42,6 +42,8 @@ from producer.shards import ShardOptions, ShardRow, detect_format, samples, shar
 PENDING = "pending"  # recorded, no outcome yet (waiting for the dispatcher, or in flight)
 FLAGGED = "flagged"  # results whose quality record raised doubts (their flags); counted among the outcomes too
 NOT_SENT = "not_sent"  # in the annotation file, not recorded: the submission stopped before them
+STORE_BATCH_BYTES = 32 << 20  # sample bytes read ahead and stored together, at most (and at most STORE_BATCH_SAMPLES)
+STORE_BATCH_SAMPLES = 2000
 IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}  # stored inputs' names by format
 STALLED = "stalled"  # pending jobs that have not advanced for producer.dispatch.stall_after() (being sent again)
 
@@ -52,6 +54,14 @@ class SubmitReport:
     enqueued: int = 0  # rows recorded by this submission whose job has no outcome (the dispatcher starts them)
     finished: int = 0  # rows whose job already has an outcome
     invalid: list[dict] = field(default_factory=list)  # rows refused at submission, with the reason
+
+
+def _finished(line: dict, record: dict, results: str) -> None:
+    """Fill a manifest line from its job's record (page or ``job.json``); ``results``: the result folders' root."""
+    line.update(status=record["status"], message=record.get("message") or "", quality=record.get("quality"),
+                flags=record.get("flags") or [])
+    if line["status"] in ("completed", "unoccluded"):
+        line["result"] = f"{results}/{line['job_id']}"
 
 
 def file_digest(path: Path) -> str:
@@ -100,7 +110,6 @@ class Client:
         self.store: Storage = open_storage(self.storage_url)
         self.settings = settings or resolve_settings()
         self.pool = ThreadPoolExecutor(env.submit_concurrency)
-        self.window = 4 * env.submit_concurrency  # samples read ahead of the rows recorded, their bytes in memory
         self._inputs: dict[tuple[str, str], tuple[str, str] | str] = {}  # (root, relative) -> (url, key) or error
         self._sources: dict[str, Storage] = {}
         self.broker_url = broker_url or env.broker_url
@@ -280,7 +289,7 @@ class Client:
     def _submit_shards(self, images: str, annotations: str | Path | None, dataset: str, progress: bool,
                        options: ShardOptions, fmt: str) -> SubmitReport:
         """:meth:`submit_dataset` of a sharded dataset: each sample's image (and mask) stored once under its
-        content hash, a bounded window of samples ahead of the rows recorded."""
+        content hash, a bounded batch of samples ahead of the rows recorded."""
         if fmt != "webdataset" and images.startswith("s3://"):
             raise UsageError(f"--images: {fmt} input is read from a local path (WebDataset shards may be on S3)")
         if not images.startswith("s3://") and "{" not in images:
@@ -309,36 +318,37 @@ class Client:
         self.store.put_if_absent(key, data)
         return key
 
-    def _store_sample(self, image: bytes, mask: bytes | None) -> tuple[str, str | None]:
-        return self._store_bytes(image, "image"), self._store_bytes(mask, "visible mask") if mask else None
-
     def _stored(self, rows: Iterator[ShardRow]) -> Iterator[tuple[ShardRow, str | None, str | None, str | None]]:
         """(row, image key, mask key, error) in row order, each sample stored once (the rows of one sample
-        share it), concurrently, at most a window of samples ahead."""
-        window: collections.deque = collections.deque()
-        last: tuple[bytes | None, Future | None] = (None, None)
-        for row in rows:
-            if row.error or row.image_bytes is None:
-                job = None
-            elif row.image_bytes is last[0]:
-                job = last[1]
-            else:
-                job = self.pool.submit(self._store_sample, row.image_bytes, row.mask_bytes)
-                last = (row.image_bytes, job)
-            window.append((row, job))
-            while len(window) > self.window:
-                yield self._stored_row(*window.popleft())
-        while window:
-            yield self._stored_row(*window.popleft())
+        share it), a batch of at most ``STORE_BATCH_BYTES`` of samples at a time, concurrently."""
+        rows = iter(rows)
+        while True:
+            batch, size, samples = [], 0, {}
+            for row in rows:
+                batch.append(row)
+                if not row.error and row.image_bytes is not None and id(row.image_bytes) not in samples:
+                    samples[id(row.image_bytes)] = (row.image_bytes, row.mask_bytes)
+                    size += len(row.image_bytes) + len(row.mask_bytes or b"")
+                    if size >= STORE_BATCH_BYTES or len(samples) >= STORE_BATCH_SAMPLES:
+                        break
+            if not batch:
+                return
+            stored = dict(zip(samples, self.pool.map(self._store_sample_or_error, *zip(*samples.values())))) \
+                if samples else {}
+            for row in batch:
+                found = stored.get(id(row.image_bytes)) if not row.error else None
+                if found is None:
+                    yield row, None, None, row.error
+                elif isinstance(found, str):
+                    yield row, None, None, found
+                else:
+                    yield row, *found, None
 
-    @staticmethod
-    def _stored_row(row: ShardRow, job: Future | None) -> tuple[ShardRow, str | None, str | None, str | None]:
-        if job is None:
-            return row, None, None, row.error
+    def _store_sample_or_error(self, image: bytes, mask: bytes | None) -> tuple[str, str | None] | str:
         try:
-            return row, *job.result(), None
+            return self._store_bytes(image, "image"), self._store_bytes(mask, "visible mask") if mask else None
         except InvalidInput as exc:
-            return row, None, None, str(exc)
+            return str(exc)
 
     def _shard_records(self, chunk: list[tuple[ShardRow, str | None, str | None, str | None]], dataset: str,
                        seen: JobIndex) -> list[dict]:
@@ -436,29 +446,35 @@ class Client:
             raise DatasetNotFound(dataset)
         generation, started = read_progress(self.store).cursors.get(dataset, [submission["generation"], 0])
         started = started if generation == submission["generation"] else 0
-        for generation, index, chunk in read_row_chunks(self.store, dataset):
-            paged = read_record_pages(self.store, dataset, generation, index)
+        results = self.store.url(result_prefix(dataset, "")[:-1])  # + "/<job>": a result folder's location
+        generation = submission["generation"]
+
+        def load(index: int) -> tuple[list[dict], dict[str, dict]]:
+            return (read_rows_chunk(self.store, dataset, generation, index),
+                    read_record_pages(self.store, dataset, generation, index))
+
+        chunks = range(-(-submission["sent"] // ROWS_PER_CHUNK))
+        ahead = collections.deque(self.pool.submit(load, index) for index in chunks[:2])  # the next chunk loads
+        for index in chunks:  # while this one is read
+            chunk, paged = ahead.popleft().result()
+            if index + 2 < len(chunks):
+                ahead.append(self.pool.submit(load, index + 2))
             lines, unpaged = [], []
             for position, row in enumerate(chunk, index * ROWS_PER_CHUNK):
-                record = paged.get(row["job_id"], {}) if not row.get("status") else {}
-                line = {"line": row["line"], "image": row["image"], "query": row["query"], "job_id": row["job_id"],
-                        "status": row.get("status") or record.get("status") or PENDING,
-                        "message": row.get("message", ""), "result": None}
-                lines.append((line, record))
-                if line["status"] == PENDING and position < started:
-                    unpaged.append(lines[-1])
-            for (line, record), found in zip(unpaged, self.pool.map(
-                    lambda item: read_record(self.store, dataset, item[0]["job_id"]), unpaged)):
-                if found:
-                    line["status"] = found.get("status", PENDING)
-                    record.update({name: found.get(name) for name in RECORD_FIELDS})
-            for line, record in lines:
-                if record:  # an outcome's record (rows refused at submission have none)
-                    line.update(message=record.get("message") or "", quality=record.get("quality"),
-                                flags=record.get("flags") or [])
-                if line["status"] in ("completed", "unoccluded"):
-                    line["result"] = self.store.url(result_prefix(dataset, line["job_id"]))
-                yield line, record
+                job = row["job_id"]
+                line = {"line": row["line"], "image": row["image"], "query": row["query"], "job_id": job,
+                        "status": row.get("status") or PENDING, "message": row.get("message", ""), "result": None}
+                record = paged.get(job) if line["status"] == PENDING else None  # not for rows refused at submission
+                if record is not None and record.get("status"):
+                    _finished(line, record, results)
+                elif line["status"] == PENDING and position < started:
+                    unpaged.append(line)
+                lines.append((line, record or {}))
+            for line, found in zip(unpaged, self.pool.map(lambda line: self.job_record(dataset, line["job_id"]),
+                                                          unpaged)):
+                if found and found.get("status"):
+                    _finished(line, found, results)
+            yield from lines
 
     def job_record(self, dataset: str, job: str) -> dict | None:
         """The job's ``job.json``, or None while it has none."""

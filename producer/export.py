@@ -31,6 +31,7 @@ from amodal.jobstore import read_submission, result_prefix, DatasetNotFound
 from amodal.state import OUTCOMES
 from amodal.storage import ObjectNotFound
 from producer.client import PENDING, Client
+from producer.shards import import_webdataset
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -195,9 +196,7 @@ def _row(client: Client, dataset: str, line: dict, record: dict) -> dict:
 
 
 def _write_tar(path: Path, rows: Iterable[dict]) -> None:
-    import webdataset as wds
-
-    with open(path, "wb") as f, wds.TarWriter(f, mtime=0) as sink:
+    with open(path, "wb") as f, import_webdataset().TarWriter(f, mtime=0) as sink:
         for row in rows:
             sample = {"__key__": row["job_id"],
                       "json": json.dumps({k: v for k, v in row.items() if k not in IMAGES}).encode()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -100,6 +101,21 @@ def samples(images: str, options: ShardOptions, fmt: str) -> Iterator[Sample]:
 
 
 # -- WebDataset --------------------------------------------------------------------------------
+def import_webdataset():
+    """The ``webdataset`` package, imported without torch where torch is not loaded yet: the package imports
+    it, where installed, for its DataLoader classes (unused here), which would take some 600 MB in a process
+    that only reads or writes tar files; it falls back to its own stand-ins."""
+    if "webdataset" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ModuleNotFoundError
+        try:
+            import webdataset  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    import webdataset
+
+    return webdataset
+
+
 def _split_s3(url: str) -> tuple[str, str]:
     bucket, _, key = url[len("s3://"):].partition("/")
     return bucket, key
@@ -140,8 +156,7 @@ def _open_shard(url: str):
 
 def webdataset_samples(images: str, options: ShardOptions) -> Iterator[Sample]:
     """Each shard's samples in order; a shard that is missing or breaks gives one error sample."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
+    tariterators = import_webdataset().tariterators
     urls = shard_urls(images)
     if not urls:
         raise UsageError(f"--images: no .tar shards in {images}")
@@ -149,8 +164,8 @@ def webdataset_samples(images: str, options: ShardOptions) -> Iterator[Sample]:
         name = url.rsplit("/", 1)[-1]
         try:
             with _open_shard(url) as stream:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                for sample in group_by_keys(files):
+                files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(stream))
+                for sample in tariterators.group_by_keys(files):
                     yield _webdataset_sample(f"{name}/{sample['__key__']}", sample, options)
         except Exception as exc:  # noqa: BLE001 - any unreadable shard becomes an invalid row, never a stop
             yield Sample(key=name, error=f"shard {url} cannot be read: {type(exc).__name__}: {exc}")
