@@ -103,12 +103,13 @@ def _shard_options(args: argparse.Namespace):
     """The shard reading options of ``submit``/``run`` and the input's format (None: a folder of images)."""
     from producer.shards import ShardOptions, detect_format
 
-    is_pattern = args.images.startswith("s3://") or "{" in args.images
-    if not is_pattern:
-        _existing(args.images, "--images", folder=Path(args.images).is_dir() or not Path(args.images).exists())
+    if not (args.images.startswith("s3://") or "{" in args.images or Path(args.images).exists()):
+        raise UsageError(f"--images: no such file or folder: {args.images}")
     options = ShardOptions(format=args.input_format, query=args.query, query_field=args.query_field,
                            image_field=args.image_field, mask_field=args.mask_field, key_field=args.key_field)
     fmt = args.input_format or detect_format(args.images)
+    if not (args.images.startswith("s3://") or "{" in args.images):
+        _existing(args.images, "--images", folder=fmt is None or Path(args.images).is_dir())
     if fmt is None and (not args.annotations or args.query):
         raise UsageError("--images is a folder of images: give --annotations FILE (--query goes with shards: "
                          "WebDataset .tar, Parquet, a saved Hugging Face dataset)")

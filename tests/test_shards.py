@@ -146,3 +146,28 @@ def test_hugging_face_dataset_saved_to_disk(tmp_path, local_store):
     assert report.enqueued == 5
     assert [(line["image"], line["query"]) for line in client.manifest("hf")] == [(str(i), f"thing {i}")
                                                                                   for i in range(5)]
+
+
+def test_submit_command_reads_shards_from_outside_the_repository(tmp_path, local_store, redis_url):
+    import os
+    import subprocess
+    import sys
+
+    for index in range(2):
+        write_shard(tmp_path / f"part-{index}.tar", [{"__key__": f"k{index}{i}", "jpg": png(index * 3 + i)}
+                                                     for i in range(3)])
+    amodal = str(Path(sys.executable).parent / "amodal")
+    env = {**os.environ, "AMODAL_BROKER_URL": redis_url}
+
+    def submit(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run([amodal, "submit", "--dataset", "cli", "-q", *words], env=env, cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    done = submit("--images", "part-{0..1}.tar", "--query", "a teapot")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"rows": 6, "enqueued": 6, "finished": 0, "invalid": 0}
+    (tmp_path / "plain").mkdir()
+    for words, message in ((["--images", "missing.parquet"], "--images: no such file or folder"),
+                           (["--images", "plain", "--query", "cat"], "give --annotations FILE")):
+        bad = submit(*words)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
