@@ -64,12 +64,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from amodal.runner import run_local
 
     settings = _settings(args)
-    images = _existing(args.images, "--images", folder=True)
-    annotations = _existing(args.annotations, "--annotations", folder=False)
+    options, fmt = _shard_options(args)
     check_model_dir(_model_dir(args), settings)
     out = Path(args.out)
+    rows = None
+    if fmt is None:
+        images, annotations = Path(args.images), Path(args.annotations)
+    else:  # shards: each sample's image written into OUT/inputs
+        from producer.shards import local_rows, samples, shard_rows
+
+        images, annotations = out / "inputs", Path(args.annotations) if args.annotations else None
+        rows = list(local_rows(shard_rows(samples(args.images, options, fmt), options, annotations), images))
     outcomes = run_local(images, annotations, out, ModelSet(_model_dir(args), settings), settings,
-                         progress=not args.quiet)
+                         progress=not args.quiet, rows=rows)
     page = write_local_report(out, images, outcomes)
     counts = collections.Counter(o.status for o in outcomes)
     print(json.dumps({"rows": len(outcomes), **counts, "manifest": str(out / "manifest.jsonl"), "report": str(page)}))
@@ -259,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verb("run", "run the whole method in this process over an annotation file; results, manifest.jsonl "
                       "and index.html in a local folder")
-    run.add_argument("--images", required=True, help="folder the annotation paths are relative to")
-    run.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
+    run.add_argument("--images", required=True, help="folder the annotation paths are relative to, or shards "
+                     "(as for submit; their images are written into OUT/inputs)")
+    run.add_argument("--annotations", help="paper-format JSON or JSONL rows (with shards: JSONL whose 'image' names "
+                     "a sample's key)")
     run.add_argument("--out", required=True, help="output folder (results, manifest.jsonl, index.html)")
+    _add_shard_options(run)
     run.add_argument("--models", help="model folder (default: $AMODAL_MODEL_DIR)")
     run.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

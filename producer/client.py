@@ -29,15 +29,15 @@ from amodal.annotations import Row, iter_annotations, resolve_input, validate_qu
 from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
-from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcomes,
-                             read_record, read_record_pages, read_rows, read_rows_chunk, read_submission,
-                             result_prefix, rows_prefix, write_rows_chunk, write_submission)
+from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcomes, read_record, read_record_pages,
+                             read_rows, read_rows_chunk, read_submission, result_prefix, rows_prefix, write_rows_chunk,
+                             write_submission)
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
 from amodal.storage import Storage, open_storage
 from producer.dispatch import adopt, open_dataset, read_progress, stalled
-from producer.tally import ended_counts
 from producer.shards import ShardOptions, ShardRow, detect_format, samples, shard_rows
+from producer.tally import ended_counts
 
 PENDING = "pending"  # recorded, no outcome yet (waiting for the dispatcher, or in flight)
 FLAGGED = "flagged"  # results whose quality record raised doubts (their flags); counted among the outcomes too

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from tqdm import tqdm
 
 from amodal.errors import UsageError
-from amodal.jobstore import read_submission, result_prefix, DatasetNotFound
+from amodal.jobstore import DatasetNotFound, read_submission, result_prefix
 from amodal.state import OUTCOMES
 from amodal.storage import ObjectNotFound
 from producer.client import PENDING, Client

@@ -340,3 +340,20 @@ def shard_rows(source: Iterable[Sample], options: ShardOptions, annotations: Pat
         for row in index.unused():
             line += 1
             yield ShardRow(line, row.image, row.query, error=row.error)
+
+
+def local_rows(rows: Iterable[ShardRow], folder: Path) -> Iterator[Row]:
+    """Rows for ``amodal run``: each sample's image (and mask) written once into ``folder``, named after the
+    sample's identity ("/" as "__"), which the row's ``image`` names; rows that cannot be jobs keep their error."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if row.error or row.image_bytes is None:
+            yield Row(row.line, row.image, row.query, error=row.error or f"sample {row.image} has no image")
+            continue
+        name = row.image.replace("/", "__")
+        name = name if name not in (".", "..") else f"_{name}"
+        if not (folder / name).exists():
+            (folder / name).write_bytes(row.image_bytes)
+            if row.mask_bytes:
+                (folder / f"{name}.mask").write_bytes(row.mask_bytes)
+        yield Row(row.line, name, row.query, f"{name}.mask" if row.mask_bytes else None)

@@ -171,3 +171,21 @@ def test_submit_command_reads_shards_from_outside_the_repository(tmp_path, local
                            (["--images", "plain", "--query", "cat"], "give --annotations FILE")):
         bad = submit(*words)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+
+
+def test_run_command_over_shards_gives_each_row_an_outcome(tmp_path, tiny_models):
+    import os
+    import subprocess
+    import sys
+
+    write_shard(tmp_path / "0.tar", [{"__key__": "bad", "jpg": b"\xff\xd8 not a jpeg",
+                                      "json": json.dumps({"query": ["cat", "dog"]}).encode()}])
+    (tmp_path / "1.tar").write_bytes(b"broken" * 300)
+    done = subprocess.run([str(Path(sys.executable).parent / "amodal"), "run", "--images", "{0..1}.tar", "--out", "out",
+                           "--models", str(tiny_models), "-q"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "AMODAL_STORAGE_URL": ""})
+    assert done.returncode == 0, done.stderr
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [(m["line"], m["image"], m["query"], m["status"]) for m in manifest] == [
+        (1, "0.tar__bad", "cat", "invalid"), (2, "0.tar__bad", "dog", "invalid"), (3, "1.tar", "", "invalid")]
+    assert "cannot be read" in manifest[2]["message"]
