@@ -65,12 +65,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from amodal.runner import run_local
 
     settings = _settings(args)
-    images = _existing(args.images, "--images", folder=True)
-    annotations = _existing(args.annotations, "--annotations", folder=False)
+    options, fmt = _shard_options(args)
     check_model_dir(_model_dir(args), settings)
     out = Path(args.out)
+    rows = None
+    if fmt is None:
+        images, annotations = Path(args.images), Path(args.annotations)
+    else:  # shards: each sample's image written into OUT/inputs
+        from producer.shards import local_rows, samples, shard_rows
+
+        images, annotations = out / "inputs", Path(args.annotations) if args.annotations else None
+        rows = list(local_rows(shard_rows(samples(args.images, options, fmt), options, annotations), images))
     outcomes = run_local(images, annotations, out, ModelSet(_model_dir(args), settings), settings,
-                         progress=not args.quiet)
+                         progress=not args.quiet, rows=rows)
     page = write_local_report(out, images, outcomes)
     counts = collections.Counter(o.status for o in outcomes)
     print(json.dumps({"rows": len(outcomes), **counts, "manifest": str(out / "manifest.jsonl"), "report": str(page)}))
@@ -100,12 +107,30 @@ def _client(settings=None, writes: bool = False):
     return client
 
 
+def _shard_options(args: argparse.Namespace):
+    """The shard reading options of ``submit``/``run`` and the input's format (None: a folder of images)."""
+    from producer.shards import ShardOptions, detect_format
+
+    if not (args.images.startswith("s3://") or "{" in args.images or Path(args.images).exists()):
+        raise UsageError(f"--images: no such file or folder: {args.images}")
+    options = ShardOptions(format=args.input_format, query=args.query, query_field=args.query_field,
+                           image_field=args.image_field, mask_field=args.mask_field, key_field=args.key_field)
+    fmt = args.input_format or detect_format(args.images)
+    if not (args.images.startswith("s3://") or "{" in args.images):
+        _existing(args.images, "--images", folder=fmt is None or Path(args.images).is_dir())
+    if fmt is None and (not args.annotations or args.query):
+        raise UsageError("--images is a folder of images: give --annotations FILE (--query goes with shards: "
+                         "WebDataset .tar, Parquet, a saved Hugging Face dataset)")
+    if args.annotations:
+        _existing(args.annotations, "--annotations", folder=False)
+    return options, fmt
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if not args.images.startswith("s3://"):
-        _existing(args.images, "--images", folder=True)
-    _existing(args.annotations, "--annotations", folder=False)
-    report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset, progress=not args.quiet)
+    options, _ = _shard_options(args)
+    report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset,
+                                                           progress=not args.quiet, shards=options)
     print(f"recorded {report.enqueued} rows of dataset {args.dataset} for the dispatcher to start"
           f" ({report.finished} already have an outcome, {len(report.invalid)} refused)", file=sys.stderr)
     print(json.dumps({"rows": report.rows, "recorded": report.enqueued, "finished": report.finished,
@@ -140,6 +165,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(show_status(client, args.dataset, wait=args.wait, interval=args.interval, stall=args.stall,
                                  timeout=args.timeout)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from producer.export import ExportFilter, export_dataset
+
+    keep = ExportFilter(statuses=tuple(args.status.split(",")), flags=args.flags, drop_flags=tuple(args.drop_flag or ()))
+    report = export_dataset(_client(), args.dataset, args.format, args.out, shard_rows=args.shard_rows, keep=keep,
+                            progress=not args.quiet)
+    sizes = report.shard_bytes
+    print(json.dumps({"shards_written": report.shards_written, "shards_present": report.shards_present,
+                      "shards_waiting": report.shards_waiting, "rows_written": report.rows_written,
+                      "bytes_written": report.bytes_written,
+                      "shard_bytes": {"min": min(sizes), "max": max(sizes)} if sizes else None, "out": args.out}))
+    if report.shards_waiting:
+        print(f"{report.shards_waiting} shards wait for rows without an outcome yet: run the same command again "
+              "later to write them", file=sys.stderr)
     return 0
 
 
@@ -250,6 +292,22 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_shard_options(parser: argparse.ArgumentParser) -> None:
+    from producer.shards import FORMATS, IMAGE_EXTENSIONS
+
+    group = parser.add_argument_group("shards", "reading WebDataset, Parquet or Hugging Face input")
+    group.add_argument("--input-format", choices=FORMATS, help="the input's format (default: told from --images)")
+    group.add_argument("--query", help="one query for every sample")
+    group.add_argument("--query-field", default="query",
+                       help="the sample's query (a string or a list): a key of its .json, or a column")
+    group.add_argument("--image-field", help="the image: a WebDataset file extension (default: the first of "
+                       f"{', '.join(IMAGE_EXTENSIONS)}) or a column (default: image; bytes or relative paths)")
+    group.add_argument("--mask-field", help="a visible mask, used where present: a WebDataset extension (default: "
+                       "mask.png) or a column")
+    group.add_argument("--key-field", default="key", help="Parquet/HF: the column an annotation file names rows by "
+                       "(default: the row's index)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="amodal", description="Open-world amodal appearance completion: find an object named by a text "
@@ -268,9 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verb("run", "run the whole method in this process over an annotation file; results, manifest.jsonl "
                       "and index.html in a local folder")
-    run.add_argument("--images", required=True, help="folder the annotation paths are relative to")
-    run.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
+    run.add_argument("--images", required=True, help="folder the annotation paths are relative to, or shards "
+                     "(as for submit; their images are written into OUT/inputs)")
+    run.add_argument("--annotations", help="paper-format JSON or JSONL rows (with shards: JSONL whose 'image' names "
+                     "a sample's key)")
     run.add_argument("--out", required=True, help="output folder (results, manifest.jsonl, index.html)")
+    _add_shard_options(run)
     run.add_argument("--models", help="model folder (default: $AMODAL_MODEL_DIR)")
     run.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -295,9 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "(every worker runs one) starts them as the queues drain",
                   "Reads AMODAL_BROKER_URL and AMODAL_STORAGE_URL. Submitting the same file again resumes a "
                   "submission that stopped.")
-    submit.add_argument("--images", required=True, help="local folder or s3://bucket/prefix")
-    submit.add_argument("--annotations", required=True, help="paper-format JSON or JSONL rows")
+    submit.add_argument("--images", required=True, help="local folder or s3://bucket/prefix of images, or shards: "
+                        "WebDataset tar files ('shards/{00000..00099}.tar', a folder or s3:// prefix of .tar), a "
+                        "Parquet file or folder, a Hugging Face dataset saved to disk")
+    submit.add_argument("--annotations", help="paper-format JSON or JSONL rows (with shards: JSONL whose 'image' "
+                        "names a sample's key)")
     submit.add_argument("--dataset", required=True, help="dataset name (results/<dataset>/...)")
+    _add_shard_options(submit)
     submit.add_argument("--set", action="append", metavar="NAME=VALUE", help=SET_HELP)
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(func=cmd_submit)
@@ -323,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --report: the first ROWS rows that match, in row order")
     status.add_argument("--workers", action="store_true", help="list the live workers and their stages")
     status.set_defaults(func=cmd_status)
+
+    export = verb("export", "write a dataset's finished rows as WebDataset or Parquet shards (RGBA completion, "
+                            "masks, offsets, prompt, quality, flags, source row); a rerun writes only missing shards")
+    export.add_argument("--dataset", required=True, help="dataset name given to submit")
+    export.add_argument("--format", required=True, choices=["webdataset", "parquet"], help="shard format")
+    export.add_argument("--out", required=True, help="local folder or s3://bucket/prefix")
+    export.add_argument("--shard-rows", type=int, default=1000,
+                        help="input rows a shard covers (it holds those that are finished and pass the filters)")
+    export.add_argument("--status", default="completed,unoccluded", help="outcomes to export, comma-separated")
+    export.add_argument("--flags", default="any", choices=["any", "none", "flagged"],
+                        help="rows by flags: all, only those without flags, or only flagged ones")
+    export.add_argument("--drop-flag", action="append", metavar="FLAG", help="leave out rows with this flag (repeatable)")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=cmd_export)
+
 
     worker = verb("worker", "run one stage's worker, and the dispatcher's loop beside it",
                   "Reads AMODAL_BROKER_URL, AMODAL_STORAGE_URL and AMODAL_MODEL_DIR. Every worker's dispatcher "

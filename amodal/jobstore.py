@@ -51,11 +51,6 @@ def record_outcome(store: Storage, state: JobState) -> None:
     store.put(outcome_key(state.dataset, state.status, state.job_id), b"")
 
 
-def flagged_count(store: Storage, dataset: str) -> int:
-    """Jobs of the dataset whose result carries flags, from the marker listing."""
-    return sum(1 for _ in store.list(f"flagged/{dataset}/"))
-
-
 def outcomes(store: Storage, dataset: str) -> Iterator[tuple[str, str]]:
     """(status, job id) of every job of the dataset that has an outcome, from the marker listing."""
     for key in store.list(outcomes_prefix(dataset)):
@@ -70,11 +65,6 @@ def outcome_counts(store: Storage, dataset: str) -> dict[str, set[str]]:
     for status, job in outcomes(store, dataset):
         found[status].add(job)
     return found
-
-
-def outcome_of(store: Storage, dataset: str) -> dict[str, str]:
-    """Job id -> outcome status, from the marker listing."""
-    return {job: status for status, job in outcomes(store, dataset)}
 
 
 def result_prefix(dataset: str, job: str) -> str:
@@ -137,7 +127,7 @@ def read_rows_chunk(store: Storage, dataset: str, generation: int, index: int) -
         data = store.get(rows_chunk_key(dataset, generation, index))
     except ObjectNotFound:
         return []
-    return [json.loads(line) for line in data.decode().splitlines()]
+    return json.loads("[" + ",".join(data.decode().splitlines()) + "]")  # one parse: each line is one JSON value
 
 
 def read_row_chunks(store: Storage, dataset: str) -> Iterator[tuple[int, int, list[dict]]]:
@@ -156,7 +146,8 @@ def read_rows(store: Storage, dataset: str) -> Iterator[dict]:
         yield from rows
 
 
-RECORD_FIELDS = ("message", "quality", "flags")  # what a manifest line takes from a job's job.json
+RECORD_FIELDS = ("status", "message", "quality", "flags", "prompt", "offsets")  # what manifests and exports take
+# from a job's job.json
 
 
 def records_prefix(dataset: str) -> str:
@@ -178,6 +169,38 @@ def write_record_page(store: Storage, dataset: str, generation: int, index: int,
 def read_record_pages(store: Storage, dataset: str, generation: int, index: int) -> dict[str, dict]:
     """Job id -> record fields, from every page of the rows chunk."""
     found: dict[str, dict] = {}
-    for key in store.list(record_pages_prefix(dataset, generation, index)):
-        found.update(json.loads(store.get(key)))
+    for key in sorted(store.list(record_pages_prefix(dataset, generation, index))):
+        try:
+            found.update(json.loads(store.get(key)))
+        except ObjectNotFound:  # merged meanwhile (merge_record_pages): the merged page holds its records
+            continue
     return found
+
+
+def merge_record_pages(store: Storage, dataset: str, generation: int, index: int) -> dict[str, dict]:
+    """Merge the pages of a rows chunk into one (written first, then the others deleted: a reader sees every
+    record in the pages it lists); returns the records."""
+    keys = sorted(store.list(record_pages_prefix(dataset, generation, index)))
+    records = read_record_pages(store, dataset, generation, index)
+    if len(keys) > 1:
+        write_record_page(store, dataset, generation, index, records)
+        for key in keys:
+            store.delete(key)
+    return records
+
+
+def counts_key(dataset: str) -> str:
+    return f"datasets/{dataset}/counts.json"
+
+
+def write_counts(store: Storage, dataset: str, counts: dict) -> None:
+    """The dataset's outcome counts per rows chunk, ``{"generation": g, "chunks": {index: {status: n,
+    "flagged": n}}}``, as the dispatcher keeps them (producer.tally)."""
+    store.put(counts_key(dataset), json.dumps(counts, sort_keys=True).encode())
+
+
+def read_counts(store: Storage, dataset: str) -> dict | None:
+    try:
+        return json.loads(store.get(counts_key(dataset)))
+    except ObjectNotFound:
+        return None

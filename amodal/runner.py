@@ -129,11 +129,12 @@ class LocalRunner:
             yield self.run_row(row, seen)
 
 
-def run_local(images: Path, annotations: Path, out: Path, models, settings: Settings,
-              progress: bool = True) -> list[Outcome]:
-    """Run every row of ``annotations``; write ``manifest.jsonl`` (one line per row) into ``out``."""
+def run_local(images: Path, annotations: Path | None, out: Path, models, settings: Settings,
+              progress: bool = True, rows: list[Row] | None = None) -> list[Outcome]:
+    """Run every row of ``annotations`` (or ``rows``, paths relative to ``images``); write ``manifest.jsonl``
+    (one line per row) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_annotations(annotations)
+    rows = read_annotations(annotations) if rows is None else rows
     runner = LocalRunner(images, out, models, settings)
     outcomes = []
     with open(out / "manifest.jsonl", "w") as manifest:

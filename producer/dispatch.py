@@ -11,7 +11,9 @@ Every ``AMODAL_DISPATCH_SCAN_INTERVAL`` seconds it lists the state versions of e
 listing a job: the cost grows with the jobs in flight, never with the jobs ever submitted). A job that
 reached ``done`` leaves the set (its outcome marker is written again, in case its worker died before
 writing it), and the records of the jobs a scan saw end are gathered in one page per rows chunk
-(``amodal.jobstore.write_record_page``), which the manifest reads instead of one ``job.json`` a row.
+(``amodal.jobstore.write_record_page``), which the manifest reads instead of one ``job.json`` a row, and
+counted per chunk (``producer.tally``: what ``status`` reads); a chunk's pages are merged into one once none
+of its jobs is in flight.
 A job whose state has not advanced for :func:`stall_after` seconds and has no message in a queue or
 in the broker's unacknowledged set (a message lost between kombu's BRPOP and its record of the
 delivery, or a sender that died between commit and send) is stalled: its current step is sent again,
@@ -50,10 +52,11 @@ from pathlib import Path
 
 from amodal.config import Environment, environment
 from amodal.errors import UsageError
-from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_record, read_rows_chunk,
-                             read_submission, record_outcome, result_prefix, write_record_page)
+from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_rows_chunk, read_submission,
+                             record_outcome, result_prefix)
 from amodal.state import WORK_STAGES, JobState
 from amodal.storage import ObjectNotFound, Storage, open_storage
+from producer.tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,7 @@ class Dispatcher:
         self._chunk: dict[str, tuple[tuple[int, int], list[dict]]] = {}  # dataset -> (generation, index), rows
         self._next_scan = time.monotonic() + self.scan_interval
         self._saved = ""  # the cursors and flights last stored, as JSON
+        self.tally = Tally(store, self.pool)
 
     def round(self) -> None:
         """One round: watch adopted jobs, start jobs while there is room, check the jobs in flight
@@ -316,7 +320,7 @@ class Dispatcher:
         queued = queued_messages(self.redis) if self.redis is not None else set()
         jobs = list(self.progress.flights)
         now = time.time()
-        ended: dict[tuple[str, int, int], list[str]] = {}  # (dataset, generation, chunk) -> jobs that ended
+        ended: dict[tuple[str, int, int], list[JobState]] = {}  # (dataset, generation, chunk) -> jobs that ended
         stalled_jobs: list[str] = []
         for job, state in zip(jobs, self.pool.map(self._changed, jobs)):
             flight = self.progress.flights[job]
@@ -327,7 +331,7 @@ class Dispatcher:
                 if state.stage == "done":
                     record_outcome(self.store, state)
                     if flight.chunk is not None:
-                        ended.setdefault((flight.dataset, *flight.chunk), []).append(job)
+                        ended.setdefault((flight.dataset, *flight.chunk), []).append(state)
                     del self.progress.flights[job]
                     continue
             if flight.version >= 0 and now - flight.since > self.stall_after \
@@ -341,16 +345,16 @@ class Dispatcher:
                     flight = self.progress.flights[job]
                     send_stage(flight.stage, job, flight.version, producer=producer)
                     flight.resent, flight.resent_at = flight.resent + 1, now
-        for (dataset, generation, index), done in ended.items():
-            self._page_records(dataset, generation, index, done)
+        self._tally_ended(ended)
 
-    def _page_records(self, dataset: str, generation: int, index: int, jobs: list[str]) -> None:
-        """One record page for the jobs of a rows chunk that ended (a job with no ``job.json`` yet is
-        left to the manifest's own read)."""
-        records = dict(zip(jobs, self.pool.map(lambda job: read_record(self.store, dataset, job), jobs)))
-        found = {job: record for job, record in records.items() if record is not None}
-        if found:
-            write_record_page(self.store, dataset, generation, index, found)
+    def _tally_ended(self, ended: dict[tuple[str, int, int], list[JobState]]) -> None:
+        """Page and count the jobs that ended, per rows chunk (producer.tally); merge the pages of chunks
+        left with no job in flight."""
+        for chunk, states in ended.items():
+            self.tally.ended(chunk, states)
+        busy = {(f.dataset, *f.chunk) for f in self.progress.flights.values() if f.chunk is not None}
+        for chunk in ended:
+            self.tally.finished(chunk, busy, self.progress.cursors.get(chunk[0], [-1, 0]))
 
     def _changed(self, job: str) -> JobState | None:
         """The job's latest state if its version is not the one the flight knows, else None (no read)."""
