@@ -300,8 +300,8 @@ def _add_shard_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--query", help="one query for every sample")
     group.add_argument("--query-field", default="query",
                        help="the sample's query (a string or a list): a key of its .json, or a column")
-    group.add_argument("--image-field", help="the image: a WebDataset file extension (default: the first of "
-                       f"{', '.join(IMAGE_EXTENSIONS)}) or a column (default: image; bytes or relative paths)")
+    group.add_argument("--image-field", help="the image: a WebDataset file extension (else the first of "
+                       f"{', '.join(IMAGE_EXTENSIONS)} found) or a column (default: image; bytes or relative paths)")
     group.add_argument("--mask-field", help="a visible mask, used where present: a WebDataset extension (default: "
                        "mask.png) or a column")
     group.add_argument("--key-field", default="key", help="Parquet/HF: the column an annotation file names rows by "

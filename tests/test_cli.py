@@ -83,7 +83,7 @@ def test_help_shows_defaults_once_marks_required_options_and_describes_every_ver
     status = " ".join(amodal(user_env(), "status", "--help").stdout.split())
     assert "(default: 2.0)" in status and "(default: 500)" in status
     submit = " ".join(amodal(user_env(), "submit", "--help").stdout.split())
-    assert submit.count("(required)") == 3 and "record" in submit  # --images, --annotations, --dataset
+    assert submit.count("(required)") == 2 and "record" in submit  # --images, --dataset (--annotations: not with shards)
     version = amodal(user_env(), "--version")
     assert version.returncode == 0 and version.stdout.split()[0] == "amodal" and version.stdout.split()[1][0].isdigit()
 

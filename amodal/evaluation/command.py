@@ -71,7 +71,7 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--results", help="score: the results to score, laid out as ours")
     parser.add_argument("--clip-model", default=defaults.clip_model,
                         help=f"CLIP folder in the model folder for clip_score and feature_similarity (default "
-                             f"{defaults.clip_model}, torchmetrics' default; Hugging Face format)")
+                             f"{defaults.clip_model}, as torchmetrics chooses; Hugging Face format)")
     parser.add_argument("--clip-prompt", default=defaults.clip_prompt,
                         help="clip_score's text, {} the class (default: the class alone, as torchmetrics is given)")
     parser.add_argument("--ssim-sigma", type=float, default=defaults.ssim_sigma,
