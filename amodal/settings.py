@@ -82,7 +82,7 @@ class Settings:
     max_pixels: int = 40_000_000
     min_side: int = 16
     max_query_chars: int = 512
-    # Runtime (each worker's own: it loads the models once; job.json records what ran)
+    # Runtime (each worker's own: it loads the models once)
     device: str = "auto"
     precision: Literal["paper", "bf16"] = "paper"  # on CUDA: "paper" (G-DINO, SAM, InstaOrder and RAM++ in float32; SD, CLIP and
     # LISA in float16) | "bf16" (every model in bfloat16: faster); float32 on CPU either way

@@ -66,3 +66,13 @@ def test_a_batch_dynamic_module_compiles_once_for_every_batch_above_one():
     assert counters["stats"]["unique_graphs"] == 2
     with torch._dynamo.config.patch(error_on_recompile=True):
         call(module, 1), call(module, 4)
+
+
+def test_precision_gives_the_papers_dtypes_on_cuda_and_float32_on_the_cpu():
+    from amodal.models.runtime import resolve_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_dtype("auto", cuda, "paper", half=True) == torch.float16  # SD, CLIP, LISA
+    assert resolve_dtype("auto", cuda, "paper", half=False) == torch.float32  # G-DINO, SAM, InstaOrder, RAM++
+    assert resolve_dtype("auto", cpu, "paper", half=True) == resolve_dtype("auto", cpu, "bf16") == torch.float32
+    assert resolve_dtype("bfloat16", cuda, "paper", half=False) == torch.bfloat16  # a named dtype wins

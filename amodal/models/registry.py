@@ -71,7 +71,9 @@ class ModelSet:
         self.settings = settings or Settings()
         self.device = resolve_device(self.settings.device)
         limit_cpu_threads(self.device)
-        self.dtype = resolve_dtype(self.settings.dtype, self.device)
+        s = self.settings
+        self.dtype = resolve_dtype(s.dtype, self.device, s.precision, half=True)  # SD, CLIP, LISA
+        self.exact_dtype = resolve_dtype(s.dtype, self.device, s.precision, half=False)  # G-DINO, SAM, InstaOrder, RAM++
 
     def path(self, relative: str) -> Path:
         return require(self.model_dir / relative)
@@ -81,7 +83,7 @@ class ModelSet:
         from amodal.models.sam import SamSegmenter
 
         return SamSegmenter.from_checkpoint(
-            self.path(SAM_FILES[self.settings.sam_variant]), device=self.device, dtype=self.dtype,
+            self.path(SAM_FILES[self.settings.sam_variant]), device=self.device, dtype=self.exact_dtype,
             compile_encoder=self.settings.compile_sam and self.device.type == "cuda",
         )
 
@@ -91,7 +93,7 @@ class ModelSet:
 
         s = self.settings
         return GroundingDino.from_pretrained(
-            self.path(GROUNDING_DINO_DIR), device=self.device, dtype=self.dtype,
+            self.path(GROUNDING_DINO_DIR), device=self.device, dtype=self.exact_dtype,
             box_threshold=s.box_threshold, text_threshold=s.text_threshold, max_detections=s.max_instances,
         )
 
@@ -117,7 +119,7 @@ class ModelSet:
             from amodal.models.ram_plus import RamPlusTagger
 
             return RamPlusTagger.from_checkpoint(
-                self.path(RAM_PLUS_FILE), device=self.device, dtype=self.dtype,
+                self.path(RAM_PLUS_FILE), device=self.device, dtype=self.exact_dtype,
                 threshold=self.settings.tag_threshold,
             )
         raise ValueError(f"unknown tagger {self.settings.tagger!r}")
@@ -144,7 +146,7 @@ class ModelSet:
     def occlusion(self):
         from amodal.models.instaorder import InstaOrder
 
-        return InstaOrder.from_checkpoint(self.path(INSTAORDER_FILE), device=self.device, dtype=self.dtype)
+        return InstaOrder.from_checkpoint(self.path(INSTAORDER_FILE), device=self.device, dtype=self.exact_dtype)
 
     @functools.cached_property
     def inpainter(self):

@@ -12,13 +12,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is fp16 on CUDA (bf16 where the card has it) and fp32 on the CPU."""
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+def resolve_dtype(dtype: str, device: torch.device, precision: str = "bf16", half: bool = True) -> torch.dtype:
+    """A model's dtype: ``dtype`` if it names one; else float32 on the CPU; on CUDA, with ``precision="paper"``,
+    float16 for the models the paper's code runs in half precision (``half``: SD, CLIP, LISA) and float32 for
+    the others; with ``"bf16"``, bfloat16 (float16 where the card lacks it)."""
+    if dtype != "auto":
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    if precision == "paper":
+        return torch.float16 if half else torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 # CPU threads of torch in a process that runs models on a GPU: its CPU work is pre- and post-processing
