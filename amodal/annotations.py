@@ -45,10 +45,11 @@ class Row:
     error: str | None = None
 
 
-def read_annotations(path: Path, filenames: Path | None = None) -> list[Row]:
+def read_annotations(path: Path, filenames: Path | None = None, all_labels: bool = True) -> list[Row]:
     """The rows of an annotation file (formats in the module docstring), in file order.
 
-    ``filenames`` is the paper format's optional filename list. Raises :class:`InvalidInput` when
+    ``filenames`` is the paper format's optional filename list; without ``all_labels`` a paper-format
+    entry gives its first label only (as the paper's code reads it). Raises :class:`InvalidInput` when
     the file as a whole is unusable (a broken JSON document, no JSON at all).
     """
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
@@ -57,7 +58,7 @@ def read_annotations(path: Path, filenames: Path | None = None) -> list[Row]:
     document, problem = _parse_document(raw)
     if isinstance(document, dict) and "annotations" in document:
         listed = _read_filenames(filenames) if filenames else None
-        return _paper_rows(document["annotations"], listed, path)
+        return _paper_rows(document["annotations"], listed, path, all_labels)
     if filenames:
         raise InvalidInput(f"{path}: a filename list goes with the paper's JSON format only")
     if first is None:
@@ -70,7 +71,7 @@ def read_annotations(path: Path, filenames: Path | None = None) -> list[Row]:
     return [_jsonl_row(number, line) for number, line in enumerate(lines, 1) if line.strip()]
 
 
-def iter_annotations(path: Path) -> tuple[int, Iterable[Row]]:
+def iter_annotations(path: Path, all_labels: bool = True) -> tuple[int, Iterable[Row]]:
     """(row count, rows in file order). JSONL is streamed (one counting pass, then one reading pass);
     anything else goes through ``read_annotations`` whole, which also refuses what is not annotations."""
     with open(path, "rb") as f:
@@ -80,7 +81,7 @@ def iter_annotations(path: Path) -> tuple[int, Iterable[Row]]:
     except ValueError:
         value = None
     if not isinstance(value, dict) or "annotations" in value:
-        rows = read_annotations(path)
+        rows = read_annotations(path, all_labels=all_labels)
         return len(rows), rows
     with open(path, "rb") as f:
         count = sum(1 for line in f if line.strip())
@@ -136,10 +137,12 @@ def _entry_pairs(index: int, entry: Any) -> tuple[str, list[tuple[str, str | Non
                       for k, label in enumerate(labels, 1)]
 
 
-def _paper_rows(entries: Any, listed: list[str] | None, path: Path) -> list[Row]:
+def _paper_rows(entries: Any, listed: list[str] | None, path: Path, all_labels: bool) -> list[Row]:
     if not isinstance(entries, list):
         raise InvalidInput(f"{path}: 'annotations' must be a list")
     parsed = [_entry_pairs(index, entry) for index, entry in enumerate(entries, 1)]
+    if not all_labels:
+        parsed = [(name, queries[:1]) for name, queries in parsed]
     if listed is None:
         pairs = [(name, query, error) for name, queries in parsed for query, error in queries]
     else:

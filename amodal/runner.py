@@ -134,7 +134,7 @@ def run_local(images: Path, annotations: Path | None, out: Path, models, setting
     """Run every row of ``annotations`` (or ``rows``, paths relative to ``images``); write ``manifest.jsonl``
     (one line per row) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_annotations(annotations) if rows is None else rows
+    rows = read_annotations(annotations, all_labels=settings.all_labels) if rows is None else rows
     runner = LocalRunner(images, out, models, settings)
     outcomes = []
     with open(out / "manifest.jsonl", "w") as manifest:

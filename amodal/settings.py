@@ -15,6 +15,8 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class Settings:
+    # Rows
+    all_labels: bool = False  # a paper-format entry gives a job per label (else its first label only, the paper)
     # Scene (step 2)
     tag_threshold: float = 0.6
     max_tags: int = 0  # tags kept per image, the first ones in the tagger's order; 0 keeps every one (the paper)
@@ -131,7 +133,7 @@ def settings_from_env() -> Settings:
 PRESETS: dict[str, dict] = {
     "paper": {},
     "robust": {
-        "max_tags": 40, "max_instances": 32, "background_filled": False, "background_class": False, "class_pass": "windows",
+        "all_labels": True, "max_tags": 40, "max_instances": 32, "background_filled": False, "background_class": False, "class_pass": "windows",
         "same_instance_iou": 0.8, "max_passes": 3, "truncation_through_occluders": True, "background_fit": "fit",
         "keep_outside_mask": True, "join_visible": True, "skip_undetected": False, "lost_redetection": "keep", "seed": 0,
         "composite": "feather", "cutout_when_unoccluded": True, "paper_files": False, "precision": "bf16",

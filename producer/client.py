@@ -218,7 +218,7 @@ class Client:
             raise UsageError("--annotations is needed with a folder of images (or give shards: a .tar pattern, "
                              "a Parquet file or folder, a saved Hugging Face dataset)")
         images = str(images) if str(images).startswith("s3://") else str(Path(images).resolve())
-        total, rows = iter_annotations(Path(annotations))
+        total, rows = iter_annotations(Path(annotations), self.settings.all_labels)
         submission = self._begin(images, Path(annotations), dataset, total)
         return self._record_rows(dataset, submission, rows, total, lambda rest: rest,
                                  lambda chunk, seen: self._records(chunk, images, dataset, seen), progress)

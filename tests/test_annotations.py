@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amodal.annotations import Row, read_annotations, resolve_input, validate_query
+from amodal.annotations import Row, iter_annotations, read_annotations, resolve_input, validate_query
 from amodal.images import InvalidInput, load_image, load_mask
 from tests import badinputs as bad
 from tests.paths import EXAMPLES
@@ -202,3 +202,13 @@ def test_validate_query():
         with pytest.raises(InvalidInput) as info:
             validate_query(query, 64)
         assert message in str(info.value), repr(query)
+
+
+def test_paper_format_gives_the_first_label_only_unless_all_labels(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"annotations": [{"filename": "a.jpg", "labels": ["cat", "dog"]},
+                                                {"filename": "b.jpg", "labels": ["cup"]}]}))
+    assert [(r.image, r.query) for r in read_annotations(path, all_labels=False)] == [("a.jpg", "cat"), ("b.jpg", "cup")]
+    assert [r.query for r in read_annotations(path)] == ["cat", "dog", "cup"]
+    total, rows = iter_annotations(path, all_labels=False)
+    assert total == 2 and [r.query for r in rows] == ["cat", "cup"]
