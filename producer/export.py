@@ -4,8 +4,9 @@ under an ``s3://`` prefix.
 Shard ``k`` covers the manifest's rows ``k * shard_rows`` to ``(k + 1) * shard_rows - 1`` (row order), so
 its content is fixed once those rows have their outcomes: a shard is written when every row of its range
 has one (a range with pending rows waits for a later run), holds the rows that pass the filters (status,
-flags), and is never written twice: a rerun writes only the shards missing from the output. Each shard is
-written to a temporary file, then moved (or uploaded) whole.
+flags), and is never written twice: a rerun writes only the shards missing from the output. The options
+an output was started with are recorded in it (``<dataset>.export.json``); a rerun with others is refused.
+Each shard is written to a temporary file, then moved (or uploaded) whole.
 
 A row carries the RGBA completion, the amodal and visible masks (PNG, as in the result folder) and one JSON
 record: the source row's identity (``line``, ``image``, ``query``), ``job_id``, ``status``, ``message``,
@@ -20,7 +21,7 @@ import json
 import os
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -104,6 +105,16 @@ class Destination:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
         return {item["Key"][len(self.prefix):] for page in pages for item in page.get("Contents", [])}
 
+    def read(self, name: str) -> bytes | None:
+        """A small object's bytes, or None if there is none."""
+        if not self.out.startswith("s3://"):
+            path = Path(self.out) / name
+            return path.read_bytes() if path.is_file() else None
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
     def put(self, name: str, path: Path) -> None:
         if self.out.startswith("s3://"):
             self.client.upload_file(str(path), self.bucket, self.prefix + name)
@@ -137,10 +148,12 @@ def export_dataset(client: Client, dataset: str, fmt: str, out: str, shard_rows:
     destination = Destination(out)
     present = destination.names()
     report = ExportReport()
-    # 2. the manifest, a shard's range at a time
     pool = ThreadPoolExecutor(FETCH_THREADS)
     bar = tqdm(total=submission["rows"], desc=f"export {dataset}", unit="row", disable=not progress)
     with bar, tempfile.TemporaryDirectory(prefix="amodal-export-") as tmp:
+        _claim(destination, dataset, {"format": fmt, "shard_rows": shard_rows, "generation": submission["generation"],
+                                      **asdict(keep)}, Path(tmp))
+        # 2. the manifest, a shard's range at a time
         for index, lines in _ranges(client.manifest_records(dataset), shard_rows):
             name = f"{dataset}-{index:06d}{FORMATS[fmt]}"
             last = len(lines) < shard_rows
@@ -165,6 +178,19 @@ def export_dataset(client: Client, dataset: str, fmt: str, out: str, shard_rows:
             bar.set_postfix(written=report.shards_written, waiting=report.shards_waiting, refresh=False)
     pool.shutdown()
     return report
+
+
+def _claim(destination: Destination, dataset: str, export: dict, tmp: Path) -> None:
+    """Record how the dataset is exported into the destination (``<dataset>.export.json``), or refuse an export
+    that differs from the one recorded there: its shards would cover other rows under the same names."""
+    name = f"{dataset}.export.json"
+    found = destination.read(name)
+    if found is not None and json.loads(found) != json.loads(json.dumps(export)):
+        raise UsageError(f"--out holds another export of {dataset} ({found.decode()}): give the same options to "
+                         "resume it, or another --out")
+    if found is None:
+        (tmp / name).write_text(json.dumps(export))
+        destination.put(name, tmp / name)
 
 
 def _ranges(lines: Iterable[tuple[dict, dict]], size: int) -> Iterator[tuple[int, list[tuple[dict, dict]]]]:

@@ -14,7 +14,9 @@ samples in file order), so a stopped submission resumes by skipping the rows it 
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import sqlite3
 import sys
 from dataclasses import asdict, dataclass
@@ -75,16 +77,20 @@ def detect_format(images: str) -> str | None:
         return "webdataset"
     if images.endswith(".parquet"):
         return "parquet"
-    if images.startswith("s3://"):
-        return "webdataset" if any(key.endswith(".tar") for key in _s3_listing(images)) else None
+    if images.startswith("s3://"):  # the first listing page tells (a prefix of images may hold millions)
+        first = itertools.islice(_s3_listing(images), 1000)
+        return "webdataset" if any(key.endswith(".tar") for key in first) else None
     folder = Path(images)
     if not folder.is_dir():
         return None
     if (folder / "dataset_info.json").is_file() and (folder / "state.json").is_file():
         return "hf"
-    if next(folder.rglob("*.parquet"), None) is not None:
+    with os.scandir(folder) as entries:  # one pass over the top level; Parquet may sit one folder down
+        names = [(entry.name, entry.is_dir()) for entry in entries]
+    if any(name.endswith(".parquet") for name, _ in names) or any(
+            next(Path(folder, name).glob("*.parquet"), None) for name, is_dir in names[:100] if is_dir):
         return "parquet"
-    if next(folder.glob("*.tar"), None) is not None:
+    if any(name.endswith(".tar") for name, _ in names):
         return "webdataset"
     return None
 

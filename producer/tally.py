@@ -12,8 +12,8 @@ from __future__ import annotations
 import collections
 from concurrent.futures import ThreadPoolExecutor
 
-from amodal.jobstore import (ROWS_PER_CHUNK, merge_record_pages, read_counts, read_record, read_record_pages,
-                             read_submission, write_counts, write_record_page)
+from amodal.jobstore import (ROWS_PER_CHUNK, flagged_count, merge_record_pages, outcomes, read_counts, read_record,
+                             read_record_pages, read_submission, write_counts, write_record_page)
 from amodal.state import JobState
 from amodal.storage import Storage
 
@@ -72,10 +72,15 @@ class Tally:
 
 
 def ended_counts(store: Storage, dataset: str, generation: int) -> dict[str, int]:
-    """Jobs of the dataset's rows (of ``generation``) seen ending, per outcome, and ``flagged``: one read."""
-    counts = read_counts(store, dataset) or {}
+    """Jobs of the dataset's rows (of ``generation``) seen ending, per outcome, and ``flagged``: one read. A
+    dataset the dispatcher has kept no counts for yet (none of its jobs seen ending, or submitted before counts
+    were kept) is counted from its outcome and flagged markers, a listing."""
+    counts = read_counts(store, dataset)
     total: collections.Counter = collections.Counter()
-    if counts.get("generation") == generation:
+    if counts is None:
+        total.update(status for status, _ in outcomes(store, dataset))
+        total["flagged"] = flagged_count(store, dataset)
+    elif counts.get("generation") == generation:
         for chunk in counts["chunks"].values():
             total.update(chunk)
     return dict(total)

@@ -55,7 +55,7 @@ def dataset_files(tmp_path, paper_examples) -> tuple[Path, Path]:
 def test_help_describes_every_verb_and_option():
     res = amodal(user_env(), "--help")
     assert res.returncode == 0
-    for verb in ("run", "models", "submit", "status", "worker", "launch", "flower", "eval"):
+    for verb in ("run", "models", "submit", "status", "export", "worker", "launch", "flower", "eval"):
         assert f"\n    {verb} " in res.stdout, verb
         sub = amodal(user_env(), verb, "--help")
         assert sub.returncode == 0, sub.stderr

@@ -21,6 +21,7 @@ import producer.client
 import producer.dispatch
 import producer.tally
 from amodal.config import Environment
+from amodal.errors import UsageError
 from amodal.jobstore import commit_state, latest_state, records_prefix, result_prefix
 from producer import Client
 from producer.dispatch import STATE_KEY, Dispatcher
@@ -101,7 +102,7 @@ def test_webdataset_export_is_read_back_filtered_and_resumed(tmp_path, broker, s
     report = export_dataset(client, "shelves", "webdataset", str(out), shard_rows=4, progress=False)
     # rows 1-4 and 5-8 are finished: two shards; rows 9-10 wait for their outcomes
     assert (report.shards_written, report.shards_waiting) == (2, 1)
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".tar")
     assert names == ["shelves-000000.tar", "shelves-000001.tar"]
     samples = list(wds.WebDataset([str(out / n) for n in names], shardshuffle=False).decode("rgba"))
     kept = [i for i in range(8) if outcome(i)[0] == "completed"]
@@ -124,7 +125,9 @@ def test_webdataset_export_is_read_back_filtered_and_resumed(tmp_path, broker, s
     again = export_dataset(client, "shelves", "webdataset", str(out), shard_rows=4, progress=False)
     assert (again.shards_written, again.shards_present, again.shards_waiting) == (2, 1, 0)
     assert (out / names[1]).stat().st_mtime_ns == kept_before
-    assert sorted(p.name for p in out.iterdir()) == names + ["shelves-000002.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [*names, "shelves-000002.tar", "shelves.export.json"]
+    with pytest.raises(UsageError, match="holds another export of shelves"):  # other ranges under the same names
+        export_dataset(client, "shelves", "webdataset", str(out), shard_rows=5, progress=False)
 
     # flags: only unflagged rows, into another folder
     clean = export_dataset(client, "shelves", "webdataset", str(tmp_path / "clean"), shard_rows=4,
@@ -141,9 +144,9 @@ def test_parquet_export_to_s3_read_by_pyarrow_and_datasets(tmp_path, broker, sma
                             progress=False)
     assert report.shards_written == 2
     keys = sorted(o["Key"] for o in s3_admin.list_objects_v2(Bucket=s3_bucket, Prefix="exports/")["Contents"])
-    assert keys == ["exports/pq/pq-000000.parquet", "exports/pq/pq-000001.parquet"]
+    assert keys == ["exports/pq/pq-000000.parquet", "exports/pq/pq-000001.parquet", "exports/pq/pq.export.json"]
     local = []
-    for key in keys:
+    for key in keys[:2]:
         local.append(tmp_path / key.rsplit("/", 1)[1])
         s3_admin.download_file(s3_bucket, key, str(local[-1]))
     table = pq.read_table(local).to_pylist()
