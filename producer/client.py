@@ -375,7 +375,9 @@ class Client:
             except InvalidInput as exc:
                 record.update(status="invalid", message=str(exc))
             else:
-                jid = job_id(dataset, image_key, query, mask_key, self.settings)
+                # a sample's keys are its content hashes (inputs/<sha256><ext>): they digest its bytes
+                jid = job_id(dataset, image_key, query, mask_key, self.settings, inputs_digest(image_key, mask_key),
+                             weights_digest(self.weights))
                 record.update(query=query, job_id=jid, image_key=image_key, **({"mask_key": mask_key} if mask_key else {}))
                 earlier = seen.first_line(jid, row.line)
                 if earlier != row.line:
