@@ -51,6 +51,11 @@ def record_outcome(store: Storage, state: JobState) -> None:
     store.put(outcome_key(state.dataset, state.status, state.job_id), b"")
 
 
+def flagged_count(store: Storage, dataset: str) -> int:
+    """Jobs of the dataset whose result carries flags, from the marker listing."""
+    return sum(1 for _ in store.list(f"flagged/{dataset}/"))
+
+
 def outcomes(store: Storage, dataset: str) -> Iterator[tuple[str, str]]:
     """(status, job id) of every job of the dataset that has an outcome, from the marker listing."""
     for key in store.list(outcomes_prefix(dataset)):
