@@ -165,7 +165,7 @@ def test_submit_command_reads_shards_from_outside_the_repository(tmp_path, local
 
     done = submit("--images", "part-{0..1}.tar", "--query", "a teapot")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"rows": 6, "enqueued": 6, "finished": 0, "invalid": 0}
+    assert json.loads(done.stdout) == {"rows": 6, "recorded": 6, "finished": 0, "invalid": 0}
     (tmp_path / "plain").mkdir()
     for words, message in ((["--images", "missing.parquet"], "--images: no such file or folder"),
                            (["--images", "plain", "--query", "cat"], "give --annotations FILE")):
