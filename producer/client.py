@@ -503,9 +503,10 @@ class Client:
         return read_record(self.store, dataset, job)
 
     def results(self, dataset: str) -> Iterator[tuple[dict, dict[str, bytes]]]:
-        """(manifest line, {file name: bytes}) for every row that has a result folder."""
+        """(manifest line, {file name: bytes}) for every row that has a result folder; names are relative to
+        the folder (``paper/offsets.json`` beside ``offsets.json``)."""
         for line in self.manifest(dataset):
             if line["result"]:
-                prefix = result_prefix(dataset, line["job_id"])
-                files = {key.rpartition("/")[2]: self.store.get(key) for key in self.store.list(prefix + "/")}
+                prefix = result_prefix(dataset, line["job_id"]) + "/"
+                files = {key.removeprefix(prefix): self.store.get(key) for key in self.store.list(prefix)}
                 yield line, files
