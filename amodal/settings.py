@@ -41,7 +41,8 @@ class Settings:
     crop_margin: int = 60
     truncation_extra: int = 150
     max_passes: int = 4  # the paper's code stops once its pass counter exceeds 3, after the 4th pass
-    fixed_passes: int = 0  # > 0: exactly this many passes whatever the stop rules (benchmarks)
+    fixed_passes: int = 0  # > 0: exactly this many passes whatever the stop and skip rules (benchmarks, and
+    # evaluations that force tiny models through inpainting)
     edge_strip: int = 5
     first_mask_kernel: int = 5  # pass 1: (occluders + unfilled) dilated with this square kernel ...
     first_mask_iterations: int = 3  # ... this many times

@@ -196,7 +196,7 @@ def _occlusion_input(state: JobState, ctx: Context) -> OcclusionQuery | None:
     s = state.job_settings()
     scene = Instances(*art.get_instances(ctx.store, state.key(in_pass(state.passes, art.SCENE))))
     detected = state.detections if state.passes == 0 else len(scene.masks)
-    if s.skip_undetected and not detected:
+    if s.skip_undetected and not detected and not s.fixed_passes:
         _skip(state, "no_instances", where="the window" if state.passes else "the image")
         return None
     if state.passes == 0:
