@@ -23,7 +23,7 @@ from amodal.geometry import bbox, resize_image, resize_mask
 from amodal.images import InvalidInput, encode_png, load_image, load_mask
 from amodal.loop import SKIPS, STOPS, next_pass, paste_inpainted, plan_first_pass, resegment, truncated_sides, window_occluders
 from amodal.models.base import InpaintRequest
-from amodal.stages import BY_NAME
+from amodal.stages import NAMES
 from amodal.settings import Settings
 from amodal.quality import clip_similarities, pass_entry, record_resegment, result_flags, result_quality
 from amodal.scene import (Instances, OcclusionQuery, SceneRequest, detection_classes, occluder_masks,
@@ -416,11 +416,15 @@ def _each(states: Sequence[JobState], ctx: Context, step: Callable[[JobState, Co
             state.finish("invalid", str(exc))
 
 
+# Each stage of the table (amodal.stages) runs the step function of its name.
+STEPS: dict[str, Callable[[Sequence[JobState], Context], None]] = {name: globals()[name] for name in NAMES}
+
+
 def run_batch(stage: str, states: Sequence[JobState], ctx: Context) -> None:
     """Run the step of ``stage`` (amodal.stages) over several jobs in one call; each job is charged its share
     of the time."""
     start = time.perf_counter()
-    BY_NAME[stage].step(states, ctx)
+    STEPS[stage](states, ctx)
     share = (time.perf_counter() - start) / len(states)
     for state in states:
         state.add_time(stage, share)

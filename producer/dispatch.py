@@ -373,8 +373,7 @@ def run_dispatcher(stop: threading.Event | None = None, name: str = "") -> None:
     from tasks.app import app
 
     env = environment()
-    if not env.storage_url:
-        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
+    env.require_storage_url()
     stop = stop or _stop_on_signals()
     app.conf.task_send_sent_event = False  # half of the publishing time, and Flower has no use for it here
     client = redis.Redis.from_url(env.broker_url) if env.broker_url.startswith(("redis://", "rediss://")) else None
@@ -465,10 +464,7 @@ def add_dispatch_command(subparsers, formatter_class=argparse.HelpFormatter) -> 
 def cmd_dispatch(args: argparse.Namespace) -> int:
     from amodal.storage import check_storage
 
-    env = environment()
-    if not env.storage_url:
-        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
-    check_storage(open_storage(env.storage_url))  # it commits jobs' first states: create-only writes must hold
+    check_storage(open_storage(environment().require_storage_url()))  # it commits jobs' first states: create-only writes must hold
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)  # a service's log: its start, the lock, stalled jobs
     run_dispatcher()

@@ -195,7 +195,6 @@ def add_metrics_command(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from amodal.cli import _storage_url
     from amodal.config import environment
     from amodal.storage import check_storage, open_storage
     from producer.checks import check_broker
@@ -203,7 +202,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     broker = environment().broker_url
     if not broker.startswith(("redis://", "rediss://", "unix://")):
         raise UsageError(f"amodal metrics reads queues from Redis; AMODAL_BROKER_URL is {broker.split(':')[0]}://")
-    store = open_storage(_storage_url())
+    store = open_storage(environment().require_storage_url())
     if isinstance(store, S3Storage):
         store.retry_seconds = STORAGE_RETRY_SECONDS
     check_storage(store, probe_writes=False)

@@ -23,7 +23,7 @@ DISPATCH_SILENT = 60.0  # seconds without a dispatcher round after which status 
 def live_workers(timeout: float = PING_TIMEOUT) -> dict[str, list[str]]:
     """Stage -> node names of the workers that answer Celery's ping now."""
     from tasks.app import app, broker
-    from workers.main import stage_of
+    from tasks.nodes import stage_of
 
     found: dict[str, list[str]] = {stage: [] for stage in WORK_STAGES}
     with broker() as connection:

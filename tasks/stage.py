@@ -31,10 +31,7 @@ MAX_ATTEMPTS = environment().max_attempts
 
 @functools.cache
 def store() -> Storage:
-    url = environment().storage_url
-    if not url:
-        raise RuntimeError("AMODAL_STORAGE_URL is not set (file:///path or s3://bucket/prefix)")
-    return open_storage(url)
+    return open_storage(environment().require_storage_url())
 
 
 @functools.cache

@@ -38,11 +38,11 @@ from skimage.metrics import structural_similarity
 
 from amodal.evaluation.generator import Sample
 from amodal.evaluation.options import MetricOptions
-from amodal.evaluation.lpips import load_lpips
+from amodal.models.lpips import load_lpips
 from amodal.errors import UsageError
 from amodal.geometry import bbox
 from amodal.models.clip import Clip
-from amodal.models.registry import require
+from amodal.models.base import require
 
 FILL = (0, 0, 0)  # under the whole completion for the CLIP score, as the CLIP prompt chooser's cut-outs
 CROP_MARGIN = 8  # pixels around the hidden part's box in the context crop

@@ -161,7 +161,7 @@ def git_commit() -> str | None:
 def provenance(settings: Settings, model_dir: Path | None, options: MetricOptions, grounding: str,
                source: dict) -> dict:
     """Every choice behind the report's numbers."""
-    from amodal.evaluation.lpips import LPIPS_DIR
+    from amodal.models.lpips import LPIPS_DIR
 
     weights = weight_fingerprints(model_dir, settings) if model_dir else {}
     metric_weights = {}
