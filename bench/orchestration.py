@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.tinycluster import tiny_cluster, with_workers  # noqa: E402
 from tests.synthetic import synthetic_dataset  # noqa: E402
+from amodal.settings import PRESETS  # noqa: E402
 
 SETTINGS = {**PRESETS["robust"], "num_inference_steps": 2, "fixed_passes": 1}  # the robust preset: no row skipped
 
@@ -35,7 +36,7 @@ def main() -> None:
     from amodal.jobstore import latest_state
     from amodal.models.registry import ModelSet
     from amodal.runner import LocalRunner
-    from amodal.settings import PRESETS, Settings
+    from amodal.settings import Settings
 
     settings = Settings(**SETTINGS)
     with tiny_cluster(args.redis, SETTINGS, "orch") as cluster:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.tinycluster import tiny_cluster, with_workers  # noqa: E402
 from tests.synthetic import synthetic_dataset  # noqa: E402
+from amodal.settings import PRESETS  # noqa: E402
 
 SETTINGS = {**PRESETS["robust"], "num_inference_steps": 1, "max_passes": 1, "max_instances": 2}  # the robust preset: no row skipped
 
@@ -68,7 +69,7 @@ def main() -> None:
     broker = redis.Redis.from_url(args.redis)
     with tiny_cluster(args.redis, SETTINGS, "soak") as cluster:
         images, annotations = synthetic_dataset(cluster.work, args.jobs, given=args.jobs)
-        from amodal.settings import PRESETS, Settings
+        from amodal.settings import Settings
         from producer import Client
 
         group = with_workers(cluster)

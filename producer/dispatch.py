@@ -51,7 +51,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amodal.config import Environment, environment
-from amodal.errors import UsageError
 from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_rows_chunk, read_submission,
                              record_outcome, result_prefix)
 from amodal.state import WORK_STAGES, JobState
