@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from amodal.errors import ServiceError, UsageError
 from amodal.jobstore import outcome_counts, read_submission
+from amodal.keys import DATASETS, dataset_of_submission
 from amodal.state import OUTCOMES, WORK_STAGES
 from amodal.storage import S3Storage, Storage
 from producer.dispatch import heartbeat, in_flight, queue_keys, stalled, waiting
@@ -69,9 +70,8 @@ def unacked_per_queue(client: redis.Redis, queues: Iterable[str] = WORK_STAGES) 
 
 
 def dataset_names(store: Storage) -> list[str]:
-    """Datasets with a submission record (``datasets/<name>/submission.json``)."""
-    suffix = "/submission.json"
-    return sorted(key[len("datasets/"):-len(suffix)] for key in store.list("datasets/") if key.endswith(suffix))
+    """Datasets with a submission record (``amodal.keys.submission_key``)."""
+    return sorted(name for name in map(dataset_of_submission, store.list(DATASETS)) if name)
 
 
 class OutcomeCounts:

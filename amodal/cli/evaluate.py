@@ -183,7 +183,7 @@ def run_through_queue(images: Path, annotations: Path, folder: Path, dataset: st
     from tqdm import tqdm
 
     from amodal.cli import common
-    from amodal.jobstore import result_prefix
+    from amodal.keys import result_prefix
     from producer.client import PENDING
 
     client = common.client(settings, writes=True)
