@@ -1,5 +1,5 @@
 """The embedded default: the whole method in one process over an annotation file (``amodal run``;
-docs/design.md, "Interface users touch")."""
+docs/design.md, "Results and the manifest")."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""The stages a job moves through, each described once (docs/design.md, "The stages").
+"""The stages a job moves through, each described once (docs/design.md, "Stages").
 
 Queues, task registration, workers and their pool sizes, placement, warm-up, the command's choices,
 the benchmark and the compose services all read this table. A stage's step, the function of its name in

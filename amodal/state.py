@@ -1,5 +1,5 @@
 """The job record: a small JSON-serialisable state machine kept with the job's artifacts
-(docs/design.md, "Shape of the system")."""
+(docs/design.md, "The job state machine")."""
 from __future__ import annotations
 
 import dataclasses
