@@ -77,6 +77,19 @@ class Environment(BaseSettings):
             object.__setattr__(self, "visibility_timeout", self.task_time_limit + 60)
         return self
 
+    def require_storage_url(self) -> str:
+        """``AMODAL_STORAGE_URL``, or the one-line error that says how to set it."""
+        if not self.storage_url:
+            raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
+        return self.storage_url
+
+    def require_model_dir(self, given: str | Path | None = None) -> Path:
+        """``given`` (``--models``), else ``AMODAL_MODEL_DIR``, or the one-line error that says how to give one."""
+        value = given or self.model_dir
+        if not value:
+            raise UsageError("no model folder: pass --models DIR or set AMODAL_MODEL_DIR")
+        return Path(value)
+
     def batch_size(self, stage: str) -> int:
         """Jobs per model call of ``stage`` (1 for the stages that are not batched)."""
         return getattr(self, f"{stage}_batch", BY_NAME[stage].batch)

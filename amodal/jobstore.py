@@ -14,7 +14,9 @@ import time
 from typing import Iterator
 
 from amodal.errors import UsageError
-from amodal.state import OUTCOMES, JobState, state_key
+from amodal.keys import (counts_key, flagged_key, outcome_key, outcomes_prefix, parse_outcome_key, record_key,
+                         record_pages_prefix, rows_chunk_key, state_key, states_prefix, submission_key)
+from amodal.state import OUTCOMES, JobState
 from amodal.storage import ObjectNotFound, Storage
 
 
@@ -26,7 +28,7 @@ def load_state(store: Storage, job: str, version: int) -> JobState | None:
 
 
 def latest_state(store: Storage, job: str) -> JobState | None:
-    keys = sorted(store.list(f"jobs/{job}/state/"))
+    keys = sorted(store.list(states_prefix(job)))
     return JobState.from_json(store.get(keys[-1])) if keys else None
 
 
@@ -35,19 +37,10 @@ def commit_state(store: Storage, state: JobState) -> bool:
     return store.put_if_absent(state.state_key, state.to_json())
 
 
-def outcomes_prefix(dataset: str) -> str:
-    return f"outcomes/{dataset}/"
-
-
-def outcome_key(dataset: str, status: str, job: str) -> str:
-    """A job's outcome marker: empty, found by listing :func:`outcomes_prefix`."""
-    return f"{outcomes_prefix(dataset)}{status}/{job}"
-
-
 def record_outcome(store: Storage, state: JobState) -> None:
     """The job's outcome marker, and a ``flagged/`` marker if its result raised doubts (amodal.quality)."""
     if state.flags:
-        store.put(f"flagged/{state.dataset}/{state.job_id}", b"")
+        store.put(flagged_key(state.dataset, state.job_id), b"")
     store.put(outcome_key(state.dataset, state.status, state.job_id), b"")
 
 
@@ -59,7 +52,7 @@ def flagged_count(store: Storage, dataset: str) -> int:
 def outcomes(store: Storage, dataset: str) -> Iterator[tuple[str, str]]:
     """(status, job id) of every job of the dataset that has an outcome, from the marker listing."""
     for key in store.list(outcomes_prefix(dataset)):
-        _, _, status, job = key.split("/", 3)
+        status, job = parse_outcome_key(key)
         if status in OUTCOMES:
             yield status, job
 
@@ -72,14 +65,10 @@ def outcome_counts(store: Storage, dataset: str) -> dict[str, set[str]]:
     return found
 
 
-def result_prefix(dataset: str, job: str) -> str:
-    return f"results/{dataset}/{job}"
-
-
 def read_record(store: Storage, dataset: str, job: str) -> dict | None:
     """The job's ``job.json`` (its outcome), or None while it has none."""
     try:
-        return json.loads(store.get(f"{result_prefix(dataset, job)}/job.json"))
+        return json.loads(store.get(record_key(dataset, job)))
     except ObjectNotFound:
         return None
 
@@ -93,20 +82,6 @@ class DatasetNotFound(UsageError):
 
 
 ROWS_PER_CHUNK = 10_000  # rows per object of a dataset's row record
-
-
-def rows_prefix(dataset: str) -> str:
-    return f"datasets/{dataset}/rows/"
-
-
-def rows_chunk_key(dataset: str, generation: int, index: int) -> str:
-    """One object of a dataset's rows: a submission writes its rows ``ROWS_PER_CHUNK`` at a time, in row
-    order; a submission of a changed annotation file starts a new ``generation``."""
-    return f"{rows_prefix(dataset)}{generation:04d}-{index:06d}.jsonl"
-
-
-def submission_key(dataset: str) -> str:
-    return f"datasets/{dataset}/submission.json"
 
 
 def write_submission(store: Storage, dataset: str, submission: dict) -> None:
@@ -155,16 +130,6 @@ RECORD_FIELDS = ("status", "message", "quality", "flags", "prompt", "offsets")  
 # from a job's job.json
 
 
-def records_prefix(dataset: str) -> str:
-    """Where the dispatcher gathers the records of the dataset's finished jobs, in pages."""
-    return f"datasets/{dataset}/records/"
-
-
-def record_pages_prefix(dataset: str, generation: int, index: int) -> str:
-    """Where the records of one rows chunk's finished jobs are gathered, a page at a time."""
-    return f"{records_prefix(dataset)}{generation:04d}-{index:06d}/"
-
-
 def write_record_page(store: Storage, dataset: str, generation: int, index: int, records: dict[str, dict]) -> None:
     """One page: job id -> the :data:`RECORD_FIELDS` of its ``job.json``, for jobs of one rows chunk."""
     page = {job: {name: record.get(name) for name in RECORD_FIELDS} for job, record in records.items()}
@@ -192,10 +157,6 @@ def merge_record_pages(store: Storage, dataset: str, generation: int, index: int
         for key in keys:
             store.delete(key)
     return records
-
-
-def counts_key(dataset: str) -> str:
-    return f"datasets/{dataset}/counts.json"
 
 
 def write_counts(store: Storage, dataset: str, counts: dict) -> None:

@@ -1,5 +1,5 @@
 """The quality record of a result: ``quality`` and ``flags`` in ``job.json`` and the manifest
-(docs/design.md, "Interface users touch").
+(docs/design.md, "Results and the manifest").
 
 Per pass (kept in ``JobState.passes_log``, filled as the loop runs): the inpainted fraction of the
 window, whether the target was re-detected, its amodal pixels and growth over the previous mask, and

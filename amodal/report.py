@@ -18,11 +18,11 @@ from PIL import Image, UnidentifiedImageError
 
 from amodal.annotations import resolve_input
 from amodal.images import InvalidInput
+from amodal.keys import AMODAL_MASK, COMPLETION, JOB_RECORD, OFFSETS, VISIBLE_MASK
 
 THUMBNAIL = 512  # longest side of the images copied beside the page
 ROWS_PER_PAGE = 100
-RESULT_FILES = {"visible": "visible_mask.png", "amodal": "amodal_mask.png", "completion": "amodal_completion.png"}
-OFFSETS_FILE = "offsets.json"
+RESULT_FILES = {"visible": VISIBLE_MASK, "amodal": AMODAL_MASK, "completion": COMPLETION}
 VISIBLE_TINT, HIDDEN_TINT = (40, 200, 80), (240, 80, 40)  # over the input: the visible mask, the amodal mask past it
 # What each flag of job.json means (amodal.quality raises them; their thresholds are settings).
 FLAG_MEANINGS = {
@@ -73,7 +73,7 @@ class ReportRow:
         images = {column: files[name] for column, name in RESULT_FILES.items() if name in files}
         if "input" in files:
             images["input"] = files["input"]
-        offsets = json.loads(files[OFFSETS_FILE]) if OFFSETS_FILE in files else None
+        offsets = json.loads(files[OFFSETS]) if OFFSETS in files else None
         return cls(line["line"], line["image"], line["query"], line["status"], line.get("message", ""),
                    list(line.get("flags") or []), images, offsets, job_json)
 
@@ -196,13 +196,13 @@ def write_local_report(out: Path, images: Path, outcomes: list) -> Path:
             files = {}
             if outcome.result:
                 files = {name: (Path(outcome.result) / name).read_bytes()
-                         for name in (*RESULT_FILES.values(), OFFSETS_FILE) if (Path(outcome.result) / name).exists()}
+                         for name in (*RESULT_FILES.values(), OFFSETS) if (Path(outcome.result) / name).exists()}
             if outcome.status != "invalid":
                 try:
                     files["input"] = resolve_input(images.resolve(), outcome.image).read_bytes()
                 except InvalidInput:
                     pass  # the row's image went missing after its run: its cell stays empty
-            record = out / outcome.job_id / "job.json" if outcome.job_id else None
+            record = out / outcome.job_id / JOB_RECORD if outcome.job_id else None
             link = os.path.relpath(record, out) if record is not None and record.exists() else None
             yield ReportRow.from_files(line, files, link)
 

@@ -1,5 +1,5 @@
 """The embedded default: the whole method in one process over an annotation file (``amodal run``;
-docs/design.md, "Interface users touch")."""
+docs/design.md, "Results and the manifest")."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from amodal.annotations import Row, read_annotations, resolve_input, validate_query
 from amodal.canvas import neutral_background
 from amodal.images import InvalidInput, load_image
+from amodal.keys import JOB_RECORD
 from amodal.models.base import MissingCheckpointError
 from amodal.provenance import inputs_digest, weight_fingerprints, weights_digest
 from amodal.settings import Settings
@@ -105,7 +106,7 @@ class LocalRunner:
             return Outcome(row.line, row.image, row.query, state.job_id, "invalid",
                            f"duplicate of line {seen[state.job_id]} (same image, query and mask)", None)
         seen[state.job_id] = row.line
-        record_key = f"{state.result_prefix}/job.json"
+        record_key = f"{state.result_prefix}/{JOB_RECORD}"
         if not self.store.exists(record_key):  # else finished by an earlier run over the same folder
             try:
                 run_job(state, self.ctx)

@@ -1,15 +1,14 @@
-"""The stages a job moves through, each described once (docs/design.md, "The stages").
+"""The stages a job moves through, each described once (docs/design.md, "Stages").
 
 Queues, task registration, workers and their pool sizes, placement, warm-up, the command's choices,
-the benchmark and the compose services all read this table. A stage's step runs over a batch of jobs
-(a stage that is not batched takes batches of one); its models are the :class:`ModelSet` attributes
-it uses, which is what its worker loads, warms and checks for in the model folder.
+the benchmark and the compose services all read this table. A stage's step, the function of its name in
+``amodal.steps``, runs over a batch of jobs (a stage that is not batched takes batches of one); its models
+are the :class:`ModelSet` attributes it uses, which is what its worker loads, warms and checks for in the
+model folder.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -25,11 +24,6 @@ class Stage:
     @property
     def batched(self) -> bool:
         return self.batch > 1
-
-    @property
-    def step(self) -> Callable:
-        """The step function over a batch of jobs, ``step(states, ctx)`` (``amodal.steps.<name>``)."""
-        return getattr(importlib.import_module("amodal.steps"), self.name)
 
 
 # Batch sizes: inpaint 16 measured 1,043 images/hour on one H100 against 849 at 8

@@ -1,5 +1,5 @@
 """The job record: a small JSON-serialisable state machine kept with the job's artifacts
-(docs/design.md, "Shape of the system")."""
+(docs/design.md, "The job state machine")."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from amodal.keys import job_prefix, state_key
 from amodal.settings import Settings
 from amodal.stages import NAMES
 
@@ -24,10 +25,6 @@ def job_id(dataset: str, image_key: str, query: str, mask_key: str | None, setti
     changed file under the same name is new work."""
     blob = json.dumps([dataset, image_key, query, mask_key, settings.result_fingerprint(), inputs, weights])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def state_key(job: str, version: int) -> str:
-    return f"jobs/{job}/state/{version:05d}.json"
 
 
 @dataclass
@@ -66,7 +63,7 @@ class JobState:
 
     @property
     def key_prefix(self) -> str:
-        return f"jobs/{self.job_id}"
+        return job_prefix(self.job_id)
 
     def key(self, name: str) -> str:
         """Deterministic artifact key of this job."""

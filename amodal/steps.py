@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from amodal import artifacts as art
+from amodal import keys
 from amodal.artifacts import in_pass
 from amodal.canvas import Window
 from amodal.composite import compose_paper, compose_rgba
@@ -23,7 +24,7 @@ from amodal.geometry import bbox, resize_image, resize_mask
 from amodal.images import InvalidInput, encode_png, load_image, load_mask
 from amodal.loop import SKIPS, STOPS, next_pass, paste_inpainted, plan_first_pass, resegment, truncated_sides, window_occluders
 from amodal.models.base import InpaintRequest
-from amodal.stages import BY_NAME
+from amodal.stages import NAMES
 from amodal.settings import Settings
 from amodal.quality import clip_similarities, pass_entry, record_resegment, result_flags, result_quality
 from amodal.scene import (Instances, OcclusionQuery, SceneRequest, detection_classes, occluder_masks,
@@ -316,7 +317,7 @@ def _finalize(state: JobState, ctx: Context) -> None:
     if summary.get("quality") is not None:
         summary["flags"] = result_flags(summary["quality"], state.stop, s)
         state.flags = list(summary["flags"])
-    ctx.store.put(f"{prefix}/job.json", json.dumps(job_record(state, summary), indent=2).encode())
+    ctx.store.put(f"{prefix}/{keys.JOB_RECORD}", json.dumps(job_record(state, summary), indent=2).encode())
     _clean_artifacts(state, ctx.store)
     state.stage = "done"
 
@@ -357,12 +358,12 @@ def _write_paper_files(store: Storage, state: JobState, rgba: np.ndarray, amodal
     """The result as the paper's code writes it, under ``paper/``: the window-sized RGBA, the amodal mask (RGB,
     0 or 255), the window's origin in the input image as ``{"<class>_<n>": [row, col]}`` (``n``: the
     detections on the input image) and the chosen class."""
-    prefix = f"{state.result_prefix}/paper"
-    store.put(f"{prefix}/amodal_completion.png", encode_png(rgba))
-    store.put(f"{prefix}/amodal_segmentation.png", encode_png(np.repeat(np.where(amodal, 255, 0).astype(np.uint8)[..., None], 3, 2)))
-    store.put(f"{prefix}/offsets.json", json.dumps({f"{state.target_class}_{state.detections}": list(origin)},
+    prefix = f"{state.result_prefix}/{keys.PAPER_FOLDER}"
+    store.put(f"{prefix}/{keys.COMPLETION}", encode_png(rgba))
+    store.put(f"{prefix}/{keys.PAPER_SEGMENTATION}", encode_png(np.repeat(np.where(amodal, 255, 0).astype(np.uint8)[..., None], 3, 2)))
+    store.put(f"{prefix}/{keys.OFFSETS}", json.dumps({f"{state.target_class}_{state.detections}": list(origin)},
                                                    sort_keys=True, indent=4).encode())
-    store.put(f"{prefix}/prompt.txt", state.target_class.encode())
+    store.put(f"{prefix}/{keys.PROMPT}", state.target_class.encode())
 
 
 def _write_images(store: Storage, prefix: str, prompt: str, rgba: np.ndarray, amodal: np.ndarray,
@@ -370,11 +371,11 @@ def _write_images(store: Storage, prefix: str, prompt: str, rgba: np.ndarray, am
     """The result images, cropped to ``box``; ``(ox, oy)`` is the arrays' origin in the input image."""
     x0, y0, x1, y1 = box
     offsets = {"x": ox + x0, "y": oy + y0, "width": x1 - x0, "height": y1 - y0}
-    store.put(f"{prefix}/amodal_completion.png", encode_png(rgba))
-    store.put(f"{prefix}/amodal_mask.png", encode_png(np.where(amodal[y0:y1, x0:x1], 255, 0).astype(np.uint8)))
-    store.put(f"{prefix}/visible_mask.png", encode_png(np.where(visible[y0:y1, x0:x1], 255, 0).astype(np.uint8)))
-    store.put(f"{prefix}/offsets.json", json.dumps(offsets).encode())
-    store.put(f"{prefix}/prompt.txt", prompt.encode())
+    store.put(f"{prefix}/{keys.COMPLETION}", encode_png(rgba))
+    store.put(f"{prefix}/{keys.AMODAL_MASK}", encode_png(np.where(amodal[y0:y1, x0:x1], 255, 0).astype(np.uint8)))
+    store.put(f"{prefix}/{keys.VISIBLE_MASK}", encode_png(np.where(visible[y0:y1, x0:x1], 255, 0).astype(np.uint8)))
+    store.put(f"{prefix}/{keys.OFFSETS}", json.dumps(offsets).encode())
+    store.put(f"{prefix}/{keys.PROMPT}", prompt.encode())
     return {"offsets": offsets}
 
 
@@ -416,11 +417,15 @@ def _each(states: Sequence[JobState], ctx: Context, step: Callable[[JobState, Co
             state.finish("invalid", str(exc))
 
 
+# Each stage of the table (amodal.stages) runs the step function of its name.
+STEPS: dict[str, Callable[[Sequence[JobState], Context], None]] = {name: globals()[name] for name in NAMES}
+
+
 def run_batch(stage: str, states: Sequence[JobState], ctx: Context) -> None:
     """Run the step of ``stage`` (amodal.stages) over several jobs in one call; each job is charged its share
     of the time."""
     start = time.perf_counter()
-    BY_NAME[stage].step(states, ctx)
+    STEPS[stage](states, ctx)
     share = (time.perf_counter() - start) / len(states)
     for state in states:
         state.add_time(stage, share)

@@ -536,7 +536,7 @@ def _race_put_if_absent(store: Storage, key: str, writers: int) -> list[bytes]:
             barrier.wait()
             if store.put_if_absent(key, data):
                 won.append(data)
-        except BaseException as exc:  # re-raised in the caller's thread, below
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread, below)
             failed.append(exc)
             barrier.abort()
 

@@ -336,8 +336,8 @@ def run_baseline(work: Path, models: Path, datasets: dict[str, tuple[Path, Path,
     for resident in ("grounder", "tagger", "detector", "prompt_chooser", "clip", "occlusion"):  # loaded, as the
         getattr(models_set, resident)  # reference keeps them; SAM is read from its file at every call
     records = {}
-    for name, (images, annotations, _) in datasets.items():
-        rows = [json.loads(x) for x in annotations.read_text().splitlines()[:count]]
+    for name, (images, rows_file, _) in datasets.items():
+        rows = [json.loads(x) for x in rows_file.read_text().splitlines()[:count]]
         subset = work / f"baseline_{name}.jsonl"
         subset.write_text("".join(json.dumps(r) + "\n" for r in rows))
         t0 = time.perf_counter()

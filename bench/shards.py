@@ -125,7 +125,8 @@ def finish_all(client, dataset: str) -> int:
     import numpy as np
     from PIL import Image
 
-    from amodal.jobstore import read_row_chunks, result_prefix, write_counts, write_record_page
+    from amodal.jobstore import read_row_chunks, write_counts, write_record_page
+    from amodal.keys import result_prefix
 
     def png(array) -> bytes:
         buffer = io.BytesIO()
@@ -161,7 +162,8 @@ def warm_up(server, objects: int = 2000) -> None:
 
 def get_rate(client, dataset: str, count: int = 6000) -> int:
     """Plain GETs per second of result files, 32 at a time: the ceiling of an export that reads 3 per row."""
-    from amodal.jobstore import read_rows, result_prefix
+    from amodal.jobstore import read_rows
+    from amodal.keys import result_prefix
 
     keys = []
     for row in read_rows(client.store, dataset):
@@ -179,7 +181,8 @@ def write_finished(client, dataset: str, rows: int) -> None:
     """A dataset of ``rows`` finished rows as a submission, the dispatcher and its merged pages leave it: the
     rows chunks, the submission record, one record page and the counts per chunk, the dispatcher's cursor."""
     from amodal.jobstore import ROWS_PER_CHUNK, write_counts, write_record_page, write_rows_chunk, write_submission
-    from producer.dispatch import STATE_KEY, Progress
+    from amodal.keys import DISPATCH_STATE
+    from producer.dispatch import Progress
 
     record = {**SAMPLE_RECORD, "prompt": "a object", "offsets": {"x": -3, "y": 5, "width": 64, "height": 64}}
     chunks = -(-rows // ROWS_PER_CHUNK)
@@ -200,7 +203,7 @@ def write_finished(client, dataset: str, rows: int) -> None:
     write_submission(client.store, dataset, {"dataset": dataset, "generation": 0, "rows": rows, "sent": rows,
                                              "jobs": rows, "invalid": 0, "complete": True, "images": "", "inputs": "",
                                              "annotations": "", "settings": {}, "job_settings": {}})
-    client.store.put(STATE_KEY, Progress({dataset: [0, rows]}, {}, time.time()).to_json())
+    client.store.put(DISPATCH_STATE, Progress({dataset: [0, rows]}, {}, time.time()).to_json())
 
 
 def main() -> None:

@@ -144,7 +144,7 @@ def main() -> None:
             os.environ.update(env)
             # 1. the submission, in its own process
             sub = submit(env, folder / "images", annotations)
-            from amodal.jobstore import outcome_key, records_prefix
+            from amodal.keys import outcome_key, records_prefix
             from producer import Client
             from producer.dispatch import Dispatcher
 

@@ -13,6 +13,9 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
 fi
+# The import contracts of pyproject.toml (layers one way, no cycles) and the linter, before the tests.
+.venv/bin/lint-imports
+.venv/bin/ruff check
 set +e
 .venv/bin/python -m pytest -ra --durations=30 "$@"
 rc=$?

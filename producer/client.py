@@ -30,8 +30,9 @@ from amodal.images import InvalidInput
 from amodal.config import environment, resolve_settings
 from amodal.errors import UsageError
 from amodal.jobstore import (ROWS_PER_CHUNK, DatasetNotFound, commit_state, outcomes, read_record, read_record_pages,
-                             read_rows, read_rows_chunk, read_submission, result_prefix, rows_prefix, write_rows_chunk,
+                             read_rows, read_rows_chunk, read_submission, write_rows_chunk,
                              write_submission)
+from amodal.keys import input_key, result_prefix, rows_prefix
 from amodal.provenance import folder_digest, inputs_digest, weight_fingerprints, weights_digest
 from amodal.settings import Settings
 from amodal.state import OUTCOMES, JobState, job_id
@@ -124,7 +125,7 @@ class Client:
         Returns its key and SHA-256."""
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        key = f"inputs/{digest}{path.suffix.lower()}"
+        key = input_key(digest, path.suffix.lower())
         self.store.put_if_absent(key, data)
         return key, digest
 
@@ -326,7 +327,7 @@ class Client:
                 image.verify()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InvalidInput(f"{what} bytes cannot be decoded ({exc})") from None
-        key = f"inputs/{hashlib.sha256(data).hexdigest()}{IMAGE_SUFFIXES.get(kind, '.' + kind.lower())}"
+        key = input_key(hashlib.sha256(data).hexdigest(), IMAGE_SUFFIXES.get(kind, '.' + kind.lower()))
         self.store.put_if_absent(key, data)
         return key
 

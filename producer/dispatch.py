@@ -51,18 +51,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amodal.config import Environment, environment
-from amodal.errors import UsageError
 from amodal.jobstore import (ROWS_PER_CHUNK, commit_state, load_state, read_rows_chunk, read_submission,
-                             record_outcome, result_prefix)
+                             record_outcome)
+from amodal.keys import DISPATCH_ADOPT, DISPATCH_OPEN, DISPATCH_STATE, result_prefix, state_version, states_prefix
 from amodal.state import WORK_STAGES, JobState
 from amodal.storage import ObjectNotFound, Storage, open_storage
 from producer.tally import Tally
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "dispatch/state.json"
-OPEN_PREFIX = "dispatch/open/"  # one marker per dataset with recorded rows not all started
-ADOPT_PREFIX = "dispatch/adopt/"  # dispatch/adopt/<dataset>/<job>: a job sent by Client.submit, to watch
 LOCK_NAME = "amodal:dispatch"
 SAVE_EVERY = 15.0  # seconds between two stores of an unchanged progress (its heartbeat)
 READY_MESSAGE = "dispatching:"  # logged once the lock is held and the stored progress loaded
@@ -107,7 +104,7 @@ class Progress:
 
 def read_progress(store: Storage) -> Progress:
     try:
-        raw = json.loads(store.get(STATE_KEY))
+        raw = json.loads(store.get(DISPATCH_STATE))
     except ObjectNotFound:
         return Progress({}, {})
     return Progress(raw["cursors"], {job: Flight(**f) for job, f in raw["flights"].items()}, raw["heartbeat"],
@@ -157,12 +154,12 @@ def holder(store: Storage) -> str | None:
 # -- what submissions write ------------------------------------------------------------------------
 def open_dataset(store: Storage, dataset: str) -> None:
     """Tell the dispatcher the dataset has rows to start (written after each recorded chunk)."""
-    store.put(OPEN_PREFIX + dataset, b"")
+    store.put(DISPATCH_OPEN + dataset, b"")
 
 
 def adopt(store: Storage, dataset: str, job: str) -> None:
     """Ask the dispatcher to watch a job sent without it (``Client.submit``)."""
-    store.put(f"{ADOPT_PREFIX}{dataset}/{job}", b"")
+    store.put(f"{DISPATCH_ADOPT}{dataset}/{job}", b"")
 
 
 def first_state(dataset: str, row: dict, submission: dict) -> JobState:
@@ -245,28 +242,28 @@ class Dispatcher:
         work = json.dumps([self.progress.cursors, {job: asdict(f) for job, f in self.progress.flights.items()}])
         if work != self._saved or now - self.progress.heartbeat >= SAVE_EVERY:
             self.progress.heartbeat = now
-            self.store.put(STATE_KEY, self.progress.to_json())
+            self.store.put(DISPATCH_STATE, self.progress.to_json())
             self._saved = work
 
     # 1. jobs sent by Client.submit
     def _adopt(self) -> None:
-        for key in list(self.store.list(ADOPT_PREFIX)):
-            dataset, job = key[len(ADOPT_PREFIX):].rsplit("/", 1)
+        for key in list(self.store.list(DISPATCH_ADOPT)):
+            dataset, job = key[len(DISPATCH_ADOPT):].rsplit("/", 1)
             self.progress.flights.setdefault(job, Flight(dataset, -1, "", time.time()))
             self.store.delete(key)
 
     # 2. starting recorded jobs
     def _feed(self) -> None:
-        for key in list(self.store.list(OPEN_PREFIX)):
+        for key in list(self.store.list(DISPATCH_OPEN)):
             room = self.mark - len(self.progress.flights)
             if room <= 0:
                 return
-            self._feed_dataset(key[len(OPEN_PREFIX):], room)
+            self._feed_dataset(key[len(DISPATCH_OPEN):], room)
 
     def _feed_dataset(self, dataset: str, room: int) -> None:
         submission = read_submission(self.store, dataset)
         if submission is None:
-            self.store.delete(OPEN_PREFIX + dataset)
+            self.store.delete(DISPATCH_OPEN + dataset)
             return
         generation, done = self.progress.cursors.get(dataset, [submission["generation"], 0])
         if generation != submission["generation"]:
@@ -309,7 +306,7 @@ class Dispatcher:
 
     def _close(self, dataset: str, submission: dict) -> None:
         """Drop the dataset's marker; put it back if a submission recorded more meanwhile."""
-        self.store.delete(OPEN_PREFIX + dataset)
+        self.store.delete(DISPATCH_OPEN + dataset)
         if read_submission(self.store, dataset) != submission:
             open_dataset(self.store, dataset)
 
@@ -358,7 +355,7 @@ class Dispatcher:
 
     def _changed(self, job: str) -> JobState | None:
         """The job's latest state if its version is not the one the flight knows, else None (no read)."""
-        versions = [int(key.rsplit("/", 1)[1].split(".")[0]) for key in self.store.list(f"jobs/{job}/state/")]
+        versions = [state_version(key) for key in self.store.list(states_prefix(job))]
         if not versions or max(versions) == self.progress.flights[job].version:
             return None
         return load_state(self.store, job, max(versions))
@@ -373,8 +370,7 @@ def run_dispatcher(stop: threading.Event | None = None, name: str = "") -> None:
     from tasks.app import app
 
     env = environment()
-    if not env.storage_url:
-        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
+    env.require_storage_url()
     stop = stop or _stop_on_signals()
     app.conf.task_send_sent_event = False  # half of the publishing time, and Flower has no use for it here
     client = redis.Redis.from_url(env.broker_url) if env.broker_url.startswith(("redis://", "rediss://")) else None
@@ -465,10 +461,7 @@ def add_dispatch_command(subparsers, formatter_class=argparse.HelpFormatter) -> 
 def cmd_dispatch(args: argparse.Namespace) -> int:
     from amodal.storage import check_storage
 
-    env = environment()
-    if not env.storage_url:
-        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
-    check_storage(open_storage(env.storage_url))  # it commits jobs' first states: create-only writes must hold
+    check_storage(open_storage(environment().require_storage_url()))  # it commits jobs' first states: create-only writes must hold
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)  # a service's log: its start, the lock, stalled jobs
     run_dispatcher()

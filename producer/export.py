@@ -28,7 +28,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from tqdm import tqdm
 
 from amodal.errors import UsageError
-from amodal.jobstore import DatasetNotFound, read_submission, result_prefix
+from amodal.jobstore import DatasetNotFound, read_submission
+from amodal.keys import RESULT_IMAGES, result_prefix
 from amodal.state import OUTCOMES
 from amodal.storage import ObjectNotFound
 from producer.client import PENDING, Client
@@ -38,7 +39,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 FORMATS = {"webdataset": ".tar", "parquet": ".parquet"}
-IMAGES = {"completion": "amodal_completion.png", "amodal_mask": "amodal_mask.png", "visible_mask": "visible_mask.png"}
+IMAGES = RESULT_IMAGES
 FETCH_THREADS = 32  # concurrent reads of result files
 PARQUET_GROUP = 128  # rows per Parquet row group
 

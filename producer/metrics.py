@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from amodal.errors import ServiceError, UsageError
 from amodal.jobstore import outcome_counts, read_submission
+from amodal.keys import DATASETS, dataset_of_submission
 from amodal.state import OUTCOMES, WORK_STAGES
 from amodal.storage import S3Storage, Storage
 from producer.dispatch import heartbeat, in_flight, queue_keys, stalled, waiting
@@ -69,9 +70,8 @@ def unacked_per_queue(client: redis.Redis, queues: Iterable[str] = WORK_STAGES) 
 
 
 def dataset_names(store: Storage) -> list[str]:
-    """Datasets with a submission record (``datasets/<name>/submission.json``)."""
-    suffix = "/submission.json"
-    return sorted(key[len("datasets/"):-len(suffix)] for key in store.list("datasets/") if key.endswith(suffix))
+    """Datasets with a submission record (``amodal.keys.submission_key``)."""
+    return sorted(name for name in map(dataset_of_submission, store.list(DATASETS)) if name)
 
 
 class OutcomeCounts:
@@ -195,7 +195,6 @@ def add_metrics_command(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from amodal.cli import _storage_url
     from amodal.config import environment
     from amodal.storage import check_storage, open_storage
     from producer.checks import check_broker
@@ -203,7 +202,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     broker = environment().broker_url
     if not broker.startswith(("redis://", "rediss://", "unix://")):
         raise UsageError(f"amodal metrics reads queues from Redis; AMODAL_BROKER_URL is {broker.split(':')[0]}://")
-    store = open_storage(_storage_url())
+    store = open_storage(environment().require_storage_url())
     if isinstance(store, S3Storage):
         store.retry_seconds = STORAGE_RETRY_SECONDS
     check_storage(store, probe_writes=False)

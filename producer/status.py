@@ -23,7 +23,7 @@ DISPATCH_SILENT = 60.0  # seconds without a dispatcher round after which status 
 def live_workers(timeout: float = PING_TIMEOUT) -> dict[str, list[str]]:
     """Stage -> node names of the workers that answer Celery's ping now."""
     from tasks.app import app, broker
-    from workers.main import stage_of
+    from tasks.nodes import stage_of
 
     found: dict[str, list[str]] = {stage: [] for stage in WORK_STAGES}
     with broker() as connection:
@@ -150,8 +150,10 @@ def write_dataset_report(client: Client, dataset: str, folder: Path, limit: int,
                          statuses: list[str] | None = None) -> list[Path]:
     """Download the result files, record and input of the first ``limit`` matching rows into ``folder``
     and write its pages (``folder/index.html`` first)."""
-    from amodal.jobstore import latest_state, result_prefix
-    from amodal.report import OFFSETS_FILE, ReportRow, write_report
+    from amodal.jobstore import latest_state
+    from amodal.keys import result_prefix
+    from amodal.keys import JOB_RECORD, OFFSETS
+    from amodal.report import ReportRow, write_report
     from amodal.storage import open_storage
 
     (folder / "jobs").mkdir(parents=True, exist_ok=True)
@@ -166,11 +168,11 @@ def write_dataset_report(client: Client, dataset: str, folder: Path, limit: int,
                 prefix = result_prefix(dataset, line["job_id"])
                 for key in client.store.list(prefix + "/"):
                     name = key.rpartition("/")[2]
-                    if name.endswith(".png") or name in (OFFSETS_FILE, "job.json"):
+                    if name.endswith(".png") or name in (OFFSETS, JOB_RECORD):
                         files[name] = client.store.get(key)
-                if "job.json" in files:
+                if JOB_RECORD in files:
                     link = f"jobs/{line['job_id']}.json"
-                    (folder / link).write_bytes(files.pop("job.json"))
+                    (folder / link).write_bytes(files.pop(JOB_RECORD))
                 state = latest_state(client.store, line["job_id"])
                 if state is not None:
                     if state.inputs and state.inputs not in inputs:

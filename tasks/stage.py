@@ -19,6 +19,7 @@ from amodal.config import environment, worker_runtime
 from amodal.canvas import neutral_background
 from amodal.images import load_image
 from amodal.jobstore import commit_state, load_state, record_outcome
+from amodal.keys import attempt_key
 from amodal.settings import Settings
 from amodal.state import JobState
 from amodal.steps import Context, run_step
@@ -31,10 +32,7 @@ MAX_ATTEMPTS = environment().max_attempts
 
 @functools.cache
 def store() -> Storage:
-    url = environment().storage_url
-    if not url:
-        raise RuntimeError("AMODAL_STORAGE_URL is not set (file:///path or s3://bucket/prefix)")
-    return open_storage(url)
+    return open_storage(environment().require_storage_url())
 
 
 @functools.cache
@@ -71,7 +69,7 @@ def context(state: JobState) -> Context:
 def count_attempt(job_id: str, version: int) -> int:
     """Register one more attempt at the step from ``version`` (create-only markers); its number."""
     n = 1
-    while not store().put_if_absent(f"jobs/{job_id}/attempts/{version:05d}/{n:03d}", b""):
+    while not store().put_if_absent(attempt_key(job_id, version, n), b""):
         n += 1
     return n
 

@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from amodal.stages import GPU_STAGES, NAMES as STAGES  # the compose services follow the stage table
-from workers.main import node_name
+from tasks.nodes import node_name
 from workers.placement import plan
 
 ROOT = Path(__file__).resolve().parents[1]

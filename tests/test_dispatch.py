@@ -15,7 +15,8 @@ import redis
 import amodal.jobstore
 import producer.client
 import producer.dispatch
-from amodal.jobstore import commit_state, latest_state, record_outcome, records_prefix, result_prefix
+from amodal.jobstore import commit_state, latest_state, record_outcome
+from amodal.keys import records_prefix, result_prefix
 from amodal.state import WORK_STAGES
 from producer import Client
 from producer.dispatch import Dispatcher, in_flight, queued_messages, stalled, waiting

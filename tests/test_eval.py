@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from amodal.evaluation.command import evaluate, run_in_process
+from amodal.cli.evaluate import evaluate, run_in_process
 from amodal.evaluation.generator import (SYNTHETIC_SIZE, Sample, coco_objects, coco_samples, shape_mask, stripes_at,
                                          synthetic_samples)
 from amodal.evaluation.metrics import Prediction, Scorer, amodal_iou

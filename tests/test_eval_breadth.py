@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amodal.evaluation.command import evaluate
+from amodal.cli.evaluate import evaluate
 from amodal.evaluation.generator import synthetic_samples
 from amodal.settings import Settings
 from tests.browser import CHROMEDRIVER, CHROMIUM, FLAGS

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amodal.evaluation.command import evaluate
+from amodal.cli.evaluate import evaluate
 from amodal.evaluation.datasets import amodal_samples
 from amodal.evaluation.masks import MalformedDataset
 from amodal.evaluation.references import write_result

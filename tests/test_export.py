@@ -22,9 +22,11 @@ import producer.dispatch
 import producer.tally
 from amodal.config import Environment
 from amodal.errors import UsageError
-from amodal.jobstore import commit_state, latest_state, records_prefix, result_prefix
+from amodal.jobstore import commit_state, latest_state
+from amodal.keys import records_prefix, result_prefix
 from producer import Client
-from producer.dispatch import STATE_KEY, Dispatcher
+from amodal.keys import DISPATCH_STATE
+from producer.dispatch import Dispatcher
 from producer.export import ExportFilter, export_dataset
 
 
@@ -181,7 +183,7 @@ def test_status_counts_each_job_once_and_pages_merge(tmp_path, broker, small_chu
 
     # the dispatcher's progress is lost and the dataset fed again: every ended job is seen ending again
     client.store = client.store.__class__(client.store.root)
-    client.store.delete(STATE_KEY)
+    client.store.delete(DISPATCH_STATE)
     again = Dispatcher(client.store, Environment(dispatch_high_water=8), broker)
     again.round()
     again.scan()

@@ -20,7 +20,8 @@ from amodal.state import WORK_STAGES
 from amodal.storage import open_storage
 from tests import databases, flowerproc
 from tests.cluster import amodal, cluster_env, start_workers
-from workers.main import GPU_STAGES, node_name
+from tasks.nodes import node_name
+from workers.main import GPU_STAGES
 
 AUTH = ("watcher", "s3cret-pw")
 

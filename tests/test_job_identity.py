@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amodal.evaluation.command import evaluate
+from amodal.cli.evaluate import evaluate
 from amodal.evaluation.generator import synthetic_samples
 from amodal.images import encode_png
 from amodal.provenance import stack_checkpoints, weight_fingerprints

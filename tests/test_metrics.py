@@ -21,7 +21,8 @@ from prometheus_client.registry import CollectorRegistry
 from amodal.jobstore import record_outcome, write_submission
 from amodal.state import OUTCOMES, WORK_STAGES, JobState
 from amodal.storage import open_storage
-from producer.dispatch import STATE_KEY, Flight, Progress
+from amodal.keys import DISPATCH_STATE
+from producer.dispatch import Flight, Progress
 from producer.metrics import AmodalCollector
 from tests import databases
 from tests.cluster import cluster_env, outside_repository
@@ -89,7 +90,7 @@ def test_collector_counts_queued_held_and_finished_work(own_redis_url, tmp_path)
     now = time.time()
     flights = {"busy-0001": Flight("busy", 2, "inpaint", now), "busy-0002": Flight("busy", 0, "ground", now),
                "busy-0003": Flight("busy", 1, "segment", now - 10_000)}
-    store.put(STATE_KEY, Progress({"done": [0, 2], "busy": [0, 4]}, flights, heartbeat=now,
+    store.put(DISPATCH_STATE, Progress({"done": [0, 2], "busy": [0, 4]}, flights, heartbeat=now,
                                   stall_after=600).to_json())
     for state, status in ((job("done", 0), "completed"), (job("done", 1), "no_target"), (job("busy", 0), "failed")):
         state.status = status
@@ -144,7 +145,7 @@ def test_dashboard_shows_every_exported_metric_and_only_those(own_redis_url, tmp
 
     store = open_storage(str(tmp_path))
     write_submission(store, "d", {"dataset": "d", "generation": 0, "sent": 0, "complete": True})
-    store.put(STATE_KEY, Progress({}, {}, heartbeat=time.time()).to_json())
+    store.put(DISPATCH_STATE, Progress({}, {}, heartbeat=time.time()).to_json())
     registry = CollectorRegistry()
     registry.register(AmodalCollector(redis.Redis.from_url(own_redis_url), store))
     exported = {s.name for family in text_string_to_metric_families(generate_latest(registry).decode())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amodal.evaluation.lpips import BACKBONE_FILE, BACKBONE_URL, LINEAR_FILE
+from amodal.models.lpips import BACKBONE_FILE, BACKBONE_URL, LINEAR_FILE
 from amodal.models import download, tiny
 from amodal.models.download import DownloadError, download_models, fetch_url
 from amodal.models.instaorder import InstaOrder

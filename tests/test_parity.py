@@ -21,7 +21,7 @@ from amodal.settings import Settings
 from tests.paperref import run_reference
 from tests.paths import EXAMPLES
 from tests.paperworld import OurModels, World
-from tests.synthetic import BACKGROUND, Scene, Shape
+from tests.synthetic import Scene, Shape
 
 WALLPAPER = Path(__file__).resolve().parents[1] / "amodal" / "data" / "gray_wallpaper.jpeg"
 PALETTE = {"ball": (220, 40, 40), "box": (40, 60, 200), "leaf": (40, 170, 60), "cup": (230, 200, 40),

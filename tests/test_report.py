@@ -42,7 +42,7 @@ def test_rows_past_a_page_go_on_to_further_pages(tmp_path):
     pages = write_report(tmp_path, "many", rows, {"total": ROWS_PER_PAGE + 30, "no_target": ROWS_PER_PAGE + 30})
     assert [p.name for p in pages] == ["index.html", "page-2.html"]
     facts = page_facts(pages[1], width=1400)
-    assert {link["href"] for link in facts["links"]} == {"index.html"} and all(l["exists"] for l in facts["links"])
+    assert {link["href"] for link in facts["links"]} == {"index.html"} and all(link["exists"] for link in facts["links"])
     assert f"Showing rows {ROWS_PER_PAGE + 1}-{ROWS_PER_PAGE + 30}" in facts["text"]
     assert f"{ROWS_PER_PAGE + 30} rows" in facts["text"] and "window_edge" in facts["text"]
     assert facts["scroll_width"] <= facts["client_width"]

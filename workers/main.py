@@ -10,24 +10,15 @@ chatter is silenced (``amodal.logs``).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from amodal.stages import BY_NAME, GPU_STAGES, NAMES as STAGES
+from tasks.nodes import node_name
 
 
 def processes(stage: str) -> int:
     """Pool processes of a stage's worker unless told otherwise (amodal.stages)."""
     return BY_NAME[stage].processes
-
-
-def node_name(stage: str, gpu: int | None) -> str:
-    return f"{stage}-gpu{gpu}@{socket.gethostname()}" if gpu is not None else f"{stage}@{socket.gethostname()}"
-
-
-def stage_of(node: str) -> str:
-    """The stage a worker serves, from its node name (``segment-gpu0@host`` -> ``segment``)."""
-    return node.partition("@")[0].partition("-")[0]
 
 
 def check_worker(stage: str, settings) -> None:
@@ -42,9 +33,7 @@ def check_worker(stage: str, settings) -> None:
         if env.model_dir is None:
             raise UsageError("no model folder: set AMODAL_MODEL_DIR")
         check_model_dir(env.model_dir, settings, (stage,))
-    if not env.storage_url:
-        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
-    check_storage(open_storage(env.storage_url))
+    check_storage(open_storage(env.require_storage_url()))
 
 
 def run_worker(stage: str, gpu: int | None = None, concurrency: int | None = None, loglevel: str = "info") -> None:

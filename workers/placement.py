@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amodal.stages import GPU_STAGES, STAGES
-from workers.main import stage_of
+from tasks.nodes import stage_of
 
 # Busy GPU seconds per image of each stage (amodal.stages); a plan made from a benchmark record (--costs)
 # replaces them.

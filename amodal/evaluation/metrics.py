@@ -38,15 +38,15 @@ from skimage.metrics import structural_similarity
 
 from amodal.evaluation.generator import Sample
 from amodal.evaluation.options import MetricOptions
-from amodal.evaluation.lpips import load_lpips
+from amodal.models.lpips import load_lpips
 from amodal.errors import UsageError
 from amodal.geometry import bbox
+from amodal.keys import AMODAL_MASK, COMPLETION, OFFSETS
 from amodal.models.clip import Clip
-from amodal.models.registry import require
+from amodal.models.base import require
 
 FILL = (0, 0, 0)  # under the whole completion for the CLIP score, as the CLIP prompt chooser's cut-outs
 CROP_MARGIN = 8  # pixels around the hidden part's box in the context crop
-COMPLETION_FILE = "amodal_completion.png"
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,11 @@ class Prediction:
     def from_folder(cls, folder: Path | None, shape: tuple[int, int]) -> "Prediction | None":
         """The result in ``folder`` placed in a frame of ``shape``; None where the folder holds no completion
         (no result folder, or one of a row that writes no images)."""
-        if folder is None or not (folder / COMPLETION_FILE).is_file():
+        if folder is None or not (folder / COMPLETION).is_file():
             return None
-        rgba = np.asarray(Image.open(folder / COMPLETION_FILE).convert("RGBA"))
-        mask = np.asarray(Image.open(folder / "amodal_mask.png").convert("L")) > 127
-        offsets = json.loads((folder / "offsets.json").read_text())
+        rgba = np.asarray(Image.open(folder / COMPLETION).convert("RGBA"))
+        mask = np.asarray(Image.open(folder / AMODAL_MASK).convert("L")) > 127
+        offsets = json.loads((folder / OFFSETS).read_text())
         frame_rgba = np.zeros((*shape, 4), np.uint8)
         frame_mask = np.zeros(shape, bool)
         x, y = offsets["x"], offsets["y"]

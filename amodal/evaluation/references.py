@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 
 from amodal.evaluation.generator import Sample
-from amodal.evaluation.metrics import COMPLETION_FILE
 from amodal.geometry import bbox
 from amodal.images import encode_png
+from amodal.keys import AMODAL_MASK, COMPLETION, OFFSETS
 
 REFERENCES = ("nothing", "mean_fill")
 
@@ -42,9 +42,9 @@ def write_result(folder: Path, pixels: np.ndarray, mask: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     x0, y0, x1, y1 = bbox(mask)
     alpha = np.where(mask, 255, 0).astype(np.uint8)[y0:y1, x0:x1]
-    (folder / COMPLETION_FILE).write_bytes(encode_png(np.dstack([pixels[y0:y1, x0:x1], alpha])))
-    (folder / "amodal_mask.png").write_bytes(encode_png(alpha))
-    (folder / "offsets.json").write_text(json.dumps({"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}))
+    (folder / COMPLETION).write_bytes(encode_png(np.dstack([pixels[y0:y1, x0:x1], alpha])))
+    (folder / AMODAL_MASK).write_bytes(encode_png(alpha))
+    (folder / OFFSETS).write_text(json.dumps({"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}))
 
 
 def write_references(samples: list[Sample], out: Path) -> dict[str, dict[str, Path]]:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from amodal.evaluation.generator import Sample
 from amodal.evaluation.options import MetricOptions
+from amodal.keys import OFFSETS, VISIBLE_MASK
 from amodal.provenance import checkpoint_fingerprint, weight_fingerprints
 from amodal.quality import FLAGS
 from amodal.settings import Settings
@@ -58,12 +59,12 @@ def score_method(samples: list[Sample], lines: dict[str, dict | None], scorer: S
 
 def _visible_iou(folder: Path, sample: Sample) -> float | None:
     """IoU of the visible mask the method grounded (``visible_mask.png`` in the result's box) with the true one."""
-    path = folder / "visible_mask.png"
+    path = folder / VISIBLE_MASK
     if not path.is_file():
         return None
     with Image.open(path) as file:
         mask = np.asarray(file.convert("L")) > 127
-    offsets = json.loads((folder / "offsets.json").read_text())
+    offsets = json.loads((folder / OFFSETS).read_text())
     frame = np.zeros(sample.full.shape, bool)
     height, width = frame.shape
     x, y = offsets["x"], offsets["y"]
@@ -161,7 +162,7 @@ def git_commit() -> str | None:
 def provenance(settings: Settings, model_dir: Path | None, options: MetricOptions, grounding: str,
                source: dict) -> dict:
     """Every choice behind the report's numbers."""
-    from amodal.evaluation.lpips import LPIPS_DIR
+    from amodal.models.lpips import LPIPS_DIR
 
     weights = weight_fingerprints(model_dir, settings) if model_dir else {}
     metric_weights = {}

@@ -9,6 +9,7 @@ protocols, and test doubles implement the same ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -23,6 +24,13 @@ class MissingCheckpointError(FileNotFoundError):
             f"DIR`, or write tiny test ones with `amodal models tiny DIR`, and pass --models DIR)"
         )
         self.path = path
+
+
+def require(path: Path) -> Path:
+    """Return ``path`` if it exists, else raise the one clear missing-checkpoint error."""
+    if not path.exists():
+        raise MissingCheckpointError(str(path))
+    return path
 
 
 Box = tuple[float, float, float, float]

@@ -116,7 +116,7 @@ def _instaorder(target: Path) -> None:
 
 def _lpips(model_dir: Path) -> None:
     """``amodal eval``'s LPIPS: torchvision's AlexNet file, and the linear layers torchmetrics ships."""
-    from amodal.evaluation.lpips import BACKBONE_FILE, BACKBONE_URL, install_linear_layers
+    from amodal.models.lpips import BACKBONE_FILE, BACKBONE_URL, install_linear_layers
 
     fetch_url(BACKBONE_URL, model_dir / BACKBONE_FILE)
     install_linear_layers(model_dir)

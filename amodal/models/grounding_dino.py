@@ -39,7 +39,7 @@ from transformers import (
 from transformers.image_transforms import center_to_corners_format
 
 from amodal.models.base import Detection
-from amodal.models.registry import require
+from amodal.models.base import require
 
 
 def normalize_label(label: str) -> str:

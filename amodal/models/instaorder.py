@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 
-from amodal.models.registry import require
+from amodal.models.base import require
 
 INPUT_SIZE = 384
 IN_CHANNELS = 5  # mask_a, mask_b, R, G, B

@@ -60,7 +60,7 @@ from amodal.models.lisa_checkpoint import (
     vision_tower_source,
 )
 from amodal.models.lisa_tiny import write_tiny
-from amodal.models.registry import require
+from amodal.models.base import require
 from amodal.models.sam import ENCODER_BATCH, SamSegmenter
 
 __all__ = ["IMAGE_PLACEHOLDER", "Generation", "LisaGrounder", "encode_prompt", "prompt_text", "write_tiny"]

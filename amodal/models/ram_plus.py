@@ -20,7 +20,7 @@ from PIL import Image
 from amodal.models.ram_plus_net import (
     DESCRIPTIONS, INPUT_SIZE, PUBLISHED, RamPlusArchitecture, RamPlusNet, checkpoint_state, load_network,
 )
-from amodal.models.registry import require
+from amodal.models.base import require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

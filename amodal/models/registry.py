@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from amodal.models.base import MissingCheckpointError
+from amodal.models.base import MissingCheckpointError, require
 from amodal.settings import Settings
 from amodal.stages import BY_NAME, NAMES as STAGES
 
@@ -26,13 +26,6 @@ SD_INPAINT_DIR = "stable-diffusion-2-inpainting"
 INSTAORDER_FILE = "instaorder/InstaOrder_InstaOrderNet_od.pth.tar"
 LISA_DIR = "LISA-13B-llama2-v1"
 RAM_PLUS_FILE = "ram/ram_plus_swin_large_14m.pth"
-
-
-def require(path: Path) -> Path:
-    """Return ``path`` if it exists, else raise the one clear missing-checkpoint error."""
-    if not path.exists():
-        raise MissingCheckpointError(str(path))
-    return path
 
 
 def model_files(model: str, settings: Settings) -> list[str]:

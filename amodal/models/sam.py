@@ -41,7 +41,7 @@ from segment_anything.modeling import image_encoder
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from amodal.models.base import Box
-from amodal.models.registry import require
+from amodal.models.base import require
 
 PROMPT_DIM = 256
 DECODER_BATCH = 32  # boxes per mask-decoder call; bounds the (boxes x 256 x 64 x 64) activations

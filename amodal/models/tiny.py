@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from amodal.evaluation.lpips import LPIPS_DIR
+from amodal.models.lpips import LPIPS_DIR
 from amodal.models.registry import (
     CLIP_DIR,
     GROUNDING_DINO_DIR,
@@ -31,7 +31,7 @@ TINY_MODELS: tuple[tuple[str, str], ...] = (
     ("amodal.models.instaorder", INSTAORDER_FILE),
     ("amodal.models.lisa", LISA_DIR),
     ("amodal.models.ram_plus", RAM_PLUS_FILE),
-    ("amodal.evaluation.lpips", LPIPS_DIR),  # metric weights of ``amodal eval``
+    ("amodal.models.lpips", LPIPS_DIR),  # metric weights of ``amodal eval``
 )
 
 

@@ -28,7 +28,7 @@ def load_lpips(model_dir: Path, device: torch.device) -> torch.nn.Module:
 
     Call it as ``net(a, b, normalize=True)`` on ``(N, 3, H, W)`` images in [0, 1]: one distance per image.
     """
-    from amodal.models.registry import require
+    from amodal.models.base import require
 
     net = _NoTrainLpips(pretrained=False, net=NET, pnet_rand=True)
     backbone = torch.load(require(model_dir / BACKBONE_FILE), map_location="cpu", weights_only=True)

@@ -90,11 +90,11 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from amodal.cli import _model_dir, _settings
+    from amodal.cli import common
     from amodal.evaluation.metrics import Scorer
     from amodal.models.runtime import resolve_device
 
-    settings, model_dir = _settings(args), _model_dir(args)
+    settings, model_dir = common.settings(args), common.model_dir(args)
     options = MetricOptions(clip_model=args.clip_model, clip_prompt=args.clip_prompt, ssim_sigma=args.ssim_sigma,
                             crop=args.crop, lpips_min_side=args.lpips_min_side, hidden_iou_floor=args.hidden_iou_floor)
     if "{}" not in options.clip_prompt:
@@ -182,11 +182,11 @@ def run_through_queue(images: Path, annotations: Path, folder: Path, dataset: st
     into ``folder`` (one folder per job) and return the manifest lines by input image."""
     from tqdm import tqdm
 
-    from amodal.cli import _client
-    from amodal.jobstore import result_prefix
+    from amodal.cli import common
+    from amodal.keys import result_prefix
     from producer.client import PENDING
 
-    client = _client(settings, writes=True)
+    client = common.client(settings, writes=True)
     client.submit_dataset(images, annotations, dataset, progress=progress)
     deadline = time.monotonic() + timeout
     with tqdm(desc="workers", unit="row", disable=not progress) as bar:

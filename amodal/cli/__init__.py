@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from amodal.cli import common
 from amodal.errors import ServiceError, UsageError
 from amodal.stages import NAMES
 from amodal.state import OUTCOMES
@@ -23,50 +24,14 @@ from amodal.state import OUTCOMES
 SET_HELP = "override a setting (repeatable; after AMODAL_SETTINGS; `amodal settings` lists them)"
 
 
-def _settings(args: argparse.Namespace):
-    from amodal.config import resolve_settings
-
-    return resolve_settings(args.set or ())
-
-
-def _model_dir(args: argparse.Namespace) -> Path:
-    from amodal.config import environment
-
-    value = getattr(args, "models", None) or environment().model_dir
-    if not value:
-        raise UsageError("no model folder: pass --models DIR or set AMODAL_MODEL_DIR")
-    return Path(value)
-
-
-def _existing(path: str, option: str, folder: bool) -> Path:
-    """``path`` if it is a readable folder (or file); else the one-line error that says which option is wrong."""
-    found, kind = Path(path), "folder" if folder else "file"
-    if not found.exists():
-        raise UsageError(f"{option}: no such {kind}: {found}")
-    if folder != found.is_dir():
-        raise UsageError(f"{option}: not a {kind}: {found}")
-    if not os.access(found, os.R_OK | (os.X_OK if folder else 0)):
-        raise UsageError(f"{option}: {kind} not readable: {found}")
-    return found
-
-
-def _storage_url() -> str:
-    from amodal.config import environment
-
-    url = environment().storage_url
-    if not url:
-        raise UsageError("no storage: set AMODAL_STORAGE_URL (file:///path or s3://bucket/prefix)")
-    return url
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from amodal.models.registry import ModelSet, check_model_dir
     from amodal.report import write_local_report
     from amodal.runner import run_local
 
-    settings = _settings(args)
+    settings = common.settings(args)
     options, fmt = _shard_options(args)
-    check_model_dir(_model_dir(args), settings)
+    check_model_dir(common.model_dir(args), settings)
     out = Path(args.out)
     rows = None
     if fmt is None:
@@ -76,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         images, annotations = out / "inputs", Path(args.annotations) if args.annotations else None
         rows = list(local_rows(shard_rows(samples(args.images, options, fmt), options, annotations), images))
-    outcomes = run_local(images, annotations, out, ModelSet(_model_dir(args), settings), settings,
+    outcomes = run_local(images, annotations, out, ModelSet(common.model_dir(args), settings), settings,
                          progress=not args.quiet, rows=rows)
     page = write_local_report(out, images, outcomes)
     counts = collections.Counter(o.status for o in outcomes)
@@ -98,15 +63,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(settings=None, writes: bool = False):
-    from producer import Client
-    from producer.checks import check_services
-
-    client = Client(storage_url=_storage_url(), settings=settings)
-    check_services(client, writes)
-    return client
-
-
 def _shard_options(args: argparse.Namespace):
     """The shard reading options of ``submit``/``run`` and the input's format (None: a folder of images)."""
     from producer.shards import ShardOptions, detect_format
@@ -117,19 +73,19 @@ def _shard_options(args: argparse.Namespace):
                            image_field=args.image_field, mask_field=args.mask_field, key_field=args.key_field)
     fmt = args.input_format or detect_format(args.images)
     if not (args.images.startswith("s3://") or "{" in args.images):
-        _existing(args.images, "--images", folder=fmt is None or Path(args.images).is_dir())
+        common.existing(args.images, "--images", folder=fmt is None or Path(args.images).is_dir())
     if fmt is None and (not args.annotations or args.query):
         raise UsageError("--images is a folder of images: give --annotations FILE (--query goes with shards: "
                          "WebDataset .tar, Parquet, a saved Hugging Face dataset)")
     if args.annotations:
-        _existing(args.annotations, "--annotations", folder=False)
+        common.existing(args.annotations, "--annotations", folder=False)
     return options, fmt
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = common.settings(args)
     options, _ = _shard_options(args)
-    report = _client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset,
+    report = common.client(settings, writes=True).submit_dataset(args.images, args.annotations, args.dataset,
                                                            progress=not args.quiet, shards=options)
     print(f"recorded {report.enqueued} rows of dataset {args.dataset} for the dispatcher to start"
           f" ({report.finished} already have an outcome, {len(report.invalid)} refused)", file=sys.stderr)
@@ -152,7 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise UsageError("status needs --dataset NAME (or --workers alone)")
     if args.timeout is not None and not args.wait:
         raise UsageError("--timeout applies to --wait: add --wait")
-    client = _client()
+    client = common.client()
     if args.manifest:
         for line in client.manifest(args.dataset):
             if (not args.flagged or line.get("flags")) and (not args.status or line["status"] in args.status):
@@ -172,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from producer.export import ExportFilter, export_dataset
 
     keep = ExportFilter(statuses=tuple(args.status.split(",")), flags=args.flags, drop_flags=tuple(args.drop_flag or ()))
-    report = export_dataset(_client(), args.dataset, args.format, args.out, shard_rows=args.shard_rows, keep=keep,
+    report = export_dataset(common.client(), args.dataset, args.format, args.out, shard_rows=args.shard_rows, keep=keep,
                             progress=not args.quiet)
     sizes = report.shard_bytes
     print(json.dumps({"shards_written": report.shards_written, "shards_present": report.shards_present,
@@ -189,7 +145,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from amodal.config import child_environment
     from workers.main import check_worker, run_worker
 
-    settings = _settings(args)
+    settings = common.settings(args)
     os.environ.update(child_environment(settings))  # the pool processes read their settings from here
     check_worker(args.stage, settings)
     run_worker(args.stage, gpu=args.gpu, concurrency=args.concurrency, loglevel=args.loglevel)
@@ -203,8 +159,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from workers.mps import MpsDaemon
     from workers.placement import DEFAULT_COSTS, costs_from_benchmark, gpu_loads, plan
 
-    settings = _settings(args)
-    costs = costs_from_benchmark(_existing(args.costs, "--costs", folder=False)) if args.costs \
+    settings = common.settings(args)
+    costs = costs_from_benchmark(common.existing(args.costs, "--costs", folder=False)) if args.costs \
         else DEFAULT_COSTS
     slots = plan(args.gpus, costs, finalize_workers=args.finalize)
     loads = gpu_loads(slots, costs)
@@ -437,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--json", action="store_true", help="one JSON object per setting")
     settings.set_defaults(func=cmd_settings)
 
-    from amodal.evaluation.command import add_eval_command
+    from amodal.cli.evaluate import add_eval_command
     from producer.dispatch import add_dispatch_command
     from producer.metrics import add_metrics_command
 
