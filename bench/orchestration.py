@@ -21,7 +21,6 @@ sys.path.insert(0, str(ROOT))
 from amodal.settings import PRESETS  # noqa: E402
 from bench.tinycluster import tiny_cluster, with_workers  # noqa: E402
 from tests.synthetic import synthetic_dataset  # noqa: E402
-from amodal.settings import PRESETS  # noqa: E402
 
 SETTINGS = {**PRESETS["robust"], "num_inference_steps": 2, "fixed_passes": 1}  # the robust preset: no row skipped
 
