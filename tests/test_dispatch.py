@@ -329,7 +329,8 @@ def test_message_removed_mid_run_is_recovered(env, tmp_path):
     finally:
         group.stop()
     assert_exactly_once(client, "removed", manifest, 3)
-    assert f"job {removed[0]} stalled at segment v{removed[1]}" in group.log("dispatch")
+    # the worker whose dispatcher held the lock says so in its log
+    assert any(f"job {removed[0]} stalled at segment v{removed[1]}" in group.log(name) for name in group.procs)
     assert recovered_after < 60 + 10 + 5 + 60  # stall_after, then a scan, then the rest of the job
 
 
