@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,11 +121,6 @@ class Settings:
         relevant = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def settings_from_env() -> Settings:
-    """Defaults with the overrides in ``AMODAL_SETTINGS`` (a JSON object), for producers and workers."""
-    return Settings.from_dict(json.loads(os.environ.get("AMODAL_SETTINGS", "{}")))
 
 
 # Deliberate departures from the paper's code, gathered so that one word turns them all on

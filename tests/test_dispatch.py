@@ -252,7 +252,7 @@ def test_resubmission_in_flight_sends_no_duplicates(tmp_path, broker, small_chun
 
 
 # -- through real workers ------------------------------------------------------------------------
-SETTINGS = {"num_inference_steps": 2, "max_passes": 2}
+SETTINGS = {"preset": "robust", "num_inference_steps": 2, "max_passes": 2}  # every job through every stage
 
 
 @pytest.fixture

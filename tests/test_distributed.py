@@ -16,7 +16,7 @@ from tests.test_flower import AUTH, flower_env, free_port, start_flower
 from tests.synthetic import synthetic_dataset
 
 pytestmark = pytest.mark.slow
-SETTINGS = {"num_inference_steps": 2, "max_passes": 2}
+SETTINGS = {"preset": "robust", "num_inference_steps": 2, "max_passes": 2}  # every job through every stage
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from tests.tcpproxy import Proxy
 from workers.placement import Slot
 
 pytestmark = pytest.mark.slow
-SETTINGS = {"num_inference_steps": 2, "max_passes": 2}
+SETTINGS = {"preset": "robust", "num_inference_steps": 2, "max_passes": 2}  # every job through every stage
 FAST_RECOVERY = {"AMODAL_VISIBILITY_TIMEOUT": "10", "AMODAL_TASK_TIME_LIMIT": "120"}
 
 
