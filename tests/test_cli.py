@@ -101,6 +101,7 @@ def test_settings_lists_every_setting_with_type_default_and_meaning():
         assert item["default"] == f.default and item["type"] and item["meaning"], item
     table = amodal(user_env(), "settings").stdout
     assert all(f.name in table for f in fields(Settings)) and "denoising steps" in table
+    assert 'robust' in table and 'composite="feather"' in table  # the presets, with what each sets
     unknown = amodal(user_env(), "run", "--images", "x", "--annotations", "y", "--out", "z", "--set", "bogus=1")
     one_line_error(unknown, 2, "unknown setting 'bogus'", "amodal settings")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from amodal.cli import common
 from amodal.errors import ServiceError, UsageError
 from amodal.stages import NAMES
+from amodal.settings import PRESETS
 from amodal.state import OUTCOMES
 
 SET_HELP = "override a setting (repeatable; after AMODAL_SETTINGS; `amodal settings` lists them)"
@@ -207,6 +208,9 @@ def cmd_settings(args: argparse.Namespace) -> int:
             section = doc.section
             print(f"\n{section}" if section else "")
         print(f"  {doc.name:<{width}}  {doc.type:<5}  {json.dumps(doc.default):<10}  {doc.meaning}")
+    print("\npresets (--set preset=NAME; the defaults are the paper's; docs/design.md, \"Departures\", says why)")
+    for name, values in PRESETS.items():
+        print(f"  {name:<{width}}  {', '.join(f'{k}={json.dumps(v)}' for k, v in values.items()) or '(the defaults)'}")
     return 0
 
 
