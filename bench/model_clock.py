@@ -1,13 +1,14 @@
 """Benchmark-only: the time of each model call in a worker process, for the time split of a stage.
 
 ``install`` wraps the model methods the steps call (``CLOCKED``); each outermost call (a method called
-from another clocked one is not counted twice) synchronises the GPU before and after and prints
+from another clocked one is not counted twice) synchronises the GPU before and after and logs
 ``model clock: Class.method SECONDS s`` to the worker's log. A step's time less its model calls' is its
 work on the CPU (decoding, pre- and post-processing, storage).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import sys
 import time
@@ -23,6 +24,7 @@ CLOCKED: dict[str, list[tuple[str, str]]] = {
 }
 LINE = re.compile(r"model clock: (\S+) ([\d.]+) s")
 _depth = [0]
+log = logging.getLogger(__name__)  # the worker's log format stamps each line with its time
 
 
 def _clocked(name: str, method):
@@ -40,7 +42,7 @@ def _clocked(name: str, method):
             start = time.perf_counter()
             result = method(*args, **kwargs)
             sync()
-            print(f"model clock: {name} {time.perf_counter() - start:.4f} s", flush=True)
+            log.info("model clock: %s %.4f s", name, time.perf_counter() - start)
             return result
         finally:
             _depth[0] -= 1
