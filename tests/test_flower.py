@@ -102,7 +102,7 @@ def test_wellformed_auth_is_passed_on(monkeypatch, value):
     assert basic_auth_from_env() == value
 
 
-LIGHT = {"grounder": "gdino_sam", "tagger": "clip", "num_inference_steps": 2, "max_passes": 1}
+LIGHT = {"preset": "robust", "grounder": "gdino_sam", "tagger": "clip", "num_inference_steps": 2, "max_passes": 1}  # every stage
 
 
 def steps_done(store, job_ids: list[str]) -> set[tuple[str, str, int]]:
