@@ -198,7 +198,7 @@ def test_metrics_follow_a_dataset_through_the_workers(tmp_path, own_redis_url, s
     from workers.launch import DISPATCH, WorkerGroup
     from tests.cluster import ONE_GPU, amodal
 
-    settings = {"num_inference_steps": 2, "max_passes": 2}
+    settings = {"preset": "robust", "num_inference_steps": 2, "max_passes": 2}  # every job through every stage
     env = cluster_env(own_redis_url, f"s3://{s3_bucket}/data", tiny_models, settings)
     images, annotations = synthetic_dataset(tmp_path, 12)  # more rows than a segment or occlusion batch
     port = free_port()

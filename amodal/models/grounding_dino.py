@@ -202,8 +202,8 @@ class GroundingDino:
     def _as_detections(
         self, result: dict, prompt: Sequence[str], labels: Sequence[str], size: tuple[int, int]
     ) -> list[Detection]:
-        """One row's boxes, each named by the first given label of its phrase's normal form, or by its phrase
-        where that matches no label."""
+        """One row's boxes whose phrase matches a label of its prompt, named by the first given label of that
+        normal form."""
         by_normal: dict[str, str] = {}
         for label in labels:
             by_normal.setdefault(normalize_label(label), label)
@@ -211,10 +211,9 @@ class GroundingDino:
         decoded = self._as_decoded(prompt)
         detections = []
         for score, box, phrase in zip(result["scores"].tolist(), result["boxes"].tolist(), result["text_labels"]):
-            phrase = self._strip_special(phrase)
-            index = match_label(phrase, decoded)
-            label = by_normal[prompt[index]] if index is not None else phrase  # kept, as the reference keeps it
-            detections.append(Detection(label=label, box=_clamp(box, width, height), score=score))
+            index = match_label(self._strip_special(phrase), decoded)
+            if index is not None:
+                detections.append(Detection(label=by_normal[prompt[index]], box=_clamp(box, width, height), score=score))
         return detections
 
     def _as_decoded(self, labels: Sequence[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """RAM++ tagger (``ram_plus_swin_large_14m.pth``): scores the 4585 tags of its list on an image.
 
-Preprocessing is the reference's: the image resized to 384x384 (PIL bicubic, Pillow's default filter, as the amodal-completion paper's code resizes it; aspect not kept),
+Preprocessing is the reference's: the image resized to 384x384 (PIL bilinear, aspect not kept),
 scaled to [0, 1] and normalised with the ImageNet mean and std. A tag is kept when its sigmoid
 score is above its threshold: one threshold for every tag (the amodal-completion paper runs 0.6),
 or the per-tag thresholds of ``ram_tag_list_threshold.txt`` (the reference's default). The
@@ -90,7 +90,7 @@ class RamPlusTagger:
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
         size = (INPUT_SIZE, INPUT_SIZE)
-        resized = np.stack([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BICUBIC)) for im in images])
+        resized = np.stack([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BILINEAR)) for im in images])
         rgb = torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         return ((rgb - self._mean) / self._std).to(self.dtype)
 
