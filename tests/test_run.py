@@ -122,7 +122,8 @@ def test_readme_first_run_carries_every_row_through_and_its_page_loads(tmp_path,
     assert all(m["status"] in ("completed", "unoccluded", "skipped", "no_target") for m in manifest), manifest
     for m in manifest:
         record = json.loads((out / m["job_id"] / "job.json").read_text())
-        assert record["backends"]["ground"] == "gdino_sam" and record["backends"]["tag"] == "clip"
+        assert record["backends"]["ground"] == "gdino_sam"
+        assert m["status"] == "no_target" or record["backends"]["tag"] == "clip"  # tagged once found
         if m["status"] == "completed":
             check_result_folder(Path(m["result"]))
             assert m["quality"]["amodal_px"] > 0 and m["quality"]["visible_px"] > 0
