@@ -119,3 +119,12 @@ def test_a_batch_grounds_each_image_as_it_would_alone(models):
             assert np.mean(b.mask != a.mask) < 1e-3
     with pytest.raises(ValueError):
         grounder.ground_batch(images, queries[:2])
+
+
+def test_no_cap_on_instances_keeps_every_query_of_grounding_dino(tiny_models):
+    """max_instances 0 (the paper: no cap) post-processes all 900 queries, not none; the preset's cap holds."""
+    from amodal.models.registry import ModelSet
+    from amodal.settings import Settings
+
+    assert ModelSet(tiny_models, Settings()).detector.max_detections == 900
+    assert ModelSet(tiny_models, Settings.preset("robust")).detector.max_detections == 32

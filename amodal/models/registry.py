@@ -87,7 +87,8 @@ class ModelSet:
         s = self.settings
         return GroundingDino.from_pretrained(
             self.path(GROUNDING_DINO_DIR), device=self.device, dtype=self.exact_dtype,
-            box_threshold=s.box_threshold, text_threshold=s.text_threshold, max_detections=s.max_instances,
+            box_threshold=s.box_threshold, text_threshold=s.text_threshold,
+            max_detections=s.max_instances or 900,  # 0: no cap, every one of G-DINO's 900 queries
         )
 
     @functools.cached_property
