@@ -67,10 +67,7 @@ def outcome_counts(store: Storage, dataset: str) -> dict[str, set[str]]:
 
 def read_record(store: Storage, dataset: str, job: str) -> dict | None:
     """The job's ``job.json`` (its outcome), or None while it has none."""
-    try:
-        return json.loads(store.get(record_key(dataset, job)))
-    except ObjectNotFound:
-        return None
+    return _json_or_none(store, record_key(dataset, job))
 
 
 class DatasetNotFound(UsageError):
@@ -91,10 +88,7 @@ def write_submission(store: Storage, dataset: str, submission: dict) -> None:
 
 
 def read_submission(store: Storage, dataset: str) -> dict | None:
-    try:
-        return json.loads(store.get(submission_key(dataset)))
-    except ObjectNotFound:
-        return None
+    return _json_or_none(store, submission_key(dataset))
 
 
 def write_rows_chunk(store: Storage, dataset: str, generation: int, index: int, rows: list[dict]) -> None:
@@ -166,7 +160,12 @@ def write_counts(store: Storage, dataset: str, counts: dict) -> None:
 
 
 def read_counts(store: Storage, dataset: str) -> dict | None:
+    return _json_or_none(store, counts_key(dataset))
+
+
+def _json_or_none(store: Storage, key: str) -> dict | None:
+    """The JSON object stored under ``key``, or None if there is none."""
     try:
-        return json.loads(store.get(counts_key(dataset)))
+        return json.loads(store.get(key))
     except ObjectNotFound:
         return None
