@@ -44,11 +44,15 @@ def _unique(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(n.strip() for n in names if n.strip()))
 
 
+def _tags_and_query(tags: Sequence[str], query: str) -> list[str]:
+    """The tags and the query, never "background" (the classes without ``background_class``)."""
+    return _unique([n for n in [*tags, query] if n.strip().lower() != "background"])
+
+
 def prompt_candidates(tags: Sequence[str], query: str, s: Settings) -> list[str]:
     """The classes CLIP chooses the prompt among: the tags, "background" (with ``background_class``) and the
     query itself, in that order."""
-    names = [*tags, "background", query] if s.background_class else [*tags, query]
-    return _unique([n for n in names if s.background_class or n.strip().lower() != "background"])
+    return _unique([*tags, "background", query]) if s.background_class else _tags_and_query(tags, query)
 
 
 def detection_classes(tags: Sequence[str], query: str, target_class: str, on_window: bool, s: Settings) -> list[str]:
@@ -56,7 +60,7 @@ def detection_classes(tags: Sequence[str], query: str, target_class: str, on_win
     on windows also the chosen class; else the tags and the query."""
     if s.background_class:
         return _unique([*tags, "background", *([target_class] if on_window else [])])
-    return _unique([n for n in [*tags, query] if n.strip().lower() != "background"])
+    return _tags_and_query(tags, query)
 
 
 def segment_scenes(requests: Sequence[SceneRequest], detector: Detector, segmenter: BoxSegmenter) -> list[Instances]:
